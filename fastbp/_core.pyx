@@ -1,0 +1,752 @@
+# Backpropagation kernels for dense multilayer perceptrons.
+#
+# Design
+# ------
+# A network with L weight layers has sizes s_0 (features) .. s_L (outputs). All of its
+# parameters live in one flat vector ``theta`` in scikit-learn's packing order: W_1 .. W_L
+# (each (s_{l-1}, s_l), row-major), then b_1 .. b_L. ``w_off[l]`` and ``b_off[l]`` give
+# where layer l+1's coefficients and intercepts start. The gradient has the same layout.
+#
+# Rows are processed in blocks of at most ``block`` rows. For one block of n rows:
+#
+#   forward    Z_l = A_{l-1} W_l + 1 b_l^T,  A_l = f(Z_l)          (gemm, then one fused pass)
+#   output     A_L = g(Z_L), loss_i, Delta_L = (A_L - Y) * w_i * scale   (one fused pass)
+#   backward   dW_l (+)= A_{l-1}^T Delta_l                          (gemm, beta 0 or 1)
+#              Delta_{l-1} = (Delta_l W_l^T) .* f'(A_{l-1})         (gemm, then one fused pass)
+#              db_l += colsum(Delta_l)                             (float64, in the fused pass)
+#
+# f' is computed from the activations (logistic a(1-a), tanh 1-a^2, relu a>0), so
+# pre-activations are never stored. Deltas overwrite the output buffer, then ping-pong
+# between two scratch buffers. Inputs can be a dense C- or F-ordered matrix (an F-ordered
+# one is used through gemm's transpose flag) or CSR arrays, for which the first layer
+# multiplies the sparse rows directly. A row-index array lets a minibatch address rows
+# without copying Y or the weights; dense minibatch rows are gathered into a workspace.
+#
+# Everything below ``cdef`` is ``noexcept nogil`` and allocates nothing: Python allocates
+# the workspaces (see ``workspace_size``), validates every argument, releases the GIL once
+# per call and turns status codes into exceptions.
+from cython cimport floating
+from libc.math cimport exp, expf, log, log1p, logf, sqrt, sqrtf, tanh, tanhf, fabs
+from libc.math cimport isfinite
+from libc.stdint cimport uint64_t
+from libc.string cimport memset, memcpy
+
+from ._blas cimport gemm
+
+# Hidden activations. Codes are part of the kernel ABI; the Python layer maps names.
+cdef enum:
+    ACT_IDENTITY = 0
+    ACT_LOGISTIC = 1
+    ACT_TANH = 2
+    ACT_RELU = 3
+
+# Output layers, each with its canonical loss.
+cdef enum:
+    OUT_IDENTITY = 0   # squared error
+    OUT_LOGISTIC = 1   # binary log-loss per column
+    OUT_SOFTMAX = 2    # multinomial log-loss
+    OUT_EXP = 3        # half Poisson deviance
+
+ACTIVATIONS = {"identity": ACT_IDENTITY, "logistic": ACT_LOGISTIC, "tanh": ACT_TANH,
+               "relu": ACT_RELU}
+OUTPUTS = {"identity": OUT_IDENTITY, "logistic": OUT_LOGISTIC, "softmax": OUT_SOFTMAX,
+           "exp": OUT_EXP}
+
+# Solvers understood by run_epoch.
+cdef enum:
+    SOLVER_SGD_ = 0
+    SOLVER_ADAM_ = 1
+
+SOLVERS = {"sgd": SOLVER_SGD_, "adam": SOLVER_ADAM_}
+
+
+cdef struct Spec:
+    # The network: sizes has n_layers + 1 entries; offsets index the flat vector.
+    int n_layers
+    const Py_ssize_t* sizes
+    const Py_ssize_t* w_off
+    const Py_ssize_t* b_off
+    int act
+    int out
+    Py_ssize_t block        # rows per block: the workspace is sized for it
+    Py_ssize_t max_hidden   # widest hidden layer (1 when there is none)
+
+
+cdef struct Input:
+    # Dense: X with element (i, j) at X[i * ldx + j] (C order) or X[j * ldx + i] (F order).
+    # Sparse (CSR): data/indices/indptr, and X is NULL.
+    const void* X
+    Py_ssize_t ldx
+    bint x_fortran
+    const void* data
+    const int* indices
+    const Py_ssize_t* indptr
+
+
+# ---------------------------------------------------------------------------------------
+# Scalar helpers: single-precision math for float, double for double.
+
+cdef inline floating _exp(floating x) noexcept nogil:
+    if floating is float:
+        return expf(x)
+    else:
+        return exp(x)
+
+
+cdef inline floating _tanh(floating x) noexcept nogil:
+    if floating is float:
+        return tanhf(x)
+    else:
+        return tanh(x)
+
+
+cdef inline floating _sqrt(floating x) noexcept nogil:
+    if floating is float:
+        return sqrtf(x)
+    else:
+        return sqrt(x)
+
+
+cdef inline uint64_t _splitmix64(uint64_t* state) noexcept nogil:
+    cdef uint64_t z
+    state[0] += <uint64_t> 0x9E3779B97F4A7C15
+    z = state[0]
+    z = (z ^ (z >> 30)) * <uint64_t> 0xBF58476D1CE4E5B9
+    z = (z ^ (z >> 27)) * <uint64_t> 0x94D049BB133111EB
+    return z ^ (z >> 31)
+
+
+cdef void _shuffle(Py_ssize_t* idx, Py_ssize_t n, uint64_t seed) noexcept nogil:
+    """Fisher-Yates shuffle of idx (n,) in place."""
+    cdef Py_ssize_t i, j, tmp
+    cdef uint64_t state = seed
+    for i in range(n - 1, 0, -1):
+        j = <Py_ssize_t> (_splitmix64(&state) % <uint64_t> (i + 1))
+        tmp = idx[i]
+        idx[i] = idx[j]
+        idx[j] = tmp
+
+
+# ---------------------------------------------------------------------------------------
+# Layer kernels. Shapes: n rows in the block, m units in the layer.
+
+cdef void bias_activate(floating* Z, const floating* b, Py_ssize_t n, Py_ssize_t m,
+                        int act) noexcept nogil:
+    """Z (n, m) <- f(Z + b) in place, for a hidden activation f."""
+    cdef Py_ssize_t i, j
+    cdef floating* z
+    cdef floating v
+    for i in range(n):
+        z = Z + i * m
+        if act == ACT_RELU:
+            for j in range(m):
+                v = z[j] + b[j]
+                z[j] = v if v > 0 else 0
+        elif act == ACT_TANH:
+            for j in range(m):
+                z[j] = _tanh(z[j] + b[j])
+        elif act == ACT_LOGISTIC:
+            for j in range(m):
+                z[j] = 1 / (1 + _exp(-(z[j] + b[j])))
+        else:
+            for j in range(m):
+                z[j] = z[j] + b[j]
+
+
+cdef void activation_backward(floating* D, const floating* A, Py_ssize_t n, Py_ssize_t m,
+                              int act, double* db) noexcept nogil:
+    """D (n, m) <- D .* f'(A) in place, with f' written in terms of A = f(Z).
+
+    Adds the column sums of the result to db (m,), in float64.
+    """
+    cdef Py_ssize_t i, j
+    cdef floating* d
+    cdef const floating* a
+    for i in range(n):
+        d = D + i * m
+        a = A + i * m
+        if act == ACT_RELU:
+            for j in range(m):
+                if a[j] <= 0:
+                    d[j] = 0
+        elif act == ACT_TANH:
+            for j in range(m):
+                d[j] = d[j] * (1 - a[j] * a[j])
+        elif act == ACT_LOGISTIC:
+            for j in range(m):
+                d[j] = d[j] * a[j] * (1 - a[j])
+        for j in range(m):
+            db[j] += d[j]
+
+
+cdef void output_activate(floating* Z, const floating* b, Py_ssize_t n, Py_ssize_t m,
+                          int out) noexcept nogil:
+    """Z (n, m) <- g(Z + b) in place, for an output activation g (no loss)."""
+    cdef Py_ssize_t i, j
+    cdef floating* z
+    cdef floating mx, s
+    for i in range(n):
+        z = Z + i * m
+        for j in range(m):
+            z[j] = z[j] + b[j]
+        if out == OUT_SOFTMAX:
+            mx = z[0]
+            for j in range(1, m):
+                if z[j] > mx:
+                    mx = z[j]
+            s = 0
+            for j in range(m):
+                z[j] = _exp(z[j] - mx)
+                s = s + z[j]
+            for j in range(m):
+                z[j] = z[j] / s
+        elif out == OUT_LOGISTIC:
+            for j in range(m):
+                z[j] = 1 / (1 + _exp(-z[j]))
+        elif out == OUT_EXP:
+            for j in range(m):
+                z[j] = _exp(z[j])
+
+
+cdef double output_loss_backward(floating* Z, const floating* b, const floating* Y,
+                                 const double* sw, const Py_ssize_t* rows, Py_ssize_t start,
+                                 Py_ssize_t n, Py_ssize_t m, int out, double scale,
+                                 double* db) noexcept nogil:
+    """Output layer with its canonical loss, for one block.
+
+    Z (n, m): pre-activations without the bias on entry, Delta_L on exit, where
+    Delta_L[i] = (g(z_i) - y_i) * w_i * scale. Y (n_total, m) and sw (n_total,) are indexed
+    by rows[start + i] (or start + i when rows is NULL). Adds colsum(Delta_L) to db (m,).
+    Returns sum_i w_i * loss_i in float64. The losses are computed from z, exactly:
+      softmax   logsumexp(z) * sum(y) - y.z
+      logistic  sum_j softplus(z_j) - y_j z_j
+      identity  0.5 * ||z - y||^2
+      exp       sum_j exp(z_j) - y_j z_j - y_j + y_j log y_j
+    """
+    cdef Py_ssize_t i, j, r
+    cdef floating* z
+    cdef const floating* y
+    cdef floating p, mx, c
+    cdef double w, li, s, yz, ysum, lse, zj, total = 0.0
+    for i in range(n):
+        r = rows[start + i] if rows != NULL else start + i
+        y = Y + r * m
+        w = sw[r] if sw != NULL else 1.0
+        c = <floating> (w * scale)
+        z = Z + i * m
+        for j in range(m):
+            z[j] = z[j] + b[j]
+        li = 0.0
+        if out == OUT_SOFTMAX:
+            mx = z[0]
+            for j in range(1, m):
+                if z[j] > mx:
+                    mx = z[j]
+            s = 0.0
+            yz = 0.0
+            ysum = 0.0
+            for j in range(m):
+                yz += <double> y[j] * z[j]
+                ysum += y[j]
+                z[j] = _exp(z[j] - mx)
+                s += z[j]
+            lse = mx + log(s)
+            li = ysum * lse - yz
+            for j in range(m):
+                p = <floating> (z[j] / s)
+                z[j] = (p - y[j]) * c
+                db[j] += z[j]
+        elif out == OUT_LOGISTIC:
+            for j in range(m):
+                zj = z[j]
+                li += (zj if zj > 0 else 0.0) + log1p(exp(-fabs(zj))) - y[j] * zj
+                p = 1 / (1 + _exp(-z[j]))
+                z[j] = (p - y[j]) * c
+                db[j] += z[j]
+        elif out == OUT_EXP:
+            for j in range(m):
+                zj = z[j]
+                p = _exp(z[j])
+                li += <double> p - y[j] * zj - y[j]
+                if y[j] > 0:
+                    li += y[j] * log(<double> y[j])
+                z[j] = (p - y[j]) * c
+                db[j] += z[j]
+        else:
+            for j in range(m):
+                p = z[j] - y[j]
+                li += 0.5 * (<double> p) * p
+                z[j] = p * c
+                db[j] += z[j]
+        total += w * li
+    return total
+
+
+cdef void sparse_forward(const floating* data, const int* indices, const Py_ssize_t* indptr,
+                         const Py_ssize_t* rows, Py_ssize_t start, Py_ssize_t n,
+                         const floating* W, floating* Z, Py_ssize_t fan_out) noexcept nogil:
+    """Z (n, fan_out) = X[rows] W for CSR X, without densifying X. Overwrites Z."""
+    cdef Py_ssize_t i, j, p, r
+    cdef floating v
+    cdef floating* z
+    cdef const floating* w
+    for i in range(n):
+        r = rows[start + i] if rows != NULL else start + i
+        z = Z + i * fan_out
+        for j in range(fan_out):
+            z[j] = 0
+        for p in range(indptr[r], indptr[r + 1]):
+            v = data[p]
+            w = W + <Py_ssize_t> indices[p] * fan_out
+            for j in range(fan_out):
+                z[j] = z[j] + v * w[j]
+
+
+cdef void sparse_backward(const floating* data, const int* indices, const Py_ssize_t* indptr,
+                          const Py_ssize_t* rows, Py_ssize_t start, Py_ssize_t n,
+                          const floating* D, floating* dW, Py_ssize_t fan_in,
+                          Py_ssize_t fan_out, bint accumulate) noexcept nogil:
+    """dW (fan_in, fan_out) (+)= X[rows]^T D for CSR X; overwrites dW unless accumulate."""
+    cdef Py_ssize_t i, j, p, r
+    cdef floating v
+    cdef floating* g
+    cdef const floating* d
+    if not accumulate:
+        memset(dW, 0, fan_in * fan_out * sizeof(floating))
+    for i in range(n):
+        r = rows[start + i] if rows != NULL else start + i
+        d = D + i * fan_out
+        for p in range(indptr[r], indptr[r + 1]):
+            v = data[p]
+            g = dW + <Py_ssize_t> indices[p] * fan_out
+            for j in range(fan_out):
+                g[j] = g[j] + v * d[j]
+
+
+# ---------------------------------------------------------------------------------------
+# Workspace layout for a block of B rows:
+#   A_1 (B, s_1) | ... | A_L (B, s_L) | D0 (B, h) | D1 (B, h) | Xg (B, s_0)
+# with h the widest hidden layer. A_L holds the output, then Delta_L.
+
+cdef inline Py_ssize_t _act_offset(const Spec* sp, int l) noexcept nogil:
+    """Offset of A_l (l >= 1) in the workspace."""
+    cdef Py_ssize_t off = 0
+    cdef int k
+    for k in range(1, l):
+        off += sp.block * sp.sizes[k]
+    return off
+
+
+cdef inline Py_ssize_t _scratch_offset(const Spec* sp) noexcept nogil:
+    return _act_offset(sp, sp.n_layers + 1)
+
+
+def workspace_size(const Py_ssize_t[::1] sizes, Py_ssize_t block):
+    """Number of elements in the workspace for ``sizes`` and ``block`` rows."""
+    cdef Py_ssize_t total = 0, hidden = 1
+    cdef Py_ssize_t l, L = sizes.shape[0] - 1
+    for l in range(1, L + 1):
+        total += sizes[l]
+        if l < L and sizes[l] > hidden:
+            hidden = sizes[l]
+    return block * (total + 2 * hidden + sizes[0])
+
+
+# ---------------------------------------------------------------------------------------
+# One block: forward, and optionally loss + backward.
+
+cdef double block_pass(const Spec* sp, const Input* inp, const Py_ssize_t* rows,
+                       Py_ssize_t start, Py_ssize_t n, const floating* Y, const double* sw,
+                       double scale, const floating* theta, floating* grad, double* dacc,
+                       floating* work, bint accumulate, floating* out_rows) noexcept nogil:
+    """Run rows [start, start + n) (through ``rows`` when not NULL) through the network.
+
+    With Y NULL: forward only; the output activations are copied to out_rows (n, s_L).
+    Otherwise returns sum_i w_i * loss_i, and, when grad is not NULL, adds this block's
+    gradient to grad (dW, gemm beta = 1 when ``accumulate``, else overwriting) and to dacc
+    (the intercept gradients in float64, laid out like theta's intercept part).
+    """
+    cdef int L = sp.n_layers, l
+    cdef const Py_ssize_t* s = sp.sizes
+    cdef Py_ssize_t i, j, s0 = s[0], lda0
+    cdef bint trans0 = False
+    cdef bint is_sparse = inp.X == NULL
+    cdef const floating* X = <const floating*> inp.X
+    cdef const floating* A0 = NULL
+    cdef const floating* Aprev
+    cdef floating* Z
+    cdef floating* D
+    cdef floating* Dnext
+    cdef floating* scratch = work + _scratch_offset(sp)
+    cdef floating* Xg = scratch + 2 * sp.block * sp.max_hidden
+    cdef double loss
+    cdef Py_ssize_t r
+    cdef floating beta = 1 if accumulate else 0
+
+    # The input block A_0.
+    if not is_sparse:
+        if rows == NULL:
+            if inp.x_fortran:
+                A0 = X + start
+                lda0 = inp.ldx
+                trans0 = True
+            else:
+                A0 = X + start * inp.ldx
+                lda0 = inp.ldx
+        else:
+            for i in range(n):
+                r = rows[start + i]
+                if inp.x_fortran:
+                    for j in range(s0):
+                        Xg[i * s0 + j] = X[j * inp.ldx + r]
+                else:
+                    memcpy(Xg + i * s0, X + r * inp.ldx, s0 * sizeof(floating))
+            A0 = Xg
+            lda0 = s0
+
+    # Forward.
+    for l in range(1, L + 1):
+        Z = work + _act_offset(sp, l)
+        if l == 1:
+            if is_sparse:
+                sparse_forward(<const floating*> inp.data, inp.indices, inp.indptr, rows,
+                               start, n, theta + sp.w_off[0], Z, s[1])
+            else:
+                gemm(trans0, False, <int> n, <int> s[1], <int> s0, <floating> 1.0,
+                     A0, <int> lda0, theta + sp.w_off[0], <int> s[1], <floating> 0.0,
+                     Z, <int> s[1])
+        else:
+            gemm(False, False, <int> n, <int> s[l], <int> s[l - 1], <floating> 1.0,
+                 work + _act_offset(sp, l - 1), <int> s[l - 1], theta + sp.w_off[l - 1],
+                 <int> s[l], <floating> 0.0, Z, <int> s[l])
+        if l < L:
+            bias_activate(Z, theta + sp.b_off[l - 1], n, s[l], sp.act)
+
+    Z = work + _act_offset(sp, L)
+    if Y == NULL:
+        output_activate(Z, theta + sp.b_off[L - 1], n, s[L], sp.out)
+        memcpy(out_rows, Z, n * s[L] * sizeof(floating))
+        return 0.0
+
+    loss = output_loss_backward(Z, theta + sp.b_off[L - 1], Y, sw, rows, start, n, s[L],
+                                sp.out, scale, dacc + (sp.b_off[L - 1] - sp.b_off[0]))
+    if grad == NULL:
+        return loss
+
+    # Backward: D holds Delta_l.
+    D = Z
+    for l in range(L, 0, -1):
+        if l == 1:
+            if is_sparse:
+                sparse_backward(<const floating*> inp.data, inp.indices, inp.indptr, rows,
+                                start, n, D, grad + sp.w_off[0], s0, s[1], accumulate)
+            else:
+                # dW_1 = A_0^T D; an F-ordered A_0 is already A_0^T in row-major terms.
+                gemm(not trans0, False, <int> s0, <int> s[1], <int> n, <floating> 1.0,
+                     A0, <int> lda0, D, <int> s[1], beta, grad + sp.w_off[0], <int> s[1])
+            break
+        Aprev = work + _act_offset(sp, l - 1)
+        gemm(True, False, <int> s[l - 1], <int> s[l], <int> n, <floating> 1.0,
+             Aprev, <int> s[l - 1], D, <int> s[l], beta, grad + sp.w_off[l - 1],
+             <int> s[l])
+        Dnext = scratch + (l % 2) * sp.block * sp.max_hidden
+        gemm(False, True, <int> n, <int> s[l - 1], <int> s[l], <floating> 1.0,
+             D, <int> s[l], theta + sp.w_off[l - 1], <int> s[l], <floating> 0.0,
+             Dnext, <int> s[l - 1])
+        activation_backward(Dnext, Aprev, n, s[l - 1], sp.act,
+                            dacc + (sp.b_off[l - 2] - sp.b_off[0]))
+        D = Dnext
+    return loss
+
+
+cdef double finish_gradient(const Spec* sp, const floating* theta, floating* grad,
+                            const double* dacc, double scale, double alpha) noexcept nogil:
+    """Write the intercept gradients and add the L2 term to the coefficient gradients.
+
+    grad_W += alpha * scale * W; grad_b = dacc. Returns 0.5 * alpha * scale * sum ||W||^2
+    (the penalty's share of the loss) in float64. grad may be NULL (loss only).
+    """
+    cdef Py_ssize_t i, n_coef = sp.b_off[0], n_int
+    cdef double sq = 0.0
+    cdef floating a = <floating> (alpha * scale)
+    if alpha != 0.0:
+        for i in range(n_coef):
+            sq += (<double> theta[i]) * theta[i]
+        if grad != NULL:
+            for i in range(n_coef):
+                grad[i] = grad[i] + a * theta[i]
+    if grad != NULL:
+        n_int = sp.b_off[sp.n_layers - 1] + sp.sizes[sp.n_layers] - n_coef
+        for i in range(n_int):
+            grad[n_coef + i] = <floating> dacc[i]
+    return 0.5 * alpha * scale * sq
+
+
+# ---------------------------------------------------------------------------------------
+# Delta-rule updates over the flat vector (scikit-learn's formulas).
+
+cdef void sgd_step(floating* theta, const floating* grad, floating* velocity, Py_ssize_t n,
+                   double lr, double momentum, bint nesterov) noexcept nogil:
+    """velocity = momentum * velocity - lr * grad; theta += velocity, or with Nesterov
+    theta += momentum * velocity - lr * grad."""
+    cdef Py_ssize_t i
+    cdef floating v, g, mu = <floating> momentum, eta = <floating> lr
+    for i in range(n):
+        g = grad[i]
+        v = mu * velocity[i] - eta * g
+        velocity[i] = v
+        if nesterov:
+            theta[i] = theta[i] + (mu * v - eta * g)
+        else:
+            theta[i] = theta[i] + v
+
+
+cdef void adam_step(floating* theta, const floating* grad, floating* m1, floating* m2,
+                    Py_ssize_t n, double lr_t, double beta_1, double beta_2,
+                    double epsilon) noexcept nogil:
+    """m1 = b1 m1 + (1-b1) g; m2 = b2 m2 + (1-b2) g^2; theta -= lr_t m1 / (sqrt(m2) + eps),
+    where lr_t = lr * sqrt(1 - b2^t) / (1 - b1^t) is computed by the caller."""
+    cdef Py_ssize_t i
+    cdef floating g, b1 = <floating> beta_1, b2 = <floating> beta_2
+    cdef floating c1 = <floating> (1 - beta_1), c2 = <floating> (1 - beta_2)
+    cdef floating eta = <floating> lr_t, eps = <floating> epsilon
+    for i in range(n):
+        g = grad[i]
+        m1[i] = b1 * m1[i] + c1 * g
+        m2[i] = b2 * m2[i] + c2 * g * g
+        theta[i] = theta[i] - eta * m1[i] / (_sqrt(m2[i]) + eps)
+
+
+# ---------------------------------------------------------------------------------------
+# Python entry points: typed memoryviews in, status out; the GIL is released once.
+
+cdef void _fill_spec(Spec* sp, const Py_ssize_t[::1] sizes, const Py_ssize_t[::1] w_off,
+                     const Py_ssize_t[::1] b_off, int act, int out, Py_ssize_t block):
+    cdef Py_ssize_t l
+    sp.n_layers = <int> (sizes.shape[0] - 1)
+    sp.sizes = &sizes[0]
+    sp.w_off = &w_off[0]
+    sp.b_off = &b_off[0]
+    sp.act = act
+    sp.out = out
+    sp.block = block
+    sp.max_hidden = 1
+    for l in range(1, sp.n_layers):
+        if sizes[l] > sp.max_hidden:
+            sp.max_hidden = sizes[l]
+
+
+cdef int _fill(Spec* sp, Input* inp, const Py_ssize_t[::1] sizes,
+               const Py_ssize_t[::1] w_off, const Py_ssize_t[::1] b_off, int act, int out,
+               Py_ssize_t block, const floating[:, :] X, const floating[::1] data,
+               const int[::1] indices, const Py_ssize_t[::1] indptr,
+               const floating[::1] theta) except -1:
+    cdef Py_ssize_t itemsize = sizeof(floating)
+    _fill_spec(sp, sizes, w_off, b_off, act, out, block)
+    inp.X = NULL
+    inp.data = NULL
+    inp.indices = NULL
+    inp.indptr = NULL
+    inp.ldx = 0
+    inp.x_fortran = False
+    if X is not None:
+        if X.shape[0] > 0 and X.shape[1] > 0:
+            inp.X = &X[0, 0]
+            if X.strides[1] == itemsize:
+                inp.ldx = X.strides[0] // itemsize
+            elif X.strides[0] == itemsize:
+                inp.ldx = X.strides[1] // itemsize
+                inp.x_fortran = True
+            else:
+                raise ValueError("X must be C- or F-contiguous in its inner dimension")
+        else:
+            inp.X = &theta[0]  # never read: no rows or no features
+            inp.ldx = X.shape[1]
+    else:
+        inp.data = &data[0] if data.shape[0] > 0 else &theta[0]
+        inp.indices = &indices[0] if indices.shape[0] > 0 else NULL
+        inp.indptr = &indptr[0]
+    return 0
+
+
+def loss_grad(const floating[::1] theta, floating[::1] grad, const floating[:, :] X,
+              const floating[::1] data, const int[::1] indices,
+              const Py_ssize_t[::1] indptr, const floating[:, ::1] Y,
+              const double[::1] sample_weight, const Py_ssize_t[::1] sizes,
+              const Py_ssize_t[::1] w_off, const Py_ssize_t[::1] b_off, int act, int out,
+              floating[::1] work, double[::1] dacc, Py_ssize_t block, double scale,
+              double alpha):
+    """Full-batch objective over all rows, streamed in blocks; returns the loss (float).
+
+    grad (n_params,) is overwritten, or left alone when None. scale = 1 / sum(weights).
+    X is dense (and data/indices/indptr None) or None (and they hold CSR arrays).
+    """
+    cdef Spec sp
+    cdef Input inp
+    cdef Py_ssize_t start, nb, n = Y.shape[0]
+    cdef double loss = 0.0, penalty
+    cdef floating* g = NULL
+    cdef const double* sw = NULL
+    _fill(&sp, &inp, sizes, w_off, b_off, act, out, block, X, data, indices, indptr, theta)
+    if grad is not None:
+        g = &grad[0]
+    if sample_weight is not None:
+        sw = &sample_weight[0]
+    with nogil:
+        memset(&dacc[0], 0, dacc.shape[0] * sizeof(double))
+        if g != NULL and n == 0:
+            memset(g, 0, b_off[0] * sizeof(floating))
+        start = 0
+        while start < n:
+            nb = min(block, n - start)
+            loss += block_pass(&sp, &inp, NULL, start, nb, &Y[0, 0], sw, scale, &theta[0],
+                               g, &dacc[0], &work[0], start > 0, NULL)
+            start += nb
+        penalty = finish_gradient(&sp, &theta[0], g, &dacc[0], scale, alpha)
+    return loss * scale + penalty
+
+
+def forward(const floating[::1] theta, floating[:, ::1] out_arr, const floating[:, :] X,
+            const floating[::1] data, const int[::1] indices,
+            const Py_ssize_t[::1] indptr, const Py_ssize_t[::1] sizes,
+            const Py_ssize_t[::1] w_off, const Py_ssize_t[::1] b_off, int act, int out,
+            floating[::1] work, Py_ssize_t block):
+    """Output activations for every row into out_arr (n_samples, n_outputs)."""
+    cdef Spec sp
+    cdef Input inp
+    cdef Py_ssize_t start, nb, n = out_arr.shape[0], m = out_arr.shape[1]
+    _fill(&sp, &inp, sizes, w_off, b_off, act, out, block, X, data, indices, indptr, theta)
+    if n == 0:
+        return
+    with nogil:
+        start = 0
+        while start < n:
+            nb = min(block, n - start)
+            block_pass(&sp, &inp, NULL, start, nb, <const floating*> NULL, NULL, 1.0,
+                       &theta[0], NULL, NULL, &work[0], False, &out_arr[0, 0] + start * m)
+            start += nb
+
+
+def run_epoch(floating[::1] theta, floating[::1] grad, const floating[:, :] X,
+              const floating[::1] data, const int[::1] indices,
+              const Py_ssize_t[::1] indptr, const floating[:, ::1] Y,
+              const double[::1] sample_weight, const Py_ssize_t[::1] sizes,
+              const Py_ssize_t[::1] w_off, const Py_ssize_t[::1] b_off, int act, int out,
+              floating[::1] work, double[::1] dacc, Py_ssize_t[::1] order, bint shuffle,
+              unsigned long long seed, Py_ssize_t batch_size, double alpha, int solver,
+              double learning_rate, double momentum, bint nesterov, double beta_1,
+              double beta_2, double epsilon, floating[::1] state_1, floating[::1] state_2,
+              long long[::1] step):
+    """One epoch of minibatch SGD or Adam, entirely without the GIL.
+
+    ``order`` (n_samples,) holds the row order and is shuffled in place first when
+    ``shuffle``. Each minibatch of ``batch_size`` rows (the last may be shorter) gets the
+    gradient of its own objective (weighted mean loss + L2 over its weight sum), then one
+    update: SGD with ``state_1`` as velocity, or Adam with moments ``state_1``/``state_2``
+    and ``step[0]`` as its step counter. Returns (sum over batches of batch loss x batch
+    rows, number of batches run); the epoch stops at the first non-finite batch loss, which
+    the caller detects from the sum.
+    """
+    cdef Spec sp
+    cdef Input inp
+    cdef Py_ssize_t n = order.shape[0], start, nb, i, n_params = theta.shape[0]
+    cdef Py_ssize_t n_batches = 0
+    cdef double total = 0.0, batch_loss, wsum, scale, lr_t
+    cdef const double* sw = NULL
+    cdef long long t
+    _fill(&sp, &inp, sizes, w_off, b_off, act, out, batch_size, X, data, indices, indptr,
+          theta)
+    if sample_weight is not None:
+        sw = &sample_weight[0]
+    if n == 0:
+        return 0.0, 0
+    with nogil:
+        if shuffle:
+            _shuffle(&order[0], n, seed)
+        t = step[0]
+        start = 0
+        while start < n:
+            nb = min(batch_size, n - start)
+            if sw != NULL:
+                wsum = 0.0
+                for i in range(start, start + nb):
+                    wsum += sw[order[i]]
+            else:
+                wsum = nb
+            scale = 1.0 / wsum if wsum > 0 else 0.0
+            memset(&dacc[0], 0, dacc.shape[0] * sizeof(double))
+            batch_loss = block_pass(&sp, &inp, &order[0], start, nb, &Y[0, 0], sw, scale,
+                                    &theta[0], &grad[0], &dacc[0], &work[0], False, NULL)
+            batch_loss = batch_loss * scale + finish_gradient(&sp, &theta[0], &grad[0],
+                                                              &dacc[0], scale, alpha)
+            total += batch_loss * nb
+            n_batches += 1
+            if not isfinite(batch_loss):
+                break
+            if solver == SOLVER_ADAM_:
+                t += 1
+                lr_t = learning_rate * sqrt(1 - beta_2 ** t) / (1 - beta_1 ** t)
+                adam_step(&theta[0], &grad[0], &state_1[0], &state_2[0], n_params, lr_t,
+                          beta_1, beta_2, epsilon)
+            else:
+                sgd_step(&theta[0], &grad[0], &state_1[0], n_params, learning_rate,
+                         momentum, nesterov)
+            start += nb
+        step[0] = t
+    return total, n_batches
+
+
+def gemm_only(const floating[::1] theta, floating[::1] grad, const floating[:, ::1] X,
+              const Py_ssize_t[::1] sizes, const Py_ssize_t[::1] w_off,
+              floating[::1] work, Py_ssize_t block):
+    """Run exactly the GEMM calls that ``loss_grad`` makes on dense C-ordered X, and
+    nothing else. For benchmarks: the physical floor of one loss_grad call."""
+    cdef Spec sp
+    cdef Py_ssize_t n = X.shape[0], start, nb
+    cdef int L = <int> (sizes.shape[0] - 1), l
+    cdef const Py_ssize_t* s = &sizes[0]
+    cdef floating* scratch
+    cdef floating beta
+    _fill_spec(&sp, sizes, w_off, w_off, 0, 0, block)
+    scratch = &work[0] + _scratch_offset(&sp)
+    with nogil:
+        start = 0
+        while start < n:
+            nb = min(block, n - start)
+            beta = 1 if start > 0 else 0
+            for l in range(1, L + 1):
+                gemm(False, False, <int> nb, <int> s[l], <int> s[l - 1], <floating> 1.0,
+                     (&X[0, 0] + start * s[0]) if l == 1
+                     else (&work[0] + _act_offset(&sp, l - 1)),
+                     <int> s[l - 1], &theta[0] + w_off[l - 1], <int> s[l], <floating> 0.0,
+                     &work[0] + _act_offset(&sp, l), <int> s[l])
+            for l in range(L, 0, -1):
+                gemm(True, False, <int> s[l - 1], <int> s[l], <int> nb, <floating> 1.0,
+                     (&X[0, 0] + start * s[0]) if l == 1
+                     else (&work[0] + _act_offset(&sp, l - 1)), <int> s[l - 1],
+                     &work[0] + _act_offset(&sp, l), <int> s[l], beta,
+                     &grad[0] + w_off[l - 1], <int> s[l])
+                if l > 1:
+                    gemm(False, True, <int> nb, <int> s[l - 1], <int> s[l], <floating> 1.0,
+                         &work[0] + _act_offset(&sp, l), <int> s[l],
+                         &theta[0] + w_off[l - 1], <int> s[l], <floating> 0.0,
+                         scratch + (l % 2) * sp.block * sp.max_hidden, <int> s[l - 1])
+            start += nb
+
+
+def sgd_update(floating[::1] theta, const floating[::1] grad, floating[::1] velocity,
+               double learning_rate, double momentum, bint nesterov):
+    """One SGD/momentum/Nesterov step over the flat vector, in place."""
+    with nogil:
+        sgd_step(&theta[0], &grad[0], &velocity[0], theta.shape[0], learning_rate,
+                 momentum, nesterov)
+
+
+def adam_update(floating[::1] theta, const floating[::1] grad, floating[::1] m1,
+                floating[::1] m2, long long t, double learning_rate, double beta_1,
+                double beta_2, double epsilon):
+    """One Adam step (t is the step number, from 1) over the flat vector, in place."""
+    cdef double lr_t = learning_rate * sqrt(1 - beta_2 ** t) / (1 - beta_1 ** t)
+    with nogil:
+        adam_step(&theta[0], &grad[0], &m1[0], &m2[0], theta.shape[0], lr_t, beta_1,
+                  beta_2, epsilon)

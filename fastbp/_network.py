@@ -1,0 +1,445 @@
+"""The network: layer sizes, the flat parameter layout, workspaces and the objective.
+
+The Python side validates, converts and allocates; the compiled kernels in ``_core``
+compute. Solvers and estimators prepare their data once (``Network.prepare``) and then call
+the kernels through ``Network._loss_grad`` without any per-call validation.
+"""
+import threading
+from numbers import Integral
+
+import numpy as np
+import scipy.sparse as sp
+from sklearn.utils import check_random_state
+
+from . import _core
+
+__all__ = ["Network"]
+
+_DTYPES = (np.float32, np.float64)
+# Rows per block for full-batch passes. Fixed (it never depends on the thread count), so
+# results are reproducible; large enough that the GEMMs run near peak, small enough that a
+# block's activations stay in cache-friendly sizes and peak memory is bounded.
+DEFAULT_BLOCK = 2048
+
+
+class _Data:
+    """Kernel-ready (X, Y, sample_weight): converted once, reused by every evaluation."""
+
+    __slots__ = ("X", "data", "indices", "indptr", "Y", "sample_weight", "n_samples",
+                 "weight_sum")
+
+    def kernel_args(self):
+        return self.X, self.data, self.indices, self.indptr
+
+
+class Network:
+    """A dense multilayer perceptron over one flat parameter vector.
+
+    The parameters of all layers live in one contiguous 1-D array ``theta``, in
+    scikit-learn's packing order: each layer's coefficient matrix of shape
+    ``(fan_in, fan_out)``, row-major, layer by layer, then each intercept vector, layer by
+    layer. So ``theta`` and ``np.hstack([c.ravel() for c in coefs + intercepts])`` are
+    interchangeable, and the gradient has the same layout.
+
+    Parameters
+    ----------
+    layer_sizes : sequence of int
+        Units per layer, input and output included: ``(n_features, *hidden, n_outputs)``.
+        At least two entries; a network with no hidden layer is a linear model.
+    activation : {'identity', 'logistic', 'tanh', 'relu'}, default='relu'
+        Activation of the hidden layers.
+    output : {'softmax', 'logistic', 'identity', 'exp'}, default='softmax'
+        Output activation, which fixes the loss: multinomial log-loss, binary log-loss per
+        column, squared error, or half Poisson deviance.
+    dtype : {numpy.float64, numpy.float32}, default=numpy.float64
+        Precision of the parameters and of the kernels. Losses and intercept-gradient
+        sums are always accumulated in float64.
+    block_size : int, default=2048
+        Rows per block in full-batch passes; memory use grows with it, results do not
+        depend on it beyond floating-point rounding.
+
+    Attributes
+    ----------
+    layer_sizes : tuple of int
+    n_layers : int
+        Number of weight layers (``len(layer_sizes) - 1``).
+    n_params : int
+        Length of the flat parameter vector.
+
+    Notes
+    -----
+    The objective is scikit-learn's: the sample-weighted mean of the per-sample loss plus
+    ``0.5 * alpha * sum(||W_l||^2) / sum(weights)``; intercepts are not penalised. Per
+    sample, the losses are:
+
+    - softmax: ``-sum_k y_k log p_k``;
+    - logistic: ``-sum_k [y_k log p_k + (1 - y_k) log(1 - p_k)]``;
+    - identity: ``0.5 * sum_k (yhat_k - y_k)^2``, summed (not averaged) over outputs.
+      For one output this equals scikit-learn's ``squared_error``; with several outputs
+      scikit-learn reports the mean over outputs but steps along the gradient of the sum,
+      so fastbp's loss is the sum, whose exact gradient is the step scikit-learn takes;
+    - exp: ``sum_k [yhat_k - y_k log yhat_k + y_k log y_k - y_k]`` (half Poisson deviance).
+
+    The losses are computed from the pre-activations (log-sum-exp, softplus), so they are
+    exact where scikit-learn clips probabilities.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import fastbp
+    >>> net = fastbp.Network([4, 8, 3], activation="tanh", output="softmax")
+    >>> net.n_params
+    67
+    >>> theta = net.init_params(random_state=0)
+    >>> X = np.random.default_rng(0).normal(size=(5, 4))
+    >>> Y = np.eye(3)[[0, 1, 2, 1, 0]]
+    >>> loss, grad = net.loss_grad(theta, X, Y, alpha=1e-4)
+    >>> grad.shape
+    (67,)
+    >>> net.forward(theta, X).sum(axis=1).round(6)
+    array([1., 1., 1., 1., 1.])
+    """
+
+    def __init__(self, layer_sizes, activation="relu", output="softmax",
+                 dtype=np.float64, block_size=DEFAULT_BLOCK):
+        try:
+            sizes = [int(s) for s in layer_sizes]
+        except (TypeError, ValueError):
+            raise TypeError(
+                f"layer_sizes must be a sequence of integers, got {layer_sizes!r}"
+            ) from None
+        if len(sizes) < 2:
+            raise ValueError(
+                "layer_sizes needs at least two entries (inputs and outputs), "
+                f"got {sizes}"
+            )
+        if any(s < 1 for s in sizes) or any(
+            not isinstance(s, (Integral, np.integer)) and s != int(s)
+            for s in layer_sizes
+        ):
+            raise ValueError(f"layer_sizes must be positive integers, got {sizes}")
+        if activation not in _core.ACTIVATIONS:
+            raise ValueError(
+                f"activation must be one of {sorted(_core.ACTIVATIONS)}, got {activation!r}"
+            )
+        if output not in _core.OUTPUTS:
+            raise ValueError(
+                f"output must be one of {sorted(_core.OUTPUTS)}, got {output!r}"
+            )
+        dtype = np.dtype(dtype)
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype must be float32 or float64, got {dtype}")
+        if not isinstance(block_size, (Integral, np.integer)) or block_size < 1:
+            raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
+
+        self.layer_sizes = tuple(sizes)
+        self.activation = activation
+        self.output = output
+        self.dtype = dtype
+        self.block_size = int(block_size)
+        self.n_layers = len(sizes) - 1
+
+        n_coef = sum(a * b for a, b in zip(sizes[:-1], sizes[1:]))
+        self._sizes = np.asarray(sizes, dtype=np.intp)
+        self._w_off = np.cumsum([0] + [a * b for a, b in zip(sizes[:-1], sizes[1:])],
+                                dtype=np.intp)[:-1]
+        self._b_off = n_coef + np.cumsum([0] + sizes[1:], dtype=np.intp)[:-1]
+        self.n_params = int(n_coef + sum(sizes[1:]))
+        self._n_intercepts = self.n_params - n_coef
+        self._act = _core.ACTIVATIONS[activation]
+        self._out = _core.OUTPUTS[output]
+        self._pool = {}
+        self._lock = threading.Lock()
+
+    def __repr__(self):
+        return (f"Network({list(self.layer_sizes)}, activation={self.activation!r}, "
+                f"output={self.output!r}, dtype=np.{self.dtype.name})")
+
+    # The flat layout --------------------------------------------------------------------
+
+    def init_params(self, random_state=None):
+        """Draw initial parameters: Glorot-uniform, exactly as scikit-learn's MLP does.
+
+        Each layer draws its coefficients, then its intercepts, from
+        ``U(-b, b)`` with ``b = sqrt(6 / (fan_in + fan_out))`` (``sqrt(2 / ...)`` for
+        the logistic activation), in scikit-learn's order, so the same ``random_state``
+        gives scikit-learn's initial weights.
+
+        Parameters
+        ----------
+        random_state : None, int or numpy.random.RandomState
+            Seed or generator.
+
+        Returns
+        -------
+        theta : ndarray of shape (n_params,)
+            The flat parameter vector, in the network's dtype.
+
+        Examples
+        --------
+        >>> import fastbp
+        >>> net = fastbp.Network([3, 2, 1], output="identity")
+        >>> theta = net.init_params(random_state=0)
+        >>> theta.shape, theta.dtype
+        ((11,), dtype('float64'))
+        """
+        rng = check_random_state(random_state)
+        theta = np.empty(self.n_params, dtype=self.dtype)
+        coefs, intercepts = self.unpack(theta)
+        factor = 2.0 if self.activation == "logistic" else 6.0
+        for W, b in zip(coefs, intercepts):
+            fan_in, fan_out = W.shape
+            bound = np.sqrt(factor / (fan_in + fan_out))
+            W[...] = rng.uniform(-bound, bound, (fan_in, fan_out))
+            b[...] = rng.uniform(-bound, bound, fan_out)
+        return theta
+
+    def unpack(self, theta):
+        """Views of the coefficient matrices and intercept vectors inside ``theta``.
+
+        Parameters
+        ----------
+        theta : ndarray of shape (n_params,)
+            A flat parameter (or gradient) vector, C-contiguous.
+
+        Returns
+        -------
+        coefs : list of ndarray
+            ``coefs[l]`` has shape ``(layer_sizes[l], layer_sizes[l + 1])``.
+        intercepts : list of ndarray
+            ``intercepts[l]`` has shape ``(layer_sizes[l + 1],)``.
+            Both are views: writing to them writes to ``theta``.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> import fastbp
+        >>> net = fastbp.Network([3, 2, 1], output="identity")
+        >>> theta = np.arange(net.n_params, dtype=float)
+        >>> coefs, intercepts = net.unpack(theta)
+        >>> coefs[1].ravel(), intercepts[0]
+        (array([6., 7.]), array([8., 9.]))
+        >>> coefs[0][0, 0] = -1.0
+        >>> theta[0]
+        -1.0
+        """
+        theta = self._check_theta(theta, writable_view=True)
+        s = self.layer_sizes
+        coefs = [theta[o:o + s[l] * s[l + 1]].reshape(s[l], s[l + 1])
+                 for l, o in enumerate(self._w_off)]
+        intercepts = [theta[o:o + s[l + 1]] for l, o in enumerate(self._b_off)]
+        return coefs, intercepts
+
+    # Validation and conversion -----------------------------------------------------------
+
+    def _check_theta(self, theta, writable_view=False):
+        if writable_view:
+            if not isinstance(theta, np.ndarray) or theta.ndim != 1:
+                raise ValueError("theta must be a 1-D numpy array")
+            if not theta.flags.c_contiguous:
+                raise ValueError("theta must be C-contiguous to unpack it into views")
+        theta = np.asarray(theta)
+        if theta.ndim != 1 or theta.shape[0] != self.n_params:
+            raise ValueError(
+                f"theta must have shape ({self.n_params},) for this network, "
+                f"got {theta.shape}"
+            )
+        if writable_view:
+            return theta
+        return np.ascontiguousarray(theta, dtype=self.dtype)
+
+    def prepare(self, X, Y=None, sample_weight=None):
+        """Convert data once into the form the kernels take (internal, for solvers).
+
+        Copies only when it must: a C- or F-contiguous array of the network's dtype is
+        used as it is; CSR is used as it is (CSC and other sparse formats become CSR).
+        """
+        d = _Data()
+        n_features = self.layer_sizes[0]
+        if sp.issparse(X):
+            if X.ndim != 2:
+                raise ValueError(f"X must be 2-D, got {X.ndim}-D")
+            X = sp.csr_matrix(X, dtype=self.dtype)
+            if X.nnz > np.iinfo(np.int32).max:
+                raise ValueError("sparse X has too many stored values (more than 2**31-1)")
+            X.check_format(full_check=True)
+            d.X = None
+            d.data = np.ascontiguousarray(X.data, dtype=self.dtype)
+            d.indices = np.ascontiguousarray(X.indices, dtype=np.int32)
+            d.indptr = np.ascontiguousarray(X.indptr, dtype=np.intp)
+        else:
+            X = np.asarray(X)
+            if X.dtype.kind not in "fiub":
+                raise TypeError(f"X must hold numbers, got dtype {X.dtype}")
+            if X.ndim != 2:
+                raise ValueError(f"X must be 2-D (n_samples, n_features), got shape {X.shape}")
+            if X.dtype != self.dtype or not (X.flags.c_contiguous or X.flags.f_contiguous):
+                X = np.ascontiguousarray(X, dtype=self.dtype)
+            d.X = X
+            d.data = d.indices = d.indptr = None
+        if X.shape[1] != n_features:
+            raise ValueError(
+                f"X has {X.shape[1]} features, but the network expects {n_features}"
+            )
+        d.n_samples = X.shape[0]
+        d.Y = d.sample_weight = None
+        d.weight_sum = float(d.n_samples)
+        if Y is not None:
+            Y = np.asarray(Y)
+            if Y.dtype.kind not in "fiub":
+                raise TypeError(f"Y must hold numbers, got dtype {Y.dtype}")
+            n_outputs = self.layer_sizes[-1]
+            if Y.ndim == 1 and n_outputs == 1:
+                Y = Y.reshape(-1, 1)
+            if Y.ndim != 2 or Y.shape != (d.n_samples, n_outputs):
+                raise ValueError(
+                    f"Y must have shape ({d.n_samples}, {n_outputs}), got {Y.shape}"
+                )
+            d.Y = np.ascontiguousarray(Y, dtype=self.dtype)
+        if sample_weight is not None:
+            sw = np.asarray(sample_weight)
+            if sw.dtype.kind not in "fiub":
+                raise TypeError(f"sample_weight must hold numbers, got {sw.dtype}")
+            sw = np.ascontiguousarray(sw, dtype=np.float64)
+            if sw.shape != (d.n_samples,):
+                raise ValueError(
+                    f"sample_weight must have shape ({d.n_samples},), got {sw.shape}"
+                )
+            if not np.isfinite(sw).all():
+                raise ValueError("sample_weight contains NaN or infinity")
+            if (sw < 0).any():
+                raise ValueError("sample_weight must be non-negative")
+            d.weight_sum = float(sw.sum())
+            if d.n_samples and d.weight_sum <= 0:
+                raise ValueError("sample_weight sums to zero: at least one must be positive")
+            d.sample_weight = sw
+        return d
+
+    # Workspaces --------------------------------------------------------------------------
+
+    def _acquire(self, block):
+        """A (work, dacc) pair for ``block`` rows: reused across calls, one per thread."""
+        with self._lock:
+            free = self._pool.get(block)
+            if free:
+                return free.pop()
+        work = np.empty(_core.workspace_size(self._sizes, block), dtype=self.dtype)
+        dacc = np.empty(self._n_intercepts, dtype=np.float64)
+        return work, dacc
+
+    def _release(self, block, ws):
+        with self._lock:
+            self._pool.setdefault(block, []).append(ws)
+
+    def _block_for(self, n_samples):
+        return max(1, min(self.block_size, n_samples))
+
+    # The objective -----------------------------------------------------------------------
+
+    def _loss_grad(self, theta, d, alpha, grad):
+        """Objective on prepared data; theta is contiguous in the network's dtype."""
+        block = self._block_for(d.n_samples)
+        ws = self._acquire(block)
+        scale = 1.0 / d.weight_sum if d.weight_sum > 0 else 0.0
+        try:
+            loss = _core.loss_grad(theta, grad, d.X, d.data, d.indices, d.indptr, d.Y,
+                                   d.sample_weight, self._sizes, self._w_off,
+                                   self._b_off, self._act, self._out, ws[0], ws[1], block,
+                                   scale, float(alpha))
+        finally:
+            self._release(block, ws)
+        return loss
+
+    def _forward(self, theta, d):
+        out = np.empty((d.n_samples, self.layer_sizes[-1]), dtype=self.dtype)
+        if d.n_samples == 0:
+            return out
+        block = self._block_for(d.n_samples)
+        ws = self._acquire(block)
+        try:
+            _core.forward(theta, out, d.X, d.data, d.indices, d.indptr, self._sizes,
+                          self._w_off, self._b_off, self._act, self._out, ws[0], block)
+        finally:
+            self._release(block, ws)
+        return out
+
+    def forward(self, theta, X):
+        """Output-layer activations for ``X``.
+
+        Parameters
+        ----------
+        theta : array-like of shape (n_params,)
+            Flat parameters.
+        X : {array-like, sparse matrix} of shape (n_samples, n_features)
+            Inputs. CSR and CSC matrices are multiplied directly, never densified.
+
+        Returns
+        -------
+        out : ndarray of shape (n_samples, n_outputs)
+            Softmax probabilities, logistic probabilities, identity or exp outputs.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> import fastbp
+        >>> net = fastbp.Network([2, 1], output="identity")
+        >>> theta = np.array([1.0, 2.0, 0.5])   # W = [[1], [2]], b = [0.5]
+        >>> net.forward(theta, np.array([[1.0, 1.0]]))
+        array([[3.5]])
+        """
+        theta = self._check_theta(theta)
+        return self._forward(theta, self.prepare(X))
+
+    def loss_grad(self, theta, X, Y, sample_weight=None, alpha=0.0, out=None):
+        """The objective and its exact gradient.
+
+        Parameters
+        ----------
+        theta : array-like of shape (n_params,)
+            Flat parameters.
+        X : {array-like, sparse matrix} of shape (n_samples, n_features)
+            Inputs, in any memory layout.
+        Y : array-like of shape (n_samples, n_outputs)
+            Targets: one-hot rows for softmax, 0/1 columns for logistic, real values for
+            identity, non-negative counts for exp.
+        sample_weight : array-like of shape (n_samples,), default=None
+            Non-negative weights, not all zero. None weighs every sample 1.
+        alpha : float, default=0.0
+            L2 penalty on the coefficients (not the intercepts).
+        out : ndarray of shape (n_params,), default=None
+            Where to write the gradient (contiguous, network dtype); allocated if None.
+
+        Returns
+        -------
+        loss : float
+            ``sum_i w_i loss_i / sum_i w_i + 0.5 * alpha * sum ||W||^2 / sum_i w_i``,
+            accumulated in float64.
+        grad : ndarray of shape (n_params,)
+            Its gradient, in the flat layout and the network's dtype.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> import fastbp
+        >>> net = fastbp.Network([2, 1], output="identity")
+        >>> theta = np.array([1.0, 2.0, 0.5])
+        >>> loss, grad = net.loss_grad(theta, [[1.0, 1.0]], [[3.0]])
+        >>> loss, grad        # residual 0.5: loss 0.5 * 0.5**2, grad 0.5 * [x, 1]
+        (0.125, array([0.5, 0.5, 0.5]))
+        """
+        theta = self._check_theta(theta)
+        alpha = float(alpha)
+        if not np.isfinite(alpha) or alpha < 0:
+            raise ValueError(f"alpha must be a non-negative finite number, got {alpha}")
+        d = self.prepare(X, Y, sample_weight)
+        if out is None:
+            out = np.empty(self.n_params, dtype=self.dtype)
+        elif (not isinstance(out, np.ndarray) or out.shape != (self.n_params,)
+              or out.dtype != self.dtype or not out.flags.c_contiguous
+              or not out.flags.writeable):
+            raise ValueError(
+                f"out must be a writable C-contiguous {self.dtype.name} array of shape "
+                f"({self.n_params},)"
+            )
+        loss = self._loss_grad(theta, d, alpha, out)
+        return loss, out

@@ -1,0 +1,37 @@
+"""Build the Cython kernels.
+
+All Cython compiler directives live here, in one place. Set ``FASTBP_DEBUG=1`` in the
+environment to build with bounds checking, wraparound checks and no optimisation, for
+hunting crashes: ``FASTBP_DEBUG=1 pip install .``.
+"""
+import os
+
+import numpy as np
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+DEBUG = os.environ.get("FASTBP_DEBUG", "0") not in ("", "0")
+
+directives = {
+    "language_level": 3,
+    "boundscheck": DEBUG,
+    "wraparound": DEBUG,
+    "initializedcheck": DEBUG,
+    "nonecheck": DEBUG,
+    "cdivision": not DEBUG,
+    "embedsignature": True,
+}
+
+compile_args = ["-O0", "-g"] if DEBUG else ["-O3"]
+
+extensions = [
+    Extension(
+        "fastbp._core",
+        ["fastbp/_core.pyx"],
+        include_dirs=[np.get_include()],
+        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+        extra_compile_args=compile_args,
+    ),
+]
+
+setup(ext_modules=cythonize(extensions, compiler_directives=directives))
