@@ -162,21 +162,30 @@ cdef void activation_backward(floating* D, const floating* A, Py_ssize_t n, Py_s
     cdef Py_ssize_t i, j
     cdef floating* d
     cdef const floating* a
+    cdef floating v
     for i in range(n):
         d = D + i * m
         a = A + i * m
+        # Branch-free selects: a data-dependent branch per element mispredicts half the
+        # time for relu.
         if act == ACT_RELU:
             for j in range(m):
-                if a[j] <= 0:
-                    d[j] = 0
+                v = d[j] if a[j] > 0 else 0
+                d[j] = v
+                db[j] += v
         elif act == ACT_TANH:
             for j in range(m):
-                d[j] = d[j] * (1 - a[j] * a[j])
+                v = d[j] * (1 - a[j] * a[j])
+                d[j] = v
+                db[j] += v
         elif act == ACT_LOGISTIC:
             for j in range(m):
-                d[j] = d[j] * a[j] * (1 - a[j])
-        for j in range(m):
-            db[j] += d[j]
+                v = d[j] * a[j] * (1 - a[j])
+                d[j] = v
+                db[j] += v
+        else:
+            for j in range(m):
+                db[j] += d[j]
 
 
 cdef void output_activate(floating* Z, const floating* b, Py_ssize_t n, Py_ssize_t m,
