@@ -162,30 +162,23 @@ cdef void activation_backward(floating* D, const floating* A, Py_ssize_t n, Py_s
     cdef Py_ssize_t i, j
     cdef floating* d
     cdef const floating* a
-    cdef floating v
     for i in range(n):
         d = D + i * m
         a = A + i * m
-        # Branch-free selects: a data-dependent branch per element mispredicts half the
-        # time for relu.
+        # Branch-free selects (a data-dependent branch per element mispredicts half the
+        # time for relu); the float64 column sums run in their own loop so that both
+        # loops vectorize.
         if act == ACT_RELU:
             for j in range(m):
-                v = d[j] if a[j] > 0 else 0
-                d[j] = v
-                db[j] += v
+                d[j] = d[j] if a[j] > 0 else 0
         elif act == ACT_TANH:
             for j in range(m):
-                v = d[j] * (1 - a[j] * a[j])
-                d[j] = v
-                db[j] += v
+                d[j] = d[j] * (1 - a[j] * a[j])
         elif act == ACT_LOGISTIC:
             for j in range(m):
-                v = d[j] * a[j] * (1 - a[j])
-                d[j] = v
-                db[j] += v
-        else:
-            for j in range(m):
-                db[j] += d[j]
+                d[j] = d[j] * a[j] * (1 - a[j])
+        for j in range(m):
+            db[j] += d[j]
 
 
 cdef void output_activate(floating* Z, const floating* b, Py_ssize_t n, Py_ssize_t m,
@@ -224,7 +217,7 @@ cdef double output_loss_backward(floating* Z, const floating* b, const floating*
     """Output layer with its canonical loss, for one block.
 
     Z (n, m): pre-activations without the bias on entry, Delta_L on exit, where
-    Delta_L[i] = (g(z_i) - y_i) * w_i * scale. Y (n_total, m) and sw (n_total,) are indexed
+    Delta_L[i] = dloss_i/dz_i * w_i * scale (= (g(z_i) - y_i) w_i scale for a proper target). Y (n_total, m) and sw (n_total,) are indexed
     by rows[start + i] (or start + i when rows is NULL). Adds colsum(Delta_L) to db (m,).
     Returns sum_i w_i * loss_i in float64. The losses are computed from z, exactly:
       softmax   logsumexp(z) * sum(y) - y.z
@@ -262,7 +255,8 @@ cdef double output_loss_backward(floating* Z, const floating* b, const floating*
             lse = mx + log(s)
             li = ysum * lse - yz
             for j in range(m):
-                p = <floating> (z[j] / s)
+                # d/dz of sum(y) lse(z) - y.z: exact also when a row of Y is not one-hot.
+                p = <floating> (ysum * z[j] / s)
                 z[j] = (p - y[j]) * c
                 db[j] += z[j]
         elif out == OUT_LOGISTIC:
@@ -475,12 +469,22 @@ cdef double finish_gradient(const Spec* sp, const floating* theta, floating* gra
     grad_W += alpha * scale * W; grad_b = dacc. Returns 0.5 * alpha * scale * sum ||W||^2
     (the penalty's share of the loss) in float64. grad may be NULL (loss only).
     """
-    cdef Py_ssize_t i, n_coef = sp.b_off[0], n_int
+    cdef Py_ssize_t i, k, n_coef = sp.b_off[0], n_int
     cdef double sq = 0.0
+    cdef double acc[8]
     cdef floating a = <floating> (alpha * scale)
     if alpha != 0.0:
-        for i in range(n_coef):
+        # Eight independent float64 partial sums: one serial chain of additions would be
+        # latency-bound.
+        for k in range(8):
+            acc[k] = 0.0
+        for i in range(0, n_coef - n_coef % 8, 8):
+            for k in range(8):
+                acc[k] += (<double> theta[i + k]) * theta[i + k]
+        for i in range(n_coef - n_coef % 8, n_coef):
             sq += (<double> theta[i]) * theta[i]
+        for k in range(8):
+            sq += acc[k]
         if grad != NULL:
             for i in range(n_coef):
                 grad[i] = grad[i] + a * theta[i]
@@ -746,6 +750,8 @@ def gemm_only(const floating[::1] theta, floating[::1] grad, const floating[:, :
 def sgd_update(floating[::1] theta, const floating[::1] grad, floating[::1] velocity,
                double learning_rate, double momentum, bint nesterov):
     """One SGD/momentum/Nesterov step over the flat vector, in place."""
+    if not (theta.shape[0] == grad.shape[0] == velocity.shape[0]):
+        raise ValueError("theta, grad and velocity must have the same length")
     with nogil:
         sgd_step(&theta[0], &grad[0], &velocity[0], theta.shape[0], learning_rate,
                  momentum, nesterov)
@@ -755,7 +761,12 @@ def adam_update(floating[::1] theta, const floating[::1] grad, floating[::1] m1,
                 floating[::1] m2, long long t, double learning_rate, double beta_1,
                 double beta_2, double epsilon):
     """One Adam step (t is the step number, from 1) over the flat vector, in place."""
-    cdef double lr_t = learning_rate * sqrt(1 - beta_2 ** t) / (1 - beta_1 ** t)
+    cdef double lr_t
+    if not (theta.shape[0] == grad.shape[0] == m1.shape[0] == m2.shape[0]):
+        raise ValueError("theta, grad, m1 and m2 must have the same length")
+    if t < 1:
+        raise ValueError(f"t counts Adam steps from 1, got {t}")
+    lr_t = learning_rate * sqrt(1 - beta_2 ** t) / (1 - beta_1 ** t)
     with nogil:
         adam_step(&theta[0], &grad[0], &m1[0], &m2[0], theta.shape[0], lr_t, beta_1,
                   beta_2, epsilon)

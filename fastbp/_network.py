@@ -151,6 +151,17 @@ class Network:
         self._pool = {}
         self._lock = threading.Lock()
 
+    def __getstate__(self):
+        # Workspaces and the lock are per-process scratch: not pickled.
+        state = self.__dict__.copy()
+        del state["_pool"], state["_lock"]
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._pool = {}
+        self._lock = threading.Lock()
+
     def __repr__(self):
         return (f"Network({list(self.layer_sizes)}, activation={self.activation!r}, "
                 f"output={self.output!r}, dtype=np.{self.dtype.name})")
@@ -350,7 +361,7 @@ class Network:
             self._release(block, ws)
         return loss
 
-    def _forward(self, theta, d):
+    def _forward(self, theta, d, raw=False):
         out = np.empty((d.n_samples, self.layer_sizes[-1]), dtype=self.dtype)
         if d.n_samples == 0:
             return out
@@ -358,12 +369,13 @@ class Network:
         ws = self._acquire(block)
         try:
             _core.forward(theta, out, d.X, d.data, d.indices, d.indptr, self._sizes,
-                          self._w_off, self._b_off, self._act, self._out, ws[0], block)
+                          self._w_off, self._b_off, self._act,
+                          _core.OUTPUTS["identity"] if raw else self._out, ws[0], block)
         finally:
             self._release(block, ws)
         return out
 
-    def forward(self, theta, X):
+    def forward(self, theta, X, raw=False):
         """Output-layer activations for ``X``.
 
         Parameters
@@ -372,11 +384,14 @@ class Network:
             Flat parameters.
         X : {array-like, sparse matrix} of shape (n_samples, n_features)
             Inputs. CSR and CSC matrices are multiplied directly, never densified.
+        raw : bool, default=False
+            Return the output layer's pre-activations (logits) instead.
 
         Returns
         -------
         out : ndarray of shape (n_samples, n_outputs)
-            Softmax probabilities, logistic probabilities, identity or exp outputs.
+            Softmax probabilities, logistic probabilities, identity or exp outputs (or the
+            pre-activations, with ``raw=True``).
 
         Examples
         --------
@@ -388,7 +403,7 @@ class Network:
         array([[3.5]])
         """
         theta = self._check_theta(theta)
-        return self._forward(theta, self.prepare(X))
+        return self._forward(theta, self.prepare(X), raw=raw)
 
     def loss_grad(self, theta, X, Y, sample_weight=None, alpha=0.0, out=None):
         """The objective and its exact gradient.

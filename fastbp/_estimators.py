@@ -1,0 +1,781 @@
+"""MLPClassifier and MLPRegressor: scikit-learn's estimators, on fastbp's kernels.
+
+Names, defaults and behaviour follow ``sklearn.neural_network``. The differences, each an
+improvement, are listed in the class docstrings under Notes.
+"""
+import math
+import warnings
+from numbers import Integral, Real
+
+import numpy as np
+from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin, _fit_context
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.metrics import accuracy_score, r2_score
+from sklearn.model_selection import train_test_split
+from sklearn.preprocessing import LabelBinarizer
+from sklearn.utils import check_random_state
+from sklearn.utils._param_validation import Interval, Options, StrOptions
+from sklearn.utils.metaestimators import available_if
+from sklearn.utils.multiclass import (_check_partial_fit_first_call, type_of_target,
+                                      unique_labels)
+from sklearn.utils.validation import (_check_sample_weight, check_is_fitted,
+                                      column_or_1d, validate_data)
+
+from ._network import Network
+from ._solvers import StochasticOptimizer, fit_lbfgs, _diverged
+
+__all__ = ["MLPClassifier", "MLPRegressor"]
+
+_STOCHASTIC = ("sgd", "adam")
+
+
+class _BaseMLP(BaseEstimator):
+    """Shared fitting machinery. Do not use directly."""
+
+    _parameter_constraints: dict = {
+        "hidden_layer_sizes": ["array-like", Interval(Integral, 1, None, closed="left")],
+        "activation": [StrOptions({"identity", "logistic", "tanh", "relu"})],
+        "solver": [StrOptions({"lbfgs", "sgd", "adam"})],
+        "alpha": [Interval(Real, 0, None, closed="left")],
+        "batch_size": [StrOptions({"auto"}), Interval(Integral, 1, None, closed="left")],
+        "learning_rate": [StrOptions({"constant", "invscaling", "adaptive"})],
+        "learning_rate_init": [Interval(Real, 0, None, closed="neither")],
+        "power_t": [Interval(Real, 0, None, closed="left")],
+        "max_iter": [Interval(Integral, 1, None, closed="left")],
+        "shuffle": ["boolean"],
+        "random_state": ["random_state"],
+        "tol": [Interval(Real, 0, None, closed="left")],
+        "verbose": ["verbose"],
+        "warm_start": ["boolean"],
+        "momentum": [Interval(Real, 0, 1, closed="both")],
+        "nesterovs_momentum": ["boolean"],
+        "early_stopping": ["boolean"],
+        "validation_fraction": [Interval(Real, 0, 1, closed="left")],
+        "beta_1": [Interval(Real, 0, 1, closed="left")],
+        "beta_2": [Interval(Real, 0, 1, closed="left")],
+        "epsilon": [Interval(Real, 0, None, closed="neither")],
+        "n_iter_no_change": [Interval(Integral, 1, None, closed="left"),
+                             Options(Real, {np.inf})],
+        "max_fun": [Interval(Integral, 1, None, closed="left")],
+    }
+
+    def __init__(self, hidden_layer_sizes, activation, solver, alpha, batch_size,
+                 learning_rate, learning_rate_init, power_t, max_iter, loss, shuffle,
+                 random_state, tol, verbose, warm_start, momentum, nesterovs_momentum,
+                 early_stopping, validation_fraction, beta_1, beta_2, epsilon,
+                 n_iter_no_change, max_fun):
+        self.hidden_layer_sizes = hidden_layer_sizes
+        self.activation = activation
+        self.solver = solver
+        self.alpha = alpha
+        self.batch_size = batch_size
+        self.learning_rate = learning_rate
+        self.learning_rate_init = learning_rate_init
+        self.power_t = power_t
+        self.max_iter = max_iter
+        self.loss = loss
+        self.shuffle = shuffle
+        self.random_state = random_state
+        self.tol = tol
+        self.verbose = verbose
+        self.warm_start = warm_start
+        self.momentum = momentum
+        self.nesterovs_momentum = nesterovs_momentum
+        self.early_stopping = early_stopping
+        self.validation_fraction = validation_fraction
+        self.beta_1 = beta_1
+        self.beta_2 = beta_2
+        self.epsilon = epsilon
+        self.n_iter_no_change = n_iter_no_change
+        self.max_fun = max_fun
+
+    # Persistence: coefs_/intercepts_ are views into one flat vector; pickle the vector
+    # once and rebuild the views on load.
+
+    def __getstate__(self):
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else dict(
+            self.__dict__)
+        state = dict(state)
+        state.pop("coefs_", None)
+        state.pop("intercepts_", None)
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state) if hasattr(super(), "__setstate__") else \
+            self.__dict__.update(state)
+        if "_theta" in self.__dict__:
+            self._set_views()
+
+    def _set_views(self):
+        self.coefs_, self.intercepts_ = self._net.unpack(self._theta)
+
+    # Fitting -----------------------------------------------------------------------------
+
+    def _hidden_sizes(self):
+        sizes = self.hidden_layer_sizes
+        if not hasattr(sizes, "__iter__"):
+            sizes = [sizes]
+        sizes = list(sizes)
+        if any(not isinstance(s, (Integral, np.integer)) or s <= 0 for s in sizes):
+            raise ValueError(f"hidden_layer_sizes must be positive integers, got {sizes}.")
+        return sizes
+
+    def _out_activation(self):
+        raise NotImplementedError
+
+    def _initialize(self, n_features, n_outputs, dtype):
+        layer_units = [n_features] + self._hidden_sizes() + [n_outputs]
+        self.n_iter_ = 0
+        self.t_ = 0
+        self.n_outputs_ = n_outputs
+        self.n_layers_ = len(layer_units)
+        self.out_activation_ = self._out_activation()
+        self._net = Network(layer_units, activation=self.activation,
+                            output=self.out_activation_, dtype=dtype)
+        self._theta = self._net.init_params(self._random_state)
+        self._set_views()
+        self._optimizer = None
+        self.loss_curve_ = []
+        self._no_improvement_count = 0
+        if self.solver in _STOCHASTIC and self.early_stopping:
+            self.validation_scores_ = []
+            self.best_validation_score_ = -np.inf
+            self.best_loss_ = None
+        else:
+            self.validation_scores_ = None
+            self.best_validation_score_ = None
+            self.best_loss_ = np.inf
+
+    def _fit(self, X, y, sample_weight=None, incremental=False):
+        hidden = self._hidden_sizes()
+        first_pass = not hasattr(self, "coefs_") or (not self.warm_start and not incremental)
+        X, Y = self._validate_input(X, y, incremental, reset=first_pass)
+        if sample_weight is not None:
+            sample_weight = _check_sample_weight(sample_weight, X, dtype=np.float64,
+                                                 ensure_non_negative=True)
+            if sample_weight.sum() <= 0:
+                raise ValueError("sample_weight sums to zero: at least one must be positive.")
+        n_features = X.shape[1]
+        self._random_state = check_random_state(self.random_state)
+        if not first_pass:
+            expected = [n_features] + hidden + [Y.shape[1]]
+            if (list(self._net.layer_sizes) != expected
+                    or self.activation != self._net.activation):
+                raise ValueError(
+                    "warm_start/partial_fit needs the same network as the previous fit: "
+                    f"layers {list(self._net.layer_sizes)} with activation "
+                    f"{self._net.activation!r}, got layers {expected} with "
+                    f"{self.activation!r}."
+                )
+            if X.dtype != self._net.dtype:
+                X = X.astype(self._net.dtype)
+        else:
+            self._initialize(n_features, Y.shape[1], X.dtype)
+        if self.loss_curve_ is None:
+            self.loss_curve_ = []
+
+        if self.solver in _STOCHASTIC:
+            self._fit_stochastic(X, Y, sample_weight, incremental)
+        else:
+            self._fit_lbfgs(X, Y, sample_weight)
+        if not np.isfinite(self._theta).all():  # defensive: the solvers never leave these
+            raise _diverged("at the end of training")
+        return self
+
+    def _fit_lbfgs(self, X, Y, sample_weight):
+        data = self._net.prepare(X, Y, sample_weight)
+        curve = []
+        self.loss_, n_iter = fit_lbfgs(self._net, self._theta, data, self.alpha,
+                                       self.max_iter, self.max_fun, self.tol,
+                                       self.verbose, curve)
+        self.loss_curve_.extend(curve)
+        self.n_iter_ = n_iter
+        self.t_ += n_iter * X.shape[0]
+        finite = [c for c in self.loss_curve_ if math.isfinite(c)]
+        self.best_loss_ = min(finite) if finite else self.loss_
+
+    def _batch_size(self, n_samples):
+        if self.batch_size == "auto":
+            return min(200, n_samples)
+        if self.batch_size > n_samples:
+            warnings.warn("Got `batch_size` less than 1 or larger than sample size. "
+                          "It is going to be clipped")
+        return int(np.clip(self.batch_size, 1, n_samples))
+
+    def _make_optimizer(self):
+        return StochasticOptimizer(
+            self.solver, self._net.n_params, self._net.dtype, self.learning_rate_init,
+            self.learning_rate, self.momentum, self.nesterovs_momentum, self.power_t,
+            self.beta_1, self.beta_2, self.epsilon)
+
+    def _fit_stochastic(self, X, Y, sample_weight, incremental):
+        net, theta = self._net, self._theta
+        if self.early_stopping and incremental:
+            raise ValueError("partial_fit does not support early_stopping=True")
+        # warm_start and partial_fit keep the optimizer state (moments, velocities).
+        opt = getattr(self, "_optimizer", None)
+        if opt is None or not opt.compatible(self.solver, net.n_params, net.dtype):
+            opt = self._optimizer = self._make_optimizer()
+
+        early_stopping = self.early_stopping
+        if early_stopping:
+            stratify = Y if (self._is_classifier_() and self.n_outputs_ == 1) else None
+            split = train_test_split(
+                X, Y, *([] if sample_weight is None else [sample_weight]),
+                random_state=self._random_state, test_size=self.validation_fraction,
+                stratify=stratify)
+            X_train, X_val, Y_train, Y_val = split[:4]
+            sw_train, sw_val = (split[4], split[5]) if sample_weight is not None else (
+                None, None)
+            if X_val.shape[0] < 2:
+                raise ValueError("The validation set is too small. Increase "
+                                 "'validation_fraction' or the size of your dataset.")
+            y_val = self._decode(Y_val)
+            if self.validation_scores_ is None:
+                self.validation_scores_ = []
+                self.best_validation_score_ = -np.inf
+        else:
+            X_train, Y_train, sw_train = X, Y, sample_weight
+            X_val = y_val = sw_val = None
+            if self.best_loss_ is None:
+                self.best_loss_ = np.inf
+
+        data = net.prepare(X_train, Y_train, sw_train)
+        n_samples = data.n_samples
+        batch_size = self._batch_size(n_samples)
+        order = np.arange(n_samples, dtype=np.intp)
+        last_good = theta.copy()
+        if not hasattr(self, "_best_theta") or self._best_theta.shape != theta.shape:
+            self._best_theta = theta.copy()
+        self._best_theta[...] = theta
+        best_train_loss = math.inf
+        interrupted = False
+        try:
+            self.n_iter_ = 0
+            for _ in range(self.max_iter):
+                seed = int(self._random_state.randint(0, 2**32, dtype=np.uint64)) << 32 | \
+                    int(self._random_state.randint(0, 2**32, dtype=np.uint64))
+                total = opt.epoch(net, theta, data, order, self.shuffle, seed, batch_size,
+                                  self.alpha)
+                if not (math.isfinite(total) and np.isfinite(theta).all()):
+                    theta[...] = last_good
+                    raise _diverged(f"in epoch {self.n_iter_ + 1} of {self.solver}")
+                last_good[...] = theta
+                self.n_iter_ += 1
+                self.loss_ = total / n_samples
+                self.t_ += n_samples
+                self.loss_curve_.append(self.loss_)
+                if self.verbose:
+                    print(f"Iteration {self.n_iter_}, loss = {self.loss_:.8f}")
+                if not early_stopping and self.loss_ < best_train_loss:
+                    best_train_loss = self.loss_
+                    self._best_theta[...] = theta
+                self._update_no_improvement_count(early_stopping, X_val, y_val, sw_val)
+                opt.iteration_ends(self.t_)
+                if self._no_improvement_count > self.n_iter_no_change:
+                    if early_stopping:
+                        msg = ("Validation score did not improve more than tol=%f for %d "
+                               "consecutive epochs." % (self.tol, self.n_iter_no_change))
+                    else:
+                        msg = ("Training loss did not improve more than tol=%f for %d "
+                               "consecutive epochs." % (self.tol, self.n_iter_no_change))
+                    if opt.trigger_stopping(msg, self.verbose):
+                        break
+                    self._no_improvement_count = 0
+                if incremental:
+                    break
+                if self.n_iter_ == self.max_iter:
+                    warnings.warn(
+                        "Stochastic Optimizer: Maximum iterations (%d) reached and the "
+                        "optimization hasn't converged yet." % self.max_iter,
+                        ConvergenceWarning)
+        except KeyboardInterrupt:
+            interrupted = True
+            warnings.warn("Training interrupted by user; the model keeps the best "
+                          "parameters found so far.", UserWarning)
+        if early_stopping or (interrupted and math.isfinite(best_train_loss)):
+            theta[...] = self._best_theta
+
+    def _update_no_improvement_count(self, early_stopping, X_val, y_val, sw_val):
+        if early_stopping:
+            score = self._score(X_val, y_val, sw_val)
+            self.validation_scores_.append(score)
+            if self.verbose:
+                print("Validation score: %f" % score)
+            if score < self.best_validation_score_ + self.tol:
+                self._no_improvement_count += 1
+            else:
+                self._no_improvement_count = 0
+            if score > self.best_validation_score_:
+                self.best_validation_score_ = score
+                self._best_theta[...] = self._theta
+        else:
+            if self.loss_curve_[-1] > self.best_loss_ - self.tol:
+                self._no_improvement_count += 1
+            else:
+                self._no_improvement_count = 0
+            if self.loss_curve_[-1] < self.best_loss_:
+                self.best_loss_ = self.loss_curve_[-1]
+
+    def _is_classifier_(self):
+        return isinstance(self, ClassifierMixin)
+
+    def _forward(self, X, check_input=True, raw=False):
+        if check_input:
+            X = validate_data(self, X, accept_sparse=["csr", "csc"], reset=False,
+                              dtype=(np.float64, np.float32))
+        return self._net.forward(self._theta, X, raw=raw)
+
+    def _score_with(self, X, y, sample_weight, score_function):
+        y_pred = self._predict(X, check_input=False)
+        if np.issubdtype(y_pred.dtype, np.floating) and not np.isfinite(y_pred).all():
+            return np.nan
+        return score_function(y, y_pred, sample_weight=sample_weight)
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def fit(self, X, y, sample_weight=None):
+        """Fit the model to data matrix X and target(s) y.
+
+        Parameters
+        ----------
+        X : {ndarray, sparse matrix} of shape (n_samples, n_features)
+            The input data. float32 input trains in float32 with every solver.
+        y : ndarray of shape (n_samples,) or (n_samples, n_outputs)
+            The target values (class labels in classification, real numbers in
+            regression).
+        sample_weight : array-like of shape (n_samples,), default=None
+            Non-negative sample weights.
+
+        Returns
+        -------
+        self : object
+            The fitted estimator.
+        """
+        return self._fit(X, y, sample_weight=sample_weight, incremental=False)
+
+    def _check_solver(self):
+        if self.solver not in _STOCHASTIC:
+            raise AttributeError("partial_fit is only available for stochastic optimizers. "
+                                 f"{self.solver} is not stochastic.")
+        return True
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.sparse = True
+        return tags
+
+
+_COMMON_PARAMS_DOC = """
+    hidden_layer_sizes : array-like of shape (n_layers - 2,), default=(100,)
+        The ith element is the number of neurons in the ith hidden layer.
+    activation : {'identity', 'logistic', 'tanh', 'relu'}, default='relu'
+        Activation function for the hidden layers.
+    solver : {'lbfgs', 'sgd', 'adam'}, default='adam'
+        Weight optimizer: SciPy's L-BFGS-B on the full batch, minibatch SGD, or Adam.
+    alpha : float, default=0.0001
+        Strength of the L2 penalty (divided by the sum of sample weights).
+    batch_size : int or 'auto', default='auto'
+        Minibatch size for 'sgd' and 'adam'; 'auto' is ``min(200, n_samples)``.
+    learning_rate : {'constant', 'invscaling', 'adaptive'}, default='constant'
+        Learning-rate schedule for 'sgd'.
+    learning_rate_init : float, default=0.001
+        Initial step size for 'sgd' and 'adam'.
+    power_t : float, default=0.5
+        Exponent of 'invscaling'.
+    max_iter : int, default=200
+        Epochs for 'sgd'/'adam'; iterations for 'lbfgs'.
+    shuffle : bool, default=True
+        Shuffle the samples in every epoch ('sgd'/'adam').
+    random_state : int, RandomState instance or None, default=None
+        Seeds the initial weights, the shuffling and the validation split.
+    tol : float, default=1e-4
+        Tolerance for the optimisation (see ``n_iter_no_change``).
+    verbose : bool, default=False
+        Print progress, one line per epoch or L-BFGS iteration.
+    warm_start : bool, default=False
+        Start from the previous solution, and keep the optimizer's state.
+    momentum : float, default=0.9
+        Momentum of 'sgd'.
+    nesterovs_momentum : bool, default=True
+        Use Nesterov's momentum with 'sgd'.
+    early_stopping : bool, default=False
+        Hold out ``validation_fraction`` of the data and stop when its score stops
+        improving ('sgd'/'adam').
+    validation_fraction : float, default=0.1
+        Share of the data held out for early stopping.
+    beta_1, beta_2 : float, default=0.9, 0.999
+        Adam's decay rates for the moment estimates.
+    epsilon : float, default=1e-8
+        Adam's numerical-stability constant.
+    n_iter_no_change : int, default=10
+        Epochs without ``tol`` improvement before stopping ('sgd'/'adam').
+    max_fun : int, default=15000
+        Maximum number of loss evaluations for 'lbfgs'.
+"""
+
+_COMMON_ATTRS_DOC = """
+    loss_ : float
+        The current loss (objective) value.
+    best_loss_ : float or None
+        The lowest training loss seen (None while early stopping is used).
+    loss_curve_ : list of float
+        The loss after each epoch ('sgd'/'adam') or each iteration ('lbfgs').
+    validation_scores_ : list of float or None
+        Validation scores per epoch, with early stopping.
+    best_validation_score_ : float or None
+        Best validation score, with early stopping.
+    t_ : int
+        Number of training samples seen by the solver.
+    coefs_ : list of ndarray
+        ``coefs_[i]`` has shape (n_units_i, n_units_i+1): views into the flat vector.
+    intercepts_ : list of ndarray
+        ``intercepts_[i]`` has shape (n_units_i+1,): views into the flat vector.
+    n_features_in_ : int
+        Number of features seen during fit.
+    feature_names_in_ : ndarray of shape (n_features_in_,)
+        Feature names, when X had string column names.
+    n_iter_ : int
+        Iterations (epochs) the solver ran.
+    n_layers_ : int
+        Number of layers, input and output included.
+    n_outputs_ : int
+        Number of outputs.
+    out_activation_ : str
+        Name of the output activation.
+"""
+
+_NOTES_DOC = """
+    Where fastbp differs from scikit-learn (each on purpose):
+
+    - float32 input trains and predicts in float32 with every solver, 'lbfgs' included
+      (SciPy's optimizer state is float64; parameters convert at that boundary only).
+      scikit-learn upcasts 'lbfgs' to float64.
+    - 'lbfgs' records ``loss_curve_`` and ``best_loss_``, and prints with ``verbose``.
+    - ``warm_start=True`` and ``partial_fit`` keep the optimizer state (Adam moments,
+      SGD velocities, Adam's step count) instead of resetting it.
+    - Ctrl-C during any solver returns a usable model holding the best parameters seen so
+      far, with a warning.
+    - A non-finite loss stops training with a ``ValueError`` (``DivergenceError``); the
+      model keeps its last finite parameters.
+    - Losses are computed exactly from the pre-activations, without scikit-learn's
+      probability clipping; multi-output squared error is summed over outputs (see
+      :class:`fastbp.Network`).
+    - A whole 'sgd'/'adam' epoch runs in one compiled call without the GIL.
+"""
+
+
+class MLPClassifier(ClassifierMixin, _BaseMLP):
+    __doc__ = """Multi-layer perceptron classifier, a drop-in for scikit-learn's.
+
+    Optimizes the log-loss (softmax for multiclass, logistic per column for binary and
+    multilabel targets) with L-BFGS, SGD or Adam on fastbp's compiled kernels.
+
+    Parameters
+    ----------""" + _COMMON_PARAMS_DOC + """
+    Attributes
+    ----------
+    classes_ : ndarray or list of ndarray
+        Class labels.""" + _COMMON_ATTRS_DOC + """
+    Notes
+    -----""" + _NOTES_DOC + """
+    Examples
+    --------
+    >>> from sklearn.datasets import load_iris
+    >>> from fastbp import MLPClassifier
+    >>> X, y = load_iris(return_X_y=True)
+    >>> clf = MLPClassifier(hidden_layer_sizes=(16,), solver="lbfgs", max_iter=300,
+    ...                     random_state=0).fit(X, y)
+    >>> clf.score(X, y) > 0.95
+    True
+    >>> clf.predict_proba(X[:2]).shape
+    (2, 3)
+    """
+
+    def __init__(self, hidden_layer_sizes=(100,), activation="relu", *, solver="adam",
+                 alpha=0.0001, batch_size="auto", learning_rate="constant",
+                 learning_rate_init=0.001, power_t=0.5, max_iter=200, shuffle=True,
+                 random_state=None, tol=1e-4, verbose=False, warm_start=False,
+                 momentum=0.9, nesterovs_momentum=True, early_stopping=False,
+                 validation_fraction=0.1, beta_1=0.9, beta_2=0.999, epsilon=1e-8,
+                 n_iter_no_change=10, max_fun=15000):
+        super().__init__(
+            hidden_layer_sizes=hidden_layer_sizes, activation=activation, solver=solver,
+            alpha=alpha, batch_size=batch_size, learning_rate=learning_rate,
+            learning_rate_init=learning_rate_init, power_t=power_t, max_iter=max_iter,
+            loss="log_loss", shuffle=shuffle, random_state=random_state, tol=tol,
+            verbose=verbose, warm_start=warm_start, momentum=momentum,
+            nesterovs_momentum=nesterovs_momentum, early_stopping=early_stopping,
+            validation_fraction=validation_fraction, beta_1=beta_1, beta_2=beta_2,
+            epsilon=epsilon, n_iter_no_change=n_iter_no_change, max_fun=max_fun)
+
+    def _out_activation(self):
+        if self._label_binarizer.y_type_ == "multiclass":
+            return "softmax"
+        return "logistic"
+
+    def _validate_input(self, X, y, incremental, reset):
+        X, y = validate_data(self, X, y, accept_sparse=["csr", "csc"], multi_output=True,
+                             dtype=(np.float64, np.float32), reset=reset)
+        if y.ndim == 2 and y.shape[1] == 1:
+            y = column_or_1d(y, warn=True)
+        if (not hasattr(self, "classes_")) or (not self.warm_start and not incremental):
+            self._label_binarizer = LabelBinarizer()
+            self._label_binarizer.fit(y)
+            self.classes_ = self._label_binarizer.classes_
+        else:
+            classes = unique_labels(y)
+            if self.warm_start:
+                if set(classes) != set(self.classes_):
+                    raise ValueError(
+                        "warm_start can only be used where `y` has the same classes as in "
+                        f"the previous call to fit. Previously got {self.classes_}, `y` "
+                        f"has {classes}")
+            elif len(np.setdiff1d(classes, self.classes_, assume_unique=True)):
+                raise ValueError(f"`y` has classes not in `self.classes_`. "
+                                 f"`self.classes_` has {self.classes_}. 'y' has {classes}.")
+        Y = self._label_binarizer.transform(y).astype(X.dtype)
+        return X, Y
+
+    def _decode(self, Y):
+        return self._label_binarizer.inverse_transform(Y)
+
+    def predict(self, X):
+        """Predict class labels.
+
+        Parameters
+        ----------
+        X : {array-like, sparse matrix} of shape (n_samples, n_features)
+            The input data.
+
+        Returns
+        -------
+        y : ndarray of shape (n_samples,) or (n_samples, n_classes)
+            The predicted classes (an indicator matrix for multilabel targets).
+        """
+        check_is_fitted(self)
+        return self._predict(X)
+
+    def _predict(self, X, check_input=True):
+        y_pred = self._forward(X, check_input=check_input)
+        if self.n_outputs_ == 1:
+            y_pred = y_pred.ravel()
+        return self._label_binarizer.inverse_transform(y_pred)
+
+    def _score(self, X, y, sample_weight=None):
+        return self._score_with(X, y, sample_weight, accuracy_score)
+
+    @available_if(lambda est: est._check_solver())
+    def partial_fit(self, X, y, sample_weight=None, classes=None):
+        """Update the model with one epoch over the given data.
+
+        Parameters
+        ----------
+        X : {array-like, sparse matrix} of shape (n_samples, n_features)
+            The input data.
+        y : array-like of shape (n_samples,)
+            The target values.
+        sample_weight : array-like of shape (n_samples,), default=None
+            Sample weights.
+        classes : array of shape (n_classes,), default=None
+            All classes across calls; required on the first call.
+
+        Returns
+        -------
+        self : object
+            The updated estimator.
+        """
+        self._validate_params()
+        if _check_partial_fit_first_call(self, classes):
+            self._label_binarizer = LabelBinarizer()
+            if type_of_target(y).startswith("multilabel"):
+                self._label_binarizer.fit(y)
+            else:
+                self._label_binarizer.fit(classes)
+        return self._fit(X, y, sample_weight=sample_weight, incremental=True)
+
+    def decision_function(self, X):
+        """Raw scores: the output layer's pre-activations (logits).
+
+        ``predict_proba`` is their softmax (multiclass) or logistic sigmoid (binary and
+        multilabel), so both rank samples identically. scikit-learn's MLPClassifier has
+        no ``decision_function``; fastbp adds it.
+
+        Parameters
+        ----------
+        X : {array-like, sparse matrix} of shape (n_samples, n_features)
+            The input data.
+
+        Returns
+        -------
+        scores : ndarray of shape (n_samples,) or (n_samples, n_outputs)
+            One column per class (multiclass) or label (multilabel); 1-D for binary
+            targets, positive for ``classes_[1]``.
+
+        Examples
+        --------
+        >>> from sklearn.datasets import load_breast_cancer
+        >>> from fastbp import MLPClassifier
+        >>> X, y = load_breast_cancer(return_X_y=True)
+        >>> clf = MLPClassifier((8,), solver="lbfgs", random_state=0).fit(X / X.max(0), y)
+        >>> scores = clf.decision_function(X[:3] / X.max(0))
+        >>> bool(((scores > 0) == (clf.predict(X[:3] / X.max(0)) == 1)).all())
+        True
+        """
+        check_is_fitted(self)
+        scores = self._forward(X, raw=True)
+        return scores.ravel() if self.n_outputs_ == 1 else scores
+
+    def predict_log_proba(self, X):
+        """Log of the class probabilities.
+
+        Parameters
+        ----------
+        X : {array-like, sparse matrix} of shape (n_samples, n_features)
+            The input data.
+
+        Returns
+        -------
+        log_y_prob : ndarray of shape (n_samples, n_classes)
+            ``log(predict_proba(X))``.
+        """
+        y_prob = self.predict_proba(X)
+        with np.errstate(divide="ignore"):
+            return np.log(y_prob, out=y_prob)
+
+    def predict_proba(self, X):
+        """Class probabilities.
+
+        Parameters
+        ----------
+        X : {array-like, sparse matrix} of shape (n_samples, n_features)
+            The input data.
+
+        Returns
+        -------
+        y_prob : ndarray of shape (n_samples, n_classes)
+            Probabilities, columns ordered as ``classes_``.
+        """
+        check_is_fitted(self)
+        y_pred = self._forward(X)
+        if self.n_outputs_ == 1:
+            y_pred = y_pred.ravel()
+        if y_pred.ndim == 1:
+            return np.vstack([1 - y_pred, y_pred]).T
+        return y_pred
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.classifier_tags.multi_label = True
+        return tags
+
+
+class MLPRegressor(RegressorMixin, _BaseMLP):
+    __doc__ = """Multi-layer perceptron regressor, a drop-in for scikit-learn's.
+
+    Optimizes the squared error (identity output) or the half Poisson deviance (exp
+    output) with L-BFGS, SGD or Adam on fastbp's compiled kernels.
+
+    Parameters
+    ----------
+    loss : {'squared_error', 'poisson'}, default='squared_error'
+        The loss: half squared error, or half Poisson deviance with an exp output (the
+        targets must then be non-negative).""" + _COMMON_PARAMS_DOC + """
+    Attributes
+    ----------""" + _COMMON_ATTRS_DOC + """
+    Notes
+    -----""" + _NOTES_DOC + """
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fastbp import MLPRegressor
+    >>> rng = np.random.default_rng(0)
+    >>> X = rng.uniform(-1, 1, size=(200, 3))
+    >>> y = X @ [1.0, -2.0, 0.5] + 0.1
+    >>> reg = MLPRegressor(hidden_layer_sizes=(16,), solver="lbfgs", max_iter=500,
+    ...                    random_state=0).fit(X, y)
+    >>> reg.score(X, y) > 0.99
+    True
+    """
+
+    _parameter_constraints: dict = {
+        **_BaseMLP._parameter_constraints,
+        "loss": [StrOptions({"squared_error", "poisson"})],
+    }
+
+    def __init__(self, loss="squared_error", hidden_layer_sizes=(100,), activation="relu",
+                 *, solver="adam", alpha=0.0001, batch_size="auto",
+                 learning_rate="constant", learning_rate_init=0.001, power_t=0.5,
+                 max_iter=200, shuffle=True, random_state=None, tol=1e-4, verbose=False,
+                 warm_start=False, momentum=0.9, nesterovs_momentum=True,
+                 early_stopping=False, validation_fraction=0.1, beta_1=0.9, beta_2=0.999,
+                 epsilon=1e-8, n_iter_no_change=10, max_fun=15000):
+        super().__init__(
+            hidden_layer_sizes=hidden_layer_sizes, activation=activation, solver=solver,
+            alpha=alpha, batch_size=batch_size, learning_rate=learning_rate,
+            learning_rate_init=learning_rate_init, power_t=power_t, max_iter=max_iter,
+            loss=loss, shuffle=shuffle, random_state=random_state, tol=tol,
+            verbose=verbose, warm_start=warm_start, momentum=momentum,
+            nesterovs_momentum=nesterovs_momentum, early_stopping=early_stopping,
+            validation_fraction=validation_fraction, beta_1=beta_1, beta_2=beta_2,
+            epsilon=epsilon, n_iter_no_change=n_iter_no_change, max_fun=max_fun)
+
+    def _out_activation(self):
+        return "exp" if self.loss == "poisson" else "identity"
+
+    def _validate_input(self, X, y, incremental, reset):
+        X, y = validate_data(self, X, y, accept_sparse=["csr", "csc"], multi_output=True,
+                             y_numeric=True, dtype=(np.float64, np.float32), reset=reset)
+        if y.ndim == 2 and y.shape[1] == 1:
+            y = column_or_1d(y, warn=True)
+        if self.loss == "poisson" and (y < 0).any():
+            raise ValueError("loss='poisson' needs non-negative targets; y has negative "
+                             "values.")
+        Y = y.reshape(-1, 1) if y.ndim == 1 else y
+        return X, np.asarray(Y, dtype=X.dtype)
+
+    def _decode(self, Y):
+        return Y.ravel() if Y.shape[1] == 1 else Y
+
+    def predict(self, X):
+        """Predict using the multi-layer perceptron model.
+
+        Parameters
+        ----------
+        X : {array-like, sparse matrix} of shape (n_samples, n_features)
+            The input data.
+
+        Returns
+        -------
+        y : ndarray of shape (n_samples,) or (n_samples, n_outputs)
+            The predicted values.
+        """
+        check_is_fitted(self)
+        return self._predict(X)
+
+    def _predict(self, X, check_input=True):
+        y_pred = self._forward(X, check_input=check_input)
+        return y_pred.ravel() if y_pred.shape[1] == 1 else y_pred
+
+    def _score(self, X, y, sample_weight=None):
+        return self._score_with(X, y, sample_weight, r2_score)
+
+    @available_if(lambda est: est._check_solver())
+    def partial_fit(self, X, y, sample_weight=None):
+        """Update the model with one epoch over the given data.
+
+        Parameters
+        ----------
+        X : {array-like, sparse matrix} of shape (n_samples, n_features)
+            The input data.
+        y : ndarray of shape (n_samples,) or (n_samples, n_outputs)
+            The target values.
+        sample_weight : array-like of shape (n_samples,), default=None
+            Sample weights.
+
+        Returns
+        -------
+        self : object
+            The updated estimator.
+        """
+        self._validate_params()
+        return self._fit(X, y, sample_weight=sample_weight, incremental=True)

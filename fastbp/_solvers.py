@@ -1,0 +1,170 @@
+"""Solvers: they drive the kernels over the model's one flat parameter vector.
+
+- ``fit_lbfgs``: SciPy's L-BFGS-B with ``jac=True`` on the flat vector. SciPy works in
+  float64; a float32 model converts at that boundary only.
+- ``StochasticOptimizer``: SGD (momentum, Nesterov) or Adam state, and ``epoch``, which
+  runs a whole epoch (shuffle, minibatch gather, forward, backward, update) in one nogil
+  kernel call.
+
+Solvers never pack or unpack: they write into ``theta`` in place, so the estimator's
+``coefs_``/``intercepts_`` views stay valid.
+"""
+import math
+import warnings
+
+import numpy as np
+import scipy.optimize
+from sklearn.exceptions import ConvergenceWarning
+
+from . import _core
+
+__all__ = ["fit_lbfgs", "StochasticOptimizer", "DivergenceError"]
+
+
+class DivergenceError(ValueError):
+    """Training produced a non-finite loss; the model keeps its last finite parameters."""
+
+
+def _diverged(where):
+    return DivergenceError(
+        f"Training diverged: the loss became non-finite {where}. The model keeps its "
+        "last finite parameters. Scale the inputs (for example with StandardScaler) or "
+        "lower learning_rate_init."
+    )
+
+
+class _BestTracker:
+    """Remembers the parameters with the lowest finite loss seen so far."""
+
+    def __init__(self, theta):
+        self.loss = math.inf
+        self.theta = theta.copy()
+
+    def offer(self, loss, theta):
+        if loss < self.loss and math.isfinite(loss):
+            self.loss = loss
+            self.theta[...] = theta
+
+
+def fit_lbfgs(net, theta, data, alpha, max_iter, max_fun, tol, verbose, loss_curve):
+    """Minimise the full-batch objective with L-BFGS-B from ``theta``, in place.
+
+    Appends the loss after each iteration to ``loss_curve``. On Ctrl-C, restores the
+    best parameters evaluated so far and warns. Returns ``(loss, n_iter)``.
+    """
+    f32 = net.dtype == np.float32
+    work_theta = np.empty_like(theta) if f32 else None
+    grad = np.empty(net.n_params, dtype=net.dtype)
+    best = _BestTracker(theta)
+    n_iter = 0
+
+    def fun(x):
+        if f32:
+            work_theta[...] = x
+            p = work_theta
+        else:
+            p = x
+        loss = net._loss_grad(p, data, alpha, grad)
+        best.offer(loss, p)
+        # A fresh float64 gradient per call: SciPy keeps references to earlier ones.
+        return loss, grad.astype(np.float64, copy=True)
+
+    def callback(intermediate_result):
+        nonlocal n_iter
+        n_iter += 1
+        loss_curve.append(float(intermediate_result.fun))
+        if verbose:
+            print(f"Iteration {n_iter}, loss = {intermediate_result.fun:.8f}")
+
+    x0 = theta.astype(np.float64, copy=True)
+    try:
+        res = scipy.optimize.minimize(
+            fun, x0, method="L-BFGS-B", jac=True, callback=callback,
+            options={"maxiter": max_iter, "maxfun": max_fun, "gtol": tol},
+        )
+    except KeyboardInterrupt:
+        warnings.warn("Training interrupted by user; the model keeps the best "
+                      "parameters found so far.", UserWarning)
+        theta[...] = best.theta
+        return best.loss, n_iter
+    if not (math.isfinite(res.fun) and np.isfinite(res.x).all()):
+        theta[...] = best.theta
+        raise _diverged(f"during L-BFGS (iteration {n_iter})")
+    theta[...] = res.x
+    if res.status != 0:
+        warnings.warn(
+            f"lbfgs failed to converge after {n_iter} iteration(s) (status={res.status}): "
+            f"{res.message}. Increase max_iter or max_fun, or scale the data.",
+            ConvergenceWarning,
+        )
+    return float(res.fun), n_iter
+
+
+class StochasticOptimizer:
+    """SGD or Adam state over the flat vector (scikit-learn's update formulas).
+
+    Parameters
+    ----------
+    solver : {'sgd', 'adam'}
+    n_params : int
+    dtype : numpy dtype
+    learning_rate_init, lr_schedule, momentum, nesterov, power_t : SGD settings.
+    beta_1, beta_2, epsilon : Adam settings.
+    """
+
+    def __init__(self, solver, n_params, dtype, learning_rate_init, lr_schedule="constant",
+                 momentum=0.9, nesterov=True, power_t=0.5, beta_1=0.9, beta_2=0.999,
+                 epsilon=1e-8):
+        self.solver = solver
+        self.learning_rate_init = float(learning_rate_init)
+        self.learning_rate = float(learning_rate_init)
+        self.lr_schedule = lr_schedule
+        self.momentum = float(momentum) if solver == "sgd" else 0.0
+        self.nesterov = bool(nesterov)
+        self.power_t = float(power_t)
+        self.beta_1, self.beta_2, self.epsilon = float(beta_1), float(beta_2), float(epsilon)
+        # SGD: state_1 is the velocity. Adam: first and second moments.
+        self.state_1 = np.zeros(n_params, dtype=dtype)
+        self.state_2 = np.zeros(n_params if solver == "adam" else 1, dtype=dtype)
+        self.step = np.zeros(1, dtype=np.longlong)  # Adam's t
+        self.grad = np.empty(n_params, dtype=dtype)
+
+    def compatible(self, solver, n_params, dtype):
+        return (self.solver == solver and self.state_1.shape[0] == n_params
+                and self.state_1.dtype == dtype)
+
+    def epoch(self, net, theta, data, order, shuffle, seed, batch_size, alpha):
+        """One pass over ``order``'s rows; returns the sum of batch loss x batch size."""
+        block = batch_size
+        ws = net._acquire(block)
+        try:
+            total, n_batches = _core.run_epoch(
+                theta, self.grad, data.X, data.data, data.indices, data.indptr, data.Y,
+                data.sample_weight, net._sizes, net._w_off, net._b_off, net._act,
+                net._out, ws[0], ws[1], order, shuffle, seed, batch_size, float(alpha),
+                _core.SOLVERS[self.solver], self.learning_rate, self.momentum,
+                self.nesterov, self.beta_1, self.beta_2, self.epsilon, self.state_1,
+                self.state_2, self.step)
+        finally:
+            net._release(block, ws)
+        return total
+
+    def iteration_ends(self, time_step):
+        """Learning-rate schedule at the end of an epoch (``time_step``: samples seen)."""
+        if self.solver == "sgd" and self.lr_schedule == "invscaling":
+            self.learning_rate = self.learning_rate_init / (time_step + 1) ** self.power_t
+
+    def trigger_stopping(self, msg, verbose):
+        """True when training should stop; 'adaptive' SGD divides the rate by 5 first."""
+        if self.solver != "sgd" or self.lr_schedule != "adaptive":
+            if verbose:
+                print(msg + " Stopping.")
+            return True
+        if self.learning_rate <= 1e-6:
+            if verbose:
+                print(msg + " Learning rate too small. Stopping.")
+            return True
+        self.learning_rate /= 5.0
+        if verbose:
+            print(msg + f" Setting learning rate to {self.learning_rate:f}")
+        return False
