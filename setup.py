@@ -32,7 +32,8 @@ extensions = [
         ["fastbp/_core.pyx"],
         include_dirs=[np.get_include()],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
-        extra_compile_args=compile_args,
+        extra_compile_args=compile_args + ["-fopenmp"],
+        extra_link_args=["-fopenmp"],
     ),
 ]
 

@@ -31,7 +31,21 @@ from libc.math cimport isfinite
 from libc.stdint cimport uint64_t
 from libc.string cimport memset, memcpy
 
+from cython.parallel cimport parallel, threadid
+from openmp cimport omp_get_num_threads
+import numpy as np
+
 from ._blas cimport gemm
+
+cdef extern from *:
+    """
+    static inline void fastbp_barrier(void) {
+    #ifdef _OPENMP
+        #pragma omp barrier
+    #endif
+    }
+    """
+    void _barrier "fastbp_barrier"() noexcept nogil
 
 # Hidden activations. Codes are part of the kernel ABI; the Python layer maps names.
 cdef enum:
@@ -462,6 +476,24 @@ cdef double block_pass(const Spec* sp, const Input* inp, const Py_ssize_t* rows,
     return loss
 
 
+cdef double _sum_squares(const floating* x, Py_ssize_t n) noexcept nogil:
+    """sum(x^2) in float64, with eight independent partial sums (one serial chain of
+    additions would be latency-bound)."""
+    cdef Py_ssize_t i, k, n8 = n - n % 8
+    cdef double acc[8]
+    cdef double sq = 0.0
+    for k in range(8):
+        acc[k] = 0.0
+    for i in range(0, n8, 8):
+        for k in range(8):
+            acc[k] += (<double> x[i + k]) * x[i + k]
+    for i in range(n8, n):
+        sq += (<double> x[i]) * x[i]
+    for k in range(8):
+        sq += acc[k]
+    return sq
+
+
 cdef double finish_gradient(const Spec* sp, const floating* theta, floating* grad,
                             const double* dacc, double scale, double alpha) noexcept nogil:
     """Write the intercept gradients and add the L2 term to the coefficient gradients.
@@ -469,22 +501,11 @@ cdef double finish_gradient(const Spec* sp, const floating* theta, floating* gra
     grad_W += alpha * scale * W; grad_b = dacc. Returns 0.5 * alpha * scale * sum ||W||^2
     (the penalty's share of the loss) in float64. grad may be NULL (loss only).
     """
-    cdef Py_ssize_t i, k, n_coef = sp.b_off[0], n_int
+    cdef Py_ssize_t i, n_coef = sp.b_off[0], n_int
     cdef double sq = 0.0
-    cdef double acc[8]
     cdef floating a = <floating> (alpha * scale)
     if alpha != 0.0:
-        # Eight independent float64 partial sums: one serial chain of additions would be
-        # latency-bound.
-        for k in range(8):
-            acc[k] = 0.0
-        for i in range(0, n_coef - n_coef % 8, 8):
-            for k in range(8):
-                acc[k] += (<double> theta[i + k]) * theta[i + k]
-        for i in range(n_coef - n_coef % 8, n_coef):
-            sq += (<double> theta[i]) * theta[i]
-        for k in range(8):
-            sq += acc[k]
+        sq = _sum_squares(theta, n_coef)
         if grad != NULL:
             for i in range(n_coef):
                 grad[i] = grad[i] + a * theta[i]
@@ -640,73 +661,178 @@ def forward(const floating[::1] theta, floating[:, ::1] out_arr, const floating[
             start += nb
 
 
-def run_epoch(floating[::1] theta, floating[::1] grad, const floating[:, :] X,
+cdef double reduce_and_step(const Spec* sp, floating* theta, floating* grads,
+                            const double* daccs, int team, Py_ssize_t lo, Py_ssize_t hi,
+                            double scale, double alpha, int solver, double lr,
+                            double momentum, bint nesterov, double beta_1, double beta_2,
+                            double epsilon, floating* state_1, floating* state_2
+                            ) noexcept nogil:
+    """Sum the team's gradients for parameters [lo, hi), add the L2 term, and step.
+
+    grads is (team, n_params) and daccs (team, n_intercepts), one row per thread; the
+    reduced gradient is written to grads[0, lo:hi], summed in thread order. lr is the step
+    size (Adam's bias-corrected lr_t). Returns sum(theta[i]^2) over the coefficients in
+    [lo, hi), taken before the step, for the penalty term of the loss.
+    """
+    cdef Py_ssize_t i, k, n_params = sp.b_off[sp.n_layers - 1] + sp.sizes[sp.n_layers]
+    cdef Py_ssize_t n_coef = sp.b_off[0], n_int = n_params - n_coef
+    cdef Py_ssize_t c_hi = min(hi, n_coef)
+    cdef floating a = <floating> (alpha * scale)
+    cdef floating g
+    cdef double acc, sq = 0.0
+    for i in range(lo, c_hi):
+        g = grads[i]
+        for k in range(1, team):
+            g = g + grads[k * n_params + i]
+        grads[i] = g + a * theta[i]
+    if alpha != 0.0:
+        sq = _sum_squares(theta + lo, c_hi - lo) if c_hi > lo else 0.0
+    for i in range(max(lo, n_coef), hi):
+        acc = daccs[i - n_coef]
+        for k in range(1, team):
+            acc += daccs[k * n_int + i - n_coef]
+        grads[i] = <floating> acc
+    if hi > lo:
+        if solver == SOLVER_ADAM_:
+            adam_step(theta + lo, grads + lo, state_1 + lo, state_2 + lo, hi - lo, lr,
+                      beta_1, beta_2, epsilon)
+        else:
+            sgd_step(theta + lo, grads + lo, state_1 + lo, hi - lo, lr, momentum, nesterov)
+    return sq
+
+
+def run_epoch(floating[::1] theta, floating[:, ::1] grads, const floating[:, :] X,
               const floating[::1] data, const int[::1] indices,
               const Py_ssize_t[::1] indptr, const floating[:, ::1] Y,
               const double[::1] sample_weight, const Py_ssize_t[::1] sizes,
               const Py_ssize_t[::1] w_off, const Py_ssize_t[::1] b_off, int act, int out,
-              floating[::1] work, double[::1] dacc, Py_ssize_t[::1] order, bint shuffle,
-              unsigned long long seed, Py_ssize_t batch_size, double alpha, int solver,
-              double learning_rate, double momentum, bint nesterov, double beta_1,
-              double beta_2, double epsilon, floating[::1] state_1, floating[::1] state_2,
-              long long[::1] step):
+              floating[:, ::1] work, double[:, ::1] dacc, Py_ssize_t[::1] order,
+              bint shuffle, unsigned long long seed, Py_ssize_t batch_size, double alpha,
+              int solver, double learning_rate, double momentum, bint nesterov,
+              double beta_1, double beta_2, double epsilon, floating[::1] state_1,
+              floating[::1] state_2, long long[::1] step, int n_threads):
     """One epoch of minibatch SGD or Adam, entirely without the GIL.
 
     ``order`` (n_samples,) holds the row order and is shuffled in place first when
     ``shuffle``. Each minibatch of ``batch_size`` rows (the last may be shorter) gets the
     gradient of its own objective (weighted mean loss + L2 over its weight sum), then one
     update: SGD with ``state_1`` as velocity, or Adam with moments ``state_1``/``state_2``
-    and ``step[0]`` as its step counter. Returns (sum over batches of batch loss x batch
-    rows, number of batches run); the epoch stops at the first non-finite batch loss, which
-    the caller detects from the sum.
+    and ``step[0]`` as its step counter.
+
+    With ``n_threads`` > 1, a team of threads splits every minibatch by rows (each thread
+    into its own row of ``grads``, ``work`` and ``dacc``, all of shape (n_threads, ...)),
+    then splits the parameter vector to reduce the gradients in thread order and step.
+    Two barriers per minibatch; BLAS must be single-threaded meanwhile (the caller sees
+    to it). The work per thread is sized for ceil(batch_size / n_threads) rows.
+
+    Returns (sum over batches of batch loss x batch rows, number of batches run); the
+    epoch stops at the first non-finite batch loss, which the caller detects from the sum.
     """
     cdef Spec sp
     cdef Input inp
-    cdef Py_ssize_t n = order.shape[0], start, nb, i, n_params = theta.shape[0]
-    cdef Py_ssize_t n_batches = 0
-    cdef double total = 0.0, batch_loss, wsum, scale, lr_t
+    cdef Py_ssize_t n = order.shape[0], n_params = theta.shape[0]
+    cdef Py_ssize_t per_thread = (batch_size + n_threads - 1) // n_threads
+    cdef Py_ssize_t n_int = dacc.shape[1], ws = work.shape[1]
     cdef const double* sw = NULL
+    cdef floating* theta_p = &theta[0]
+    cdef floating* grads_p = &grads[0, 0]
+    cdef floating* work_p = &work[0, 0]
+    cdef double* dacc_p = &dacc[0, 0]
+    cdef Py_ssize_t* order_p = &order[0]
+    cdef const floating* Y_p
+    cdef floating* s1 = &state_1[0]
+    cdef floating* s2 = &state_2[0]
+    cdef long long t0 = step[0]
+    cdef double[::1] parts = np.zeros(4 * n_threads)   # [parity][loss | sq][thread]
+    cdef double* parts_p = &parts[0]
+    cdef double[::1] result = np.zeros(3)
+    cdef double* result_p = &result[0]
+    # Thread-private (assigned inside the parallel block):
+    cdef int tid, team, k, par
+    cdef Py_ssize_t start, nb, lo, hi, i, rows_per, p_per
+    cdef double total, wsum, scale, loss, sq, lr_t, n_batches
     cdef long long t
-    _fill(&sp, &inp, sizes, w_off, b_off, act, out, batch_size, X, data, indices, indptr,
+
+    if grads.shape[0] < n_threads or work.shape[0] < n_threads or dacc.shape[0] < n_threads:
+        raise ValueError("grads, work and dacc need one row per thread")
+    if grads.shape[1] != n_params or state_1.shape[0] != n_params:
+        raise ValueError("grads and state_1 must match theta's length")
+    if solver == SOLVER_ADAM_ and state_2.shape[0] != n_params:
+        raise ValueError("state_2 must match theta's length for Adam")
+    _fill(&sp, &inp, sizes, w_off, b_off, act, out, per_thread, X, data, indices, indptr,
           theta)
     if sample_weight is not None:
         sw = &sample_weight[0]
     if n == 0:
         return 0.0, 0
-    with nogil:
-        if shuffle:
-            _shuffle(&order[0], n, seed)
-        t = step[0]
+    Y_p = &Y[0, 0]
+    if shuffle:
+        with nogil:
+            _shuffle(order_p, n, seed)
+    with nogil, parallel(num_threads=n_threads):
+        tid = threadid()
+        team = omp_get_num_threads()
+        total = 0.0
+        n_batches = 0
+        t = t0
+        par = 0
         start = 0
+        p_per = (n_params + team - 1) // team
         while start < n:
             nb = min(batch_size, n - start)
             if sw != NULL:
                 wsum = 0.0
                 for i in range(start, start + nb):
-                    wsum += sw[order[i]]
+                    wsum = wsum + sw[order_p[i]]
             else:
                 wsum = nb
             scale = 1.0 / wsum if wsum > 0 else 0.0
-            memset(&dacc[0], 0, dacc.shape[0] * sizeof(double))
-            batch_loss = block_pass(&sp, &inp, &order[0], start, nb, &Y[0, 0], sw, scale,
-                                    &theta[0], &grad[0], &dacc[0], &work[0], False, NULL)
-            batch_loss = batch_loss * scale + finish_gradient(&sp, &theta[0], &grad[0],
-                                                              &dacc[0], scale, alpha)
-            total += batch_loss * nb
-            n_batches += 1
-            if not isfinite(batch_loss):
-                break
-            if solver == SOLVER_ADAM_:
-                t += 1
-                lr_t = learning_rate * sqrt(1 - beta_2 ** t) / (1 - beta_1 ** t)
-                adam_step(&theta[0], &grad[0], &state_1[0], &state_2[0], n_params, lr_t,
-                          beta_1, beta_2, epsilon)
+            # Phase 1: this thread's rows of the batch, into its own buffers.
+            rows_per = (nb + team - 1) // team
+            lo = min(nb, tid * rows_per)
+            hi = min(nb, lo + rows_per)
+            memset(dacc_p + tid * n_int, 0, n_int * sizeof(double))
+            loss = 0.0
+            if hi > lo:
+                loss = block_pass(&sp, &inp, order_p, start + lo, hi - lo, Y_p, sw, scale,
+                                  theta_p, grads_p + tid * n_params, dacc_p + tid * n_int,
+                                  work_p + tid * ws, False, NULL)
             else:
-                sgd_step(&theta[0], &grad[0], &state_1[0], n_params, learning_rate,
-                         momentum, nesterov)
-            start += nb
-        step[0] = t
-    return total, n_batches
+                memset(grads_p + tid * n_params, 0, b_off[0] * sizeof(floating))
+            parts_p[par * 2 * team + tid] = loss
+            _barrier()
+            # Phase 2: this thread's slice of the parameters: reduce, then step.
+            if solver == SOLVER_ADAM_:
+                t = t + 1
+                lr_t = learning_rate * sqrt(1 - beta_2 ** t) / (1 - beta_1 ** t)
+            else:
+                lr_t = learning_rate
+            lo = min(n_params, tid * p_per)
+            hi = min(n_params, lo + p_per)
+            sq = reduce_and_step(&sp, theta_p, grads_p, dacc_p, team, lo, hi, scale,
+                                 alpha, solver, lr_t, momentum, nesterov, beta_1, beta_2,
+                                 epsilon, s1, s2)
+            parts_p[par * 2 * team + team + tid] = sq
+            _barrier()
+            # Every thread forms the same batch loss from the parts, in thread order.
+            loss = 0.0
+            sq = 0.0
+            for k in range(team):
+                loss = loss + parts_p[par * 2 * team + k]
+                sq = sq + parts_p[par * 2 * team + team + k]
+            loss = loss * scale + 0.5 * alpha * scale * sq
+            total = total + loss * nb
+            n_batches = n_batches + 1
+            if not isfinite(loss):
+                break
+            start = start + nb
+            par = 1 - par
+        if tid == 0:
+            result_p[0] = total
+            result_p[1] = n_batches
+            result_p[2] = <double> t
+    step[0] = <long long> result[2]
+    return result[0], int(result[1])
 
 
 def gemm_only(const floating[::1] theta, floating[::1] grad, const floating[:, ::1] X,

@@ -3,6 +3,7 @@
 Names, defaults and behaviour follow ``sklearn.neural_network``. The differences, each an
 improvement, are listed in the class docstrings under Notes.
 """
+import contextlib
 import math
 import warnings
 from numbers import Integral, Real
@@ -22,7 +23,10 @@ from sklearn.utils.validation import (_check_sample_weight, check_is_fitted,
                                       column_or_1d, validate_data)
 
 from ._network import Network
-from ._solvers import StochasticOptimizer, fit_lbfgs, _diverged
+from threadpoolctl import threadpool_limits
+
+from ._solvers import (StochasticOptimizer, _diverged, effective_n_jobs, fit_lbfgs,
+                       threads_for_batch)
 
 __all__ = ["MLPClassifier", "MLPRegressor"]
 
@@ -57,13 +61,14 @@ class _BaseMLP(BaseEstimator):
         "n_iter_no_change": [Interval(Integral, 1, None, closed="left"),
                              Options(Real, {np.inf})],
         "max_fun": [Interval(Integral, 1, None, closed="left")],
+        "n_jobs": [None, Integral],
     }
 
     def __init__(self, hidden_layer_sizes, activation, solver, alpha, batch_size,
                  learning_rate, learning_rate_init, power_t, max_iter, loss, shuffle,
                  random_state, tol, verbose, warm_start, momentum, nesterovs_momentum,
                  early_stopping, validation_fraction, beta_1, beta_2, epsilon,
-                 n_iter_no_change, max_fun):
+                 n_iter_no_change, max_fun, n_jobs):
         self.hidden_layer_sizes = hidden_layer_sizes
         self.activation = activation
         self.solver = solver
@@ -88,6 +93,7 @@ class _BaseMLP(BaseEstimator):
         self.epsilon = epsilon
         self.n_iter_no_change = n_iter_no_change
         self.max_fun = max_fun
+        self.n_jobs = n_jobs
 
     # Persistence: coefs_/intercepts_ are views into one flat vector; pickle the vector
     # once and rebuild the views on load.
@@ -148,6 +154,9 @@ class _BaseMLP(BaseEstimator):
 
     def _fit(self, X, y, sample_weight=None, incremental=False):
         hidden = self._hidden_sizes()
+        if self.n_jobs == 0:
+            raise ValueError("n_jobs == 0 has no meaning: use None or -1 for every CPU, "
+                             "or a positive number of threads.")
         first_pass = not hasattr(self, "coefs_") or (not self.warm_start and not incremental)
         X, Y = self._validate_input(X, y, incremental, reset=first_pass)
         if sample_weight is not None:
@@ -250,13 +259,18 @@ class _BaseMLP(BaseEstimator):
         self._best_theta[...] = theta
         best_train_loss = math.inf
         interrupted = False
+        n_threads = threads_for_batch(self.n_jobs, batch_size)
+        # threadpool_limits applies its limits when created: a fresh one per epoch.
+        blas_limit = ((lambda: threadpool_limits(limits=1, user_api="blas"))
+                      if n_threads > 1 else contextlib.nullcontext)
         try:
             self.n_iter_ = 0
             for _ in range(self.max_iter):
                 seed = int(self._random_state.randint(0, 2**32, dtype=np.uint64)) << 32 | \
                     int(self._random_state.randint(0, 2**32, dtype=np.uint64))
-                total = opt.epoch(net, theta, data, order, self.shuffle, seed, batch_size,
-                                  self.alpha)
+                with blas_limit():
+                    total = opt.epoch(net, theta, data, order, self.shuffle, seed,
+                                      batch_size, self.alpha, n_threads)
                 if not (math.isfinite(total) and np.isfinite(theta).all()):
                     theta[...] = last_good
                     raise _diverged(f"in epoch {self.n_iter_ + 1} of {self.solver}")
@@ -411,6 +425,12 @@ _COMMON_PARAMS_DOC = """
         Epochs without ``tol`` improvement before stopping ('sgd'/'adam').
     max_fun : int, default=15000
         Maximum number of loss evaluations for 'lbfgs'.
+    n_jobs : int or None, default=None
+        Threads for training (not in scikit-learn). None or -1: every CPU this process may
+        run on; -2: all but one, and so on. 'sgd'/'adam' split each minibatch by rows
+        across up to ``n_jobs`` threads (at least 16 rows each, so small batches use
+        fewer), with BLAS limited to one thread meanwhile. Results depend on the number of
+        threads only through floating-point summation order.
 """
 
 _COMMON_ATTRS_DOC = """
@@ -497,7 +517,7 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
                  random_state=None, tol=1e-4, verbose=False, warm_start=False,
                  momentum=0.9, nesterovs_momentum=True, early_stopping=False,
                  validation_fraction=0.1, beta_1=0.9, beta_2=0.999, epsilon=1e-8,
-                 n_iter_no_change=10, max_fun=15000):
+                 n_iter_no_change=10, max_fun=15000, n_jobs=None):
         super().__init__(
             hidden_layer_sizes=hidden_layer_sizes, activation=activation, solver=solver,
             alpha=alpha, batch_size=batch_size, learning_rate=learning_rate,
@@ -506,7 +526,8 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
             verbose=verbose, warm_start=warm_start, momentum=momentum,
             nesterovs_momentum=nesterovs_momentum, early_stopping=early_stopping,
             validation_fraction=validation_fraction, beta_1=beta_1, beta_2=beta_2,
-            epsilon=epsilon, n_iter_no_change=n_iter_no_change, max_fun=max_fun)
+            epsilon=epsilon, n_iter_no_change=n_iter_no_change, max_fun=max_fun,
+            n_jobs=n_jobs)
 
     def _out_activation(self):
         if self._label_binarizer.y_type_ == "multiclass":
@@ -708,7 +729,7 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
                  max_iter=200, shuffle=True, random_state=None, tol=1e-4, verbose=False,
                  warm_start=False, momentum=0.9, nesterovs_momentum=True,
                  early_stopping=False, validation_fraction=0.1, beta_1=0.9, beta_2=0.999,
-                 epsilon=1e-8, n_iter_no_change=10, max_fun=15000):
+                 epsilon=1e-8, n_iter_no_change=10, max_fun=15000, n_jobs=None):
         super().__init__(
             hidden_layer_sizes=hidden_layer_sizes, activation=activation, solver=solver,
             alpha=alpha, batch_size=batch_size, learning_rate=learning_rate,
@@ -717,7 +738,8 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
             verbose=verbose, warm_start=warm_start, momentum=momentum,
             nesterovs_momentum=nesterovs_momentum, early_stopping=early_stopping,
             validation_fraction=validation_fraction, beta_1=beta_1, beta_2=beta_2,
-            epsilon=epsilon, n_iter_no_change=n_iter_no_change, max_fun=max_fun)
+            epsilon=epsilon, n_iter_no_change=n_iter_no_change, max_fun=max_fun,
+            n_jobs=n_jobs)
 
     def _out_activation(self):
         return "exp" if self.loss == "poisson" else "identity"

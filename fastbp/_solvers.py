@@ -10,6 +10,7 @@ Solvers never pack or unpack: they write into ``theta`` in place, so the estimat
 ``coefs_``/``intercepts_`` views stay valid.
 """
 import math
+import os
 import warnings
 
 import numpy as np
@@ -18,7 +19,30 @@ from sklearn.exceptions import ConvergenceWarning
 
 from . import _core
 
-__all__ = ["fit_lbfgs", "StochasticOptimizer", "DivergenceError"]
+__all__ = ["fit_lbfgs", "StochasticOptimizer", "DivergenceError", "effective_n_jobs",
+           "threads_for_batch"]
+
+# Fewer rows than this per thread and splitting a minibatch costs more than it saves.
+MIN_ROWS_PER_THREAD = 16
+
+
+def effective_n_jobs(n_jobs):
+    """Threads to use: None means every CPU this process may run on; -1 too; -2 all
+    but one, and so on."""
+    try:
+        n_cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        n_cpus = os.cpu_count() or 1
+    if n_jobs is None:
+        return n_cpus
+    if n_jobs < 0:
+        return max(1, n_cpus + 1 + n_jobs)
+    return max(1, int(n_jobs))
+
+
+def threads_for_batch(n_jobs, batch_size):
+    """Threads that split one minibatch: at most n_jobs, at least 16 rows each."""
+    return max(1, min(effective_n_jobs(n_jobs), batch_size // MIN_ROWS_PER_THREAD))
 
 
 class DivergenceError(ValueError):
@@ -127,26 +151,37 @@ class StochasticOptimizer:
         self.state_1 = np.zeros(n_params, dtype=dtype)
         self.state_2 = np.zeros(n_params if solver == "adam" else 1, dtype=dtype)
         self.step = np.zeros(1, dtype=np.longlong)  # Adam's t
-        self.grad = np.empty(n_params, dtype=dtype)
 
     def compatible(self, solver, n_params, dtype):
         return (self.solver == solver and self.state_1.shape[0] == n_params
                 and self.state_1.dtype == dtype)
 
-    def epoch(self, net, theta, data, order, shuffle, seed, batch_size, alpha):
-        """One pass over ``order``'s rows; returns the sum of batch loss x batch size."""
-        block = batch_size
-        ws = net._acquire(block)
-        try:
-            total, n_batches = _core.run_epoch(
-                theta, self.grad, data.X, data.data, data.indices, data.indptr, data.Y,
-                data.sample_weight, net._sizes, net._w_off, net._b_off, net._act,
-                net._out, ws[0], ws[1], order, shuffle, seed, batch_size, float(alpha),
-                _core.SOLVERS[self.solver], self.learning_rate, self.momentum,
-                self.nesterov, self.beta_1, self.beta_2, self.epsilon, self.state_1,
-                self.state_2, self.step)
-        finally:
-            net._release(block, ws)
+    def _buffers(self, net, n_threads, batch_size):
+        """Per-thread gradient, workspace and intercept-sum rows, reused across epochs."""
+        per_thread = -(-batch_size // n_threads)
+        key = (n_threads, per_thread, net.layer_sizes)
+        if getattr(self, "_buf_key", None) != key:
+            ws = _core.workspace_size(net._sizes, per_thread)
+            self._grads = np.empty((n_threads, net.n_params), dtype=net.dtype)
+            self._work = np.empty((n_threads, ws), dtype=net.dtype)
+            self._dacc = np.empty((n_threads, net._n_intercepts), dtype=np.float64)
+            self._buf_key = key
+        return self._grads, self._work, self._dacc
+
+    def epoch(self, net, theta, data, order, shuffle, seed, batch_size, alpha, n_threads=1):
+        """One pass over ``order``'s rows; returns the sum of batch loss x batch size.
+
+        With ``n_threads`` > 1 every minibatch is split by rows across a team of threads;
+        BLAS should then be limited to one thread (see ``threads_for_batch``).
+        """
+        grads, work, dacc = self._buffers(net, n_threads, batch_size)
+        total, n_batches = _core.run_epoch(
+            theta, grads, data.X, data.data, data.indices, data.indptr, data.Y,
+            data.sample_weight, net._sizes, net._w_off, net._b_off, net._act, net._out,
+            work, dacc, order, shuffle, seed, batch_size, float(alpha),
+            _core.SOLVERS[self.solver], self.learning_rate, self.momentum, self.nesterov,
+            self.beta_1, self.beta_2, self.epsilon, self.state_1, self.state_2, self.step,
+            n_threads)
         return total
 
     def iteration_ends(self, time_step):
