@@ -231,7 +231,7 @@ class Network:
         >>> coefs[1].ravel(), intercepts[0]
         (array([6., 7.]), array([8., 9.]))
         >>> coefs[0][0, 0] = -1.0
-        >>> theta[0]
+        >>> float(theta[0])
         -1.0
         """
         theta = self._check_theta(theta, writable_view=True)

@@ -46,7 +46,32 @@ def threads_for_batch(n_jobs, batch_size):
 
 
 class DivergenceError(ValueError):
-    """Training produced a non-finite loss; the model keeps its last finite parameters."""
+    """Training produced a non-finite loss; the model keeps its last finite parameters.
+
+    Raised by ``fit`` and ``partial_fit`` of both estimators. A ``ValueError``, so code
+    that catches scikit-learn's errors catches it too.
+
+    Attributes
+    ----------
+    args : tuple
+        The message, which says where the loss became non-finite and what to change.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from fastbp import DivergenceError, MLPRegressor
+    >>> X = np.random.default_rng(0).normal(size=(50, 2))
+    >>> y = X[:, 0] * 1e3
+    >>> reg = MLPRegressor(solver="sgd", learning_rate_init=10.0, max_iter=5,
+    ...                    random_state=0)
+    >>> try:
+    ...     reg.fit(X, y)
+    ... except DivergenceError as exc:
+    ...     print("diverged:", "non-finite" in str(exc))
+    diverged: True
+    >>> bool(np.isfinite(reg._theta).all())
+    True
+    """
 
 
 def _diverged(where):

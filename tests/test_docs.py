@@ -1,0 +1,42 @@
+"""Every public object has a numpydoc docstring whose Examples run."""
+import doctest
+import inspect
+
+import pytest
+
+import fastbp
+
+PUBLIC = [getattr(fastbp, name) for name in fastbp.__all__]
+
+
+def _public_members(obj):
+    yield obj
+    if inspect.isclass(obj):
+        for name, member in vars(obj).items():
+            if not name.startswith("_") and callable(member):
+                yield member
+
+
+@pytest.mark.parametrize("obj", PUBLIC, ids=lambda o: o.__name__)
+def test_public_object_documented_with_example(obj):
+    doc = inspect.getdoc(obj)
+    assert doc and "Examples" in doc, f"{obj.__name__} needs an Examples section"
+    assert "Parameters" in doc or "Attributes" in doc or not callable(obj)
+
+
+@pytest.mark.parametrize("obj", PUBLIC, ids=lambda o: o.__name__)
+def test_examples_run(obj):
+    finder = doctest.DocTestFinder(recurse=True)
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    tests = [t for t in finder.find(obj, obj.__name__, globs={}) if t.examples]
+    assert tests, f"{obj.__name__} has no runnable examples"
+    for t in tests:
+        runner.run(t)
+    result = runner.summarize(verbose=False)
+    assert result.failed == 0
+
+
+@pytest.mark.parametrize("obj", PUBLIC, ids=lambda o: o.__name__)
+def test_public_methods_have_docstrings(obj):
+    missing = [m.__name__ for m in _public_members(obj) if not inspect.getdoc(m)]
+    assert missing == []
