@@ -39,13 +39,35 @@ from ._blas cimport gemm
 
 cdef extern from *:
     """
-    static inline void fastbp_barrier(void) {
-    #ifdef _OPENMP
-        #pragma omp barrier
+    #include <sched.h>
+    /* A team barrier that spins briefly, then yields the CPU. On a busy machine (more
+       runnable threads than cores) a thread that blocks in a futex or spins for long
+       keeps the straggler it waits for off the CPU; yielding lets it run. */
+    typedef struct { int count; int generation; } fastbp_barrier_t;
+    static inline void fastbp_barrier_wait(fastbp_barrier_t* b, int team) {
+        int gen = __atomic_load_n(&b->generation, __ATOMIC_ACQUIRE);
+        if (__atomic_add_fetch(&b->count, 1, __ATOMIC_ACQ_REL) == team) {
+            __atomic_store_n(&b->count, 0, __ATOMIC_RELAXED);
+            __atomic_store_n(&b->generation, gen + 1, __ATOMIC_RELEASE);
+            return;
+        }
+        int spins = 0;
+        while (__atomic_load_n(&b->generation, __ATOMIC_ACQUIRE) == gen) {
+            if (++spins < 2000) {
+    #if defined(__x86_64__) || defined(__i386__)
+                __builtin_ia32_pause();
     #endif
+            } else {
+                sched_yield();
+            }
+        }
     }
     """
-    void _barrier "fastbp_barrier"() noexcept nogil
+    ctypedef struct barrier_t "fastbp_barrier_t":
+        int count
+        int generation
+    void barrier_wait "fastbp_barrier_wait"(barrier_t* b, int team) noexcept nogil
+
 
 # Hidden activations. Codes are part of the kernel ABI; the Python layer maps names.
 cdef enum:
@@ -678,13 +700,13 @@ cdef double reduce_and_step(const Spec* sp, floating* theta, floating* grads,
     cdef Py_ssize_t n_coef = sp.b_off[0], n_int = n_params - n_coef
     cdef Py_ssize_t c_hi = min(hi, n_coef)
     cdef floating a = <floating> (alpha * scale)
-    cdef floating g
     cdef double acc, sq = 0.0
+    # Loops over i innermost, so that they vectorize.
+    for k in range(1, team):
+        for i in range(lo, c_hi):
+            grads[i] = grads[i] + grads[k * n_params + i]
     for i in range(lo, c_hi):
-        g = grads[i]
-        for k in range(1, team):
-            g = g + grads[k * n_params + i]
-        grads[i] = g + a * theta[i]
+        grads[i] = grads[i] + a * theta[i]
     if alpha != 0.0:
         sq = _sum_squares(theta + lo, c_hi - lo) if c_hi > lo else 0.0
     for i in range(max(lo, n_coef), hi):
@@ -747,6 +769,8 @@ def run_epoch(floating[::1] theta, floating[:, ::1] grads, const floating[:, :] 
     cdef double* parts_p = &parts[0]
     cdef double[::1] result = np.zeros(3)
     cdef double* result_p = &result[0]
+    cdef barrier_t bar
+    cdef barrier_t* bar_p = &bar
     # Thread-private (assigned inside the parallel block):
     cdef int tid, team, k, par
     cdef Py_ssize_t start, nb, lo, hi, i, rows_per, p_per
@@ -769,6 +793,8 @@ def run_epoch(floating[::1] theta, floating[:, ::1] grads, const floating[:, :] 
     if shuffle:
         with nogil:
             _shuffle(order_p, n, seed)
+    bar.count = 0
+    bar.generation = 0
     with nogil, parallel(num_threads=n_threads):
         tid = threadid()
         team = omp_get_num_threads()
@@ -800,7 +826,7 @@ def run_epoch(floating[::1] theta, floating[:, ::1] grads, const floating[:, :] 
             else:
                 memset(grads_p + tid * n_params, 0, b_off[0] * sizeof(floating))
             parts_p[par * 2 * team + tid] = loss
-            _barrier()
+            barrier_wait(bar_p, team)
             # Phase 2: this thread's slice of the parameters: reduce, then step.
             if solver == SOLVER_ADAM_:
                 t = t + 1
@@ -813,7 +839,7 @@ def run_epoch(floating[::1] theta, floating[:, ::1] grads, const floating[:, :] 
                                  alpha, solver, lr_t, momentum, nesterov, beta_1, beta_2,
                                  epsilon, s1, s2)
             parts_p[par * 2 * team + team + tid] = sq
-            _barrier()
+            barrier_wait(bar_p, team)
             # Every thread forms the same batch loss from the parts, in thread order.
             loss = 0.0
             sq = 0.0
