@@ -2,7 +2,8 @@
 
 All Cython compiler directives live here, in one place. Set ``FASTBP_DEBUG=1`` in the
 environment to build with bounds checking, wraparound checks and no optimisation, for
-hunting crashes: ``FASTBP_DEBUG=1 pip install .``.
+hunting crashes: ``FASTBP_DEBUG=1 pip install .``. ``FASTBP_PORTABLE=1`` builds without
+``-march=native``, for any CPU of the architecture.
 """
 import os
 
@@ -24,7 +25,12 @@ directives = {
 
 # -fno-math-errno: sqrt and friends need not set errno (never read), which lets the
 # compiler vectorize the update loops.
-compile_args = ["-O0", "-g"] if DEBUG else ["-O3", "-fno-math-errno", "-march=native"]
+# -march=native: the elementwise kernels use the building CPU's vector units (AVX2 and
+# FMA where present). FASTBP_PORTABLE=1 builds for any CPU of the architecture.
+PORTABLE = os.environ.get("FASTBP_PORTABLE", "0") not in ("", "0")
+compile_args = ["-O0", "-g"] if DEBUG else ["-O3", "-fno-math-errno"]
+if not DEBUG and not PORTABLE:
+    compile_args.append("-march=native")
 
 extensions = [
     Extension(
