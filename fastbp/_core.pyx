@@ -380,15 +380,19 @@ cdef inline Py_ssize_t _scratch_offset(const Spec* sp) noexcept nogil:
     return _act_offset(sp, sp.n_layers + 1)
 
 
-def workspace_size(const Py_ssize_t[::1] sizes, Py_ssize_t block):
-    """Number of elements in the workspace for ``sizes`` and ``block`` rows."""
+def workspace_size(const Py_ssize_t[::1] sizes, Py_ssize_t block, bint gather=True):
+    """Number of elements in the workspace for ``sizes`` and ``block`` rows.
+
+    ``gather=False`` leaves out the buffer that dense minibatch rows are gathered into
+    (not needed for sparse input, nor for full-batch passes over dense rows in place).
+    """
     cdef Py_ssize_t total = 0, hidden = 1
     cdef Py_ssize_t l, L = sizes.shape[0] - 1
     for l in range(1, L + 1):
         total += sizes[l]
         if l < L and sizes[l] > hidden:
             hidden = sizes[l]
-    return block * (total + 2 * hidden + sizes[0])
+    return block * (total + 2 * hidden + (sizes[0] if gather else 0))
 
 
 # ---------------------------------------------------------------------------------------

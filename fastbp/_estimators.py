@@ -23,9 +23,7 @@ from sklearn.utils.validation import (_check_sample_weight, check_is_fitted,
                                       column_or_1d, validate_data)
 
 from ._network import Network
-from threadpoolctl import threadpool_limits
-
-from ._solvers import (StochasticOptimizer, _diverged, effective_n_jobs, fit_lbfgs,
+from ._solvers import (StochasticOptimizer, _diverged, fit_lbfgs, single_threaded_blas,
                        threads_for_batch)
 
 __all__ = ["MLPClassifier", "MLPRegressor"]
@@ -225,6 +223,12 @@ class _BaseMLP(BaseEstimator):
         opt = getattr(self, "_optimizer", None)
         if opt is None or not opt.compatible(self.solver, net.n_params, net.dtype):
             opt = self._optimizer = self._make_optimizer()
+        elif not incremental:
+            # A new fit (warm_start) keeps the moments and velocities but takes the
+            # current hyperparameters, and restarts the learning-rate schedule.
+            opt.set_hyperparameters(self.learning_rate_init, self.learning_rate,
+                                    self.momentum, self.nesterovs_momentum, self.power_t,
+                                    self.beta_1, self.beta_2, self.epsilon)
 
         early_stopping = self.early_stopping
         if early_stopping:
@@ -257,22 +261,28 @@ class _BaseMLP(BaseEstimator):
         if not hasattr(self, "_best_theta") or self._best_theta.shape != theta.shape:
             self._best_theta = theta.copy()
         self._best_theta[...] = theta
+        n_threads = threads_for_batch(self.n_jobs, batch_size)
+        # While a team of threads splits the minibatches, BLAS runs single-threaded.
+        blas_limit = single_threaded_blas() if n_threads > 1 else contextlib.nullcontext()
+        with blas_limit:
+            self._run_epochs(opt, data, order, batch_size, n_threads, early_stopping,
+                             X_val, y_val, sw_val, incremental, last_good)
+
+    def _run_epochs(self, opt, data, order, batch_size, n_threads, early_stopping, X_val,
+                    y_val, sw_val, incremental, last_good):
+        net, theta, n_samples = self._net, self._theta, data.n_samples
         best_train_loss = math.inf
         interrupted = False
-        n_threads = threads_for_batch(self.n_jobs, batch_size)
-        # threadpool_limits applies its limits when created: a fresh one per epoch.
-        blas_limit = ((lambda: threadpool_limits(limits=1, user_api="blas"))
-                      if n_threads > 1 else contextlib.nullcontext)
         try:
             self.n_iter_ = 0
             for _ in range(self.max_iter):
                 seed = int(self._random_state.randint(0, 2**32, dtype=np.uint64)) << 32 | \
                     int(self._random_state.randint(0, 2**32, dtype=np.uint64))
-                with blas_limit():
-                    total = opt.epoch(net, theta, data, order, self.shuffle, seed,
-                                      batch_size, self.alpha, n_threads)
+                total = opt.epoch(net, theta, data, order, self.shuffle, seed, batch_size,
+                                  self.alpha, n_threads)
                 if not (math.isfinite(total) and np.isfinite(theta).all()):
                     theta[...] = last_good
+                    self._optimizer = None  # its moments/velocities are non-finite too
                     raise _diverged(f"in epoch {self.n_iter_ + 1} of {self.solver}")
                 last_good[...] = theta
                 self.n_iter_ += 1

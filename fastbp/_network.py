@@ -329,12 +329,14 @@ class Network:
     # Workspaces --------------------------------------------------------------------------
 
     def _acquire(self, block):
-        """A (work, dacc) pair for ``block`` rows: reused across calls, one per thread."""
+        """A (work, dacc) pair for full-batch passes over ``block`` rows: reused across
+        calls, one per concurrent caller. Full-batch passes read rows in place, so the
+        workspace has no gather buffer."""
         with self._lock:
             free = self._pool.get(block)
             if free:
                 return free.pop()
-        work = np.empty(_core.workspace_size(self._sizes, block), dtype=self.dtype)
+        work = np.empty(_core.workspace_size(self._sizes, block, False), dtype=self.dtype)
         dacc = np.empty(self._n_intercepts, dtype=np.float64)
         return work, dacc
 

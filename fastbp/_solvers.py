@@ -16,6 +16,7 @@ import warnings
 import numpy as np
 import scipy.optimize
 from sklearn.exceptions import ConvergenceWarning
+from threadpoolctl import ThreadpoolController
 
 from . import _core
 
@@ -38,6 +39,21 @@ def effective_n_jobs(n_jobs):
     if n_jobs < 0:
         return max(1, n_cpus + 1 + n_jobs)
     return max(1, int(n_jobs))
+
+
+_CONTROLLER = None
+
+
+def single_threaded_blas():
+    """A context that limits every BLAS library to one thread until it exits.
+
+    The limits apply when this is called. Finding the loaded BLAS libraries is the slow
+    part of threadpoolctl, so it is done once per process.
+    """
+    global _CONTROLLER
+    if _CONTROLLER is None:
+        _CONTROLLER = ThreadpoolController()
+    return _CONTROLLER.limit(limits=1, user_api="blas")
 
 
 def threads_for_batch(n_jobs, batch_size):
@@ -165,28 +181,35 @@ class StochasticOptimizer:
                  momentum=0.9, nesterov=True, power_t=0.5, beta_1=0.9, beta_2=0.999,
                  epsilon=1e-8):
         self.solver = solver
-        self.learning_rate_init = float(learning_rate_init)
-        self.learning_rate = float(learning_rate_init)
-        self.lr_schedule = lr_schedule
-        self.momentum = float(momentum) if solver == "sgd" else 0.0
-        self.nesterov = bool(nesterov)
-        self.power_t = float(power_t)
-        self.beta_1, self.beta_2, self.epsilon = float(beta_1), float(beta_2), float(epsilon)
+        self.set_hyperparameters(learning_rate_init, lr_schedule, momentum, nesterov,
+                                 power_t, beta_1, beta_2, epsilon)
         # SGD: state_1 is the velocity. Adam: first and second moments.
         self.state_1 = np.zeros(n_params, dtype=dtype)
         self.state_2 = np.zeros(n_params if solver == "adam" else 1, dtype=dtype)
         self.step = np.zeros(1, dtype=np.longlong)  # Adam's t
 
+    def set_hyperparameters(self, learning_rate_init, lr_schedule, momentum, nesterov,
+                            power_t, beta_1, beta_2, epsilon):
+        """Take new settings (the state arrays are kept); the rate restarts at its
+        initial value."""
+        self.learning_rate_init = float(learning_rate_init)
+        self.learning_rate = float(learning_rate_init)
+        self.lr_schedule = lr_schedule
+        self.momentum = float(momentum) if self.solver == "sgd" else 0.0
+        self.nesterov = bool(nesterov)
+        self.power_t = float(power_t)
+        self.beta_1, self.beta_2, self.epsilon = float(beta_1), float(beta_2), float(epsilon)
+
     def compatible(self, solver, n_params, dtype):
         return (self.solver == solver and self.state_1.shape[0] == n_params
                 and self.state_1.dtype == dtype)
 
-    def _buffers(self, net, n_threads, batch_size):
+    def _buffers(self, net, n_threads, batch_size, sparse):
         """Per-thread gradient, workspace and intercept-sum rows, reused across epochs."""
         per_thread = -(-batch_size // n_threads)
-        key = (n_threads, per_thread, net.layer_sizes)
+        key = (n_threads, per_thread, net.layer_sizes, sparse)
         if getattr(self, "_buf_key", None) != key:
-            ws = _core.workspace_size(net._sizes, per_thread)
+            ws = _core.workspace_size(net._sizes, per_thread, not sparse)
             self._grads = np.empty((n_threads, net.n_params), dtype=net.dtype)
             self._work = np.empty((n_threads, ws), dtype=net.dtype)
             self._dacc = np.empty((n_threads, net._n_intercepts), dtype=np.float64)
@@ -199,7 +222,7 @@ class StochasticOptimizer:
         With ``n_threads`` > 1 every minibatch is split by rows across a team of threads;
         BLAS should then be limited to one thread (see ``threads_for_batch``).
         """
-        grads, work, dacc = self._buffers(net, n_threads, batch_size)
+        grads, work, dacc = self._buffers(net, n_threads, batch_size, data.X is None)
         total, n_batches = _core.run_epoch(
             theta, grads, data.X, data.data, data.indices, data.indptr, data.Y,
             data.sample_weight, net._sizes, net._w_off, net._b_off, net._act, net._out,

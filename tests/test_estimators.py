@@ -15,9 +15,7 @@ Three kinds of checks:
 import inspect
 import pickle
 import re
-import time
 import tracemalloc
-import warnings
 from functools import lru_cache
 
 import numpy as np
@@ -632,6 +630,28 @@ def test_training_continues_after_divergence(solver):
 
 
 # ---------------------------------------------------------------------------------------
+# Threads (n_jobs, not in scikit-learn)
+
+
+@pytest.mark.parametrize("solver", STOCHASTIC)
+def test_default_threads_train_the_same_model(solver):
+    """n_jobs=None may split minibatches across every CPU; the model is the one trained
+    with n_jobs=1, up to floating-point summation order. (Speed is measured in
+    benchmarks/, not here.)"""
+    rng = np.random.RandomState(0)
+    X = rng.normal(size=(300, 3))
+    y = ((X[:, 0] > 0).astype(int) + (X[:, 1] > 0)) % 3
+    params = dict(hidden_layer_sizes=(16,), solver=solver, random_state=0, max_iter=100,
+                  tol=0.0, learning_rate_init=0.02)
+    one = MLPClassifier(n_jobs=1, **params).fit(X, y)
+    many = MLPClassifier(n_jobs=None, **params).fit(X, y)
+    two = MLPClassifier(n_jobs=2, **params).fit(X, y)
+    np.testing.assert_allclose(many._theta, one._theta, rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(two._theta, one._theta, rtol=1e-6, atol=1e-8)
+    assert one.n_iter_ == two.n_iter_
+
+
+# ---------------------------------------------------------------------------------------
 # 2. Reproducibility, 3. pickling
 
 
@@ -1030,15 +1050,12 @@ def _random_csr(n_rows, n_cols, nnz, seed=0):
                          shape=(n_rows, n_cols))
 
 
-def test_large_sparse_input_is_fast():
+def test_large_sparse_input_trains():
     X = _random_csr(20000, 5000, 100000)
     y = X @ np.random.RandomState(1).choice([-1.0, 1.0], 5000) > 0
-    start = time.perf_counter()
     est = MLPClassifier((8,), solver="adam", random_state=0, max_iter=3,
                         learning_rate_init=0.01).fit(X, y)
-    est.predict(X.tocsc())
-    elapsed = time.perf_counter() - start
-    assert elapsed < 20  # a dense 20000 x 5000 pass would take far longer
+    np.testing.assert_array_equal(est.predict(X.tocsc()), est.predict(X))
     assert est.score(X, y) > DummyClassifier().fit(X, y).score(X, y) + 0.3
 
 
@@ -1086,7 +1103,7 @@ def test_memory_layouts_give_the_same_model(solver, dtype):
 
 
 def test_feature_names_from_dataframe():
-    pd = pytest.importorskip("pandas")
+    import pandas as pd
     X, y = _xor_like(60)
     df = pd.DataFrame(X, columns=[f"f{i}" for i in range(5)])
     est = MLPClassifier((4,), solver="lbfgs", random_state=0, max_iter=20).fit(df, y)
