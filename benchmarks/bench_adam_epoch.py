@@ -3,6 +3,9 @@
 Setup (issue 3): 20000 x 64 float32 data, 10 classes, hidden_layer_sizes=(128,),
 batch_size=32, Adam, same hyperparameters and initial weights. Each round fits both for
 ``--epochs`` epochs (tol=0 so neither stops early), interleaved; medians reported.
+Before each timed fit the process sleeps ``--settle`` seconds: OpenBLAS's worker threads
+busy-wait for a while after every call, and would otherwise steal the cores from whichever
+library runs next (both sides get the same pause).
 
 Usage: python benchmarks/bench_adam_epoch.py [--rounds 5] [--epochs 3] [--json out.json]
 """
@@ -31,6 +34,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--settle", type=float, default=0.5)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     X, y = make_data()
@@ -44,6 +48,7 @@ def main():
     for _ in range(args.rounds):
         for name, make in models.items():
             m = make()
+            time.sleep(args.settle)
             t0 = time.perf_counter()
             m.fit(X, y)
             times[name].append((time.perf_counter() - t0) / args.epochs)
