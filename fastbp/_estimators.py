@@ -192,9 +192,10 @@ class _BaseMLP(BaseEstimator):
     def _fit_lbfgs(self, X, Y, sample_weight):
         data = self._net.prepare(X, Y, sample_weight)
         curve = []
+        callback = getattr(self, "_progress_callback", None)
         self.loss_, n_iter = fit_lbfgs(self._net, self._theta, data, self.alpha,
                                        self.max_iter, self.max_fun, self.tol,
-                                       self.verbose, curve)
+                                       self.verbose, curve, progress=callback)
         self.loss_curve_.extend(curve)
         self.n_iter_ = n_iter
         self.t_ += n_iter * X.shape[0]
@@ -291,6 +292,7 @@ class _BaseMLP(BaseEstimator):
                 self.loss_curve_.append(self.loss_)
                 if self.verbose:
                     print(f"Iteration {self.n_iter_}, loss = {self.loss_:.8f}")
+                self._report_progress()
                 if not early_stopping and self.loss_ < best_train_loss:
                     best_train_loss = self.loss_
                     self._best_theta[...] = theta
@@ -340,6 +342,13 @@ class _BaseMLP(BaseEstimator):
                 self._no_improvement_count = 0
             if self.loss_curve_[-1] < self.best_loss_:
                 self.best_loss_ = self.loss_curve_[-1]
+
+    def _report_progress(self):
+        # A private hook for front ends (the ``fastbp`` command's progress bar): a
+        # callable ``_progress_callback(n_iter, loss)`` called after every epoch/iteration.
+        callback = getattr(self, "_progress_callback", None)
+        if callback is not None:
+            callback(self.n_iter_, self.loss_curve_[-1])
 
     def _is_classifier_(self):
         return isinstance(self, ClassifierMixin)

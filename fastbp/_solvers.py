@@ -111,10 +111,12 @@ class _BestTracker:
             self.theta[...] = theta
 
 
-def fit_lbfgs(net, theta, data, alpha, max_iter, max_fun, tol, verbose, loss_curve):
+def fit_lbfgs(net, theta, data, alpha, max_iter, max_fun, tol, verbose, loss_curve,
+              progress=None):
     """Minimise the full-batch objective with L-BFGS-B from ``theta``, in place.
 
-    Appends the loss after each iteration to ``loss_curve``. On Ctrl-C, restores the
+    Appends the loss after each iteration to ``loss_curve`` (and calls
+    ``progress(n_iter, loss)`` when given). On Ctrl-C, restores the
     best parameters evaluated so far and warns. Returns ``(loss, n_iter)``.
     """
     f32 = net.dtype == np.float32
@@ -140,6 +142,8 @@ def fit_lbfgs(net, theta, data, alpha, max_iter, max_fun, tol, verbose, loss_cur
         loss_curve.append(float(intermediate_result.fun))
         if verbose:
             print(f"Iteration {n_iter}, loss = {intermediate_result.fun:.8f}")
+        if progress is not None:
+            progress(n_iter, float(intermediate_result.fun))
 
     x0 = theta.astype(np.float64, copy=True)
     try:

@@ -1,0 +1,499 @@
+"""The ``fastbp`` command: train a network on your data, predict with a saved model.
+
+``fastbp train [DATA]`` reads CSV (header row; the target is ``--target`` or the last
+column), NPZ (arrays ``X`` and ``y``) or svmlight/libsvm files; with no DATA it trains on
+the digits data set bundled with scikit-learn. It standardizes the features, holds out a
+test split, trains with a progress bar, prints the scores and saves the model (scaler
+included). ``fastbp predict MODEL DATA`` writes predictions as CSV.
+
+Bad input ends with one line on stderr and exit status 2, never a traceback.
+"""
+import argparse
+import csv
+import os
+import sys
+import time
+import warnings
+
+import numpy as np
+
+__all__ = ["main"]
+
+# A numeric target with at most this many distinct integer values is taken for class
+# labels by --task auto.
+MAX_AUTO_CLASSES = 50
+
+
+class CLIError(Exception):
+    """A problem with the user's input: reported as one line, exit status 2."""
+
+
+# Reading data --------------------------------------------------------------------------
+
+def _fmt(path):
+    ext = os.path.splitext(str(path))[1].lower()
+    if ext == ".npz":
+        return "npz"
+    if ext in (".svm", ".svmlight", ".libsvm", ".txt"):
+        return "svmlight"
+    return "csv"
+
+
+def _read_csv(path, target, need_target):
+    """Returns (X float64, y column as str list or None, feature names, target name)."""
+    try:
+        with open(path, newline="") as fh:
+            rows = list(csv.reader(fh))
+    except UnicodeDecodeError:
+        raise CLIError(f"{path}: not a text CSV file") from None
+    rows = [r for r in rows if any(c.strip() for c in r)]
+    if not rows:
+        raise CLIError(f"{path}: the file is empty")
+    header = [h.strip() for h in rows[0]]
+    body = rows[1:]
+    if not body:
+        raise CLIError(f"{path}: no data rows after the header")
+    for i, r in enumerate(body, start=2):
+        if len(r) != len(header):
+            raise CLIError(f"{path}: line {i} has {len(r)} fields, the header has "
+                           f"{len(header)}")
+    t_idx = None
+    if target is not None:
+        if target not in header:
+            raise CLIError(f"{path}: no column named {target!r} (columns: "
+                           f"{', '.join(header)})")
+        t_idx = header.index(target)
+    elif need_target:
+        t_idx = len(header) - 1
+    if need_target and len(header) < 2:
+        raise CLIError(f"{path}: needs at least one feature column and a target column")
+    feat_idx = [j for j in range(len(header)) if j != t_idx]
+    X = np.empty((len(body), len(feat_idx)))
+    for i, r in enumerate(body):
+        for k, j in enumerate(feat_idx):
+            try:
+                X[i, k] = float(r[j])
+            except ValueError:
+                raise CLIError(f"{path}: column {header[j]!r} is not numeric (line {i + 2}: "
+                               f"{r[j]!r}); features must be numbers") from None
+    y = [r[t_idx].strip() for r in body] if t_idx is not None else None
+    return X, y, [header[j] for j in feat_idx], (header[t_idx] if t_idx is not None
+                                                 else None)
+
+
+def _read_npz(path, need_target):
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            files = set(npz.files)
+            if "X" not in files or (need_target and "y" not in files):
+                raise CLIError(f"{path}: an NPZ file needs arrays 'X' and 'y' (found: "
+                               f"{', '.join(sorted(files)) or 'none'})")
+            X = npz["X"]
+            y = npz["y"] if "y" in files else None
+    except CLIError:
+        raise
+    except ValueError as exc:
+        raise CLIError(f"{path}: cannot read the NPZ file ({exc})") from None
+    except Exception as exc:  # zipfile errors and the like
+        raise CLIError(f"{path}: not a readable NPZ file ({exc})") from None
+    if X.ndim != 2:
+        raise CLIError(f"{path}: X must be 2-D, got shape {X.shape}")
+    if X.dtype.kind not in "biuf":
+        raise CLIError(f"{path}: X must be numeric, got dtype {X.dtype}")
+    return X.astype(np.float64), y, None, None
+
+
+def _read_svmlight(path, n_features=None):
+    from sklearn.datasets import load_svmlight_file
+    try:
+        X, y = load_svmlight_file(str(path), n_features=n_features)
+    except (ValueError, RuntimeError) as exc:
+        raise CLIError(f"{path}: not a readable svmlight/libsvm file ({exc})") from None
+    return X, y, None, None
+
+
+def read_data(path, target=None, need_target=True, n_features=None):
+    """Load DATA for the command: (X, y, feature names or None, target name or None)."""
+    if not os.path.exists(path):
+        raise CLIError(f"{path}: no such file")
+    if os.path.isdir(path):
+        raise CLIError(f"{path}: is a directory, not a data file")
+    fmt = _fmt(path)
+    if fmt == "npz":
+        X, y, names, tname = _read_npz(path, need_target)
+    elif fmt == "svmlight":
+        X, y, names, tname = _read_svmlight(path, n_features)
+    else:
+        X, y, names, tname = _read_csv(path, target, need_target)
+    if X.shape[0] == 0:
+        raise CLIError(f"{path}: no rows")
+    data = X.data if hasattr(X, "data") else X
+    if not np.isfinite(data).all():
+        raise CLIError(f"{path}: the features contain NaN or infinite values")
+    return X, y, names, tname
+
+
+def _task(y, task):
+    """Decide classification or regression; returns (task, y converted)."""
+    y = np.asarray(y)
+    numeric = y.dtype.kind in "biuf"
+    if not numeric:
+        try:
+            y_num = y.astype(np.float64)
+            numeric = True
+        except ValueError:
+            y_num = None
+    else:
+        y_num = y.astype(np.float64)
+    if task == "auto":
+        if not numeric:
+            task = "classification"
+        else:
+            integral = np.all(np.isfinite(y_num)) and np.all(y_num == np.round(y_num))
+            task = ("classification" if integral and len(np.unique(y_num))
+                    <= MAX_AUTO_CLASSES else "regression")
+    if task == "regression":
+        if not numeric:
+            raise CLIError("the target is not numeric: regression needs numbers (use "
+                           "--task classification for labels)")
+        if not np.isfinite(y_num).all():
+            raise CLIError("the target contains NaN or infinite values")
+        return task, y_num
+    if numeric and y.dtype.kind not in "biuf":
+        # CSV labels that are numbers: keep them numbers (1 rather than '1').
+        if np.all(y_num == np.round(y_num)):
+            return task, y_num.astype(np.int64)
+        return task, y_num
+    return task, y
+
+
+# Commands ------------------------------------------------------------------------------
+
+def _parse_hidden(text):
+    try:
+        sizes = tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise CLIError(f"--hidden must be comma-separated integers, got {text!r}") from None
+    if not sizes or any(s < 1 for s in sizes):
+        raise CLIError(f"--hidden must list positive layer sizes, got {text!r}")
+    return sizes
+
+
+class _Progress:
+    """A tqdm bar over epochs/iterations showing the running loss."""
+
+    def __init__(self, total, enabled):
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+            # disable=None: no bar when stderr is not a terminal (logs, pipes).
+            self.bar = tqdm(total=total, desc="training", unit="it", file=sys.stderr,
+                            dynamic_ncols=True, leave=False, disable=None)
+
+    def __call__(self, n_iter, loss):
+        if self.bar is not None:
+            self.bar.update(n_iter - self.bar.n)
+            self.bar.set_postfix(loss=f"{loss:.5g}")
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _plot(path, est, quiet):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise CLIError("--plot needs matplotlib: pip install 'fastbp[plot]' (or pip "
+                       "install matplotlib)") from None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(np.arange(1, len(est.loss_curve_) + 1), est.loss_curve_, label="training loss")
+    ax.set_xlabel("epoch" if est.solver != "lbfgs" else "iteration")
+    ax.set_ylabel("loss")
+    if est.validation_scores_:
+        ax2 = ax.twinx()
+        ax2.plot(np.arange(1, len(est.validation_scores_) + 1), est.validation_scores_,
+                 color="tab:orange", label="validation score")
+        ax2.set_ylabel("validation score")
+        ax2.legend(loc="center right")
+    ax.legend(loc="upper right")
+    ax.set_title("fastbp training curve")
+    fig.tight_layout()
+    try:
+        fig.savefig(path, format="png")
+    except OSError as exc:
+        raise CLIError(f"{path}: cannot write the plot ({exc.strerror or exc})") from None
+    finally:
+        plt.close(fig)
+    if not quiet:
+        print(f"loss curve written to {path}")
+
+
+def cmd_train(args):
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from . import MLPClassifier, MLPRegressor, save
+
+    hidden = _parse_hidden(args.hidden)
+    if not 0 < args.test_size < 1:
+        raise CLIError(f"--test-size must be between 0 and 1, got {args.test_size}")
+    if args.data is None:
+        X, y = load_digits(return_X_y=True)
+        names, tname, source = None, None, "digits (bundled with scikit-learn)"
+    else:
+        X, y, names, tname = read_data(args.data, args.target)
+        source = args.data
+    if y is None:
+        raise CLIError(f"{args.data}: no target")
+    task, y = _task(y, args.task)
+    if task == "classification" and len(np.unique(y)) < 2:
+        raise CLIError("the target has a single class: classification needs at least two")
+    stratify = y if task == "classification" and np.min(np.unique(y, return_counts=True)[1]) > 1 else None
+    try:
+        X_tr, X_te, y_tr, y_te = train_test_split(X, y, test_size=args.test_size,
+                                                  random_state=args.random_state,
+                                                  stratify=stratify)
+    except ValueError as exc:
+        raise CLIError(f"cannot split the data: {exc}") from None
+    Est = MLPClassifier if task == "classification" else MLPRegressor
+    est = Est(hidden_layer_sizes=hidden, activation=args.activation, solver=args.solver,
+              max_iter=args.max_iter, batch_size=args.batch_size, alpha=args.alpha,
+              random_state=args.random_state, early_stopping=args.early_stopping)
+    scaler = StandardScaler(with_mean=not hasattr(X, "tocsr"))
+    model = Pipeline([("scaler", scaler), ("mlp", est)])
+    progress = _Progress(args.max_iter, not args.quiet)
+    est._progress_callback = progress
+    if not args.quiet:
+        n_out = len(np.unique(y)) if task == "classification" else 1
+        n_out = 1 if n_out == 2 else n_out
+        print(f"training a {task} network {X.shape[1]}-{'-'.join(map(str, hidden))}-"
+              f"{n_out} with {args.solver} on {source}: "
+              f"{X_tr.shape[0]} training rows, {X_te.shape[0]} test rows")
+    t0 = time.perf_counter()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model.fit(X_tr, y_tr)
+    except ValueError as exc:
+        raise CLIError(f"training failed: {exc}") from None
+    finally:
+        progress.close()
+        del est._progress_callback
+    seconds = time.perf_counter() - t0
+    notes = sorted({str(w.message).split("\n")[0] for w in caught
+                    if "converge" in str(w.message)})
+    metric = "accuracy" if task == "classification" else "R^2"
+    train_score = model.score(X_tr, y_tr)
+    test_score = model.score(X_te, y_te)
+    meta = {"task": task, "feature_names": names, "target": tname, "source": str(source),
+            "test_size": args.test_size, "random_state": args.random_state,
+            "train_" + ("accuracy" if task == "classification" else "r2"): train_score,
+            "test_" + ("accuracy" if task == "classification" else "r2"): test_score}
+    try:
+        save(model, args.output, metadata=meta)
+    except OSError as exc:
+        raise CLIError(f"{args.output}: cannot write the model ({exc.strerror or exc})") \
+            from None
+    if args.test_data_out:
+        _write_split(args.test_data_out, X_te, y_te, names, tname)
+    if not args.quiet:
+        for note in notes:
+            print(f"note: {note}")
+        print(f"training {metric}: {train_score:.4f}")
+        print(f"test {metric}:     {test_score:.4f}")
+        print(f"training time:     {seconds:.2f} s ({est.n_iter_} "
+              f"{'iterations' if args.solver == 'lbfgs' else 'epochs'})")
+        print(f"model saved to {args.output}")
+        if args.test_data_out:
+            print(f"test split written to {args.test_data_out}")
+    else:
+        print(f"test {metric}: {test_score:.4f}")
+    if args.plot:
+        _plot(args.plot, est, args.quiet)
+    return 0
+
+
+def _write_split(path, X, y, names, tname):
+    X = X.toarray() if hasattr(X, "toarray") else X
+    if _fmt(path) == "npz":
+        np.savez(path, X=X, y=np.asarray(y))
+        return
+    names = names or [f"x{j}" for j in range(X.shape[1])]
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(list(names) + [tname or "target"])
+        for row, label in zip(X, y):
+            w.writerow([repr(float(v)) for v in row] + [label])
+
+
+def cmd_predict(args):
+    from sklearn.pipeline import Pipeline
+
+    from . import load
+    from ._estimators import MLPClassifier
+
+    try:
+        model, meta = load(args.model, return_metadata=True)
+    except FileNotFoundError as exc:
+        raise CLIError(str(exc)) from None
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
+    est = model.steps[-1][1] if isinstance(model, Pipeline) else model
+    n_features = est.n_features_in_
+    fmt = _fmt(args.data)
+    names = meta.get("feature_names")
+    if fmt == "csv" and names:
+        X_all, _, header, _ = read_data(args.data, need_target=False)
+        missing = [n for n in names if n not in header]
+        if missing:
+            raise CLIError(f"{args.data}: missing feature columns {', '.join(missing)}")
+        X = X_all[:, [header.index(n) for n in names]]
+    else:
+        X, _, _, _ = read_data(args.data, need_target=False,
+                               n_features=n_features if fmt == "svmlight" else None)
+        if fmt == "csv" and X.shape[1] == n_features + 1 and meta.get("target") is None:
+            X = X[:, :n_features]  # a CSV with the target as its last column
+    if X.shape[1] != n_features:
+        raise CLIError(f"{args.data}: {X.shape[1]} feature columns, the model expects "
+                       f"{n_features}")
+    is_clf = isinstance(est, MLPClassifier)
+    if args.proba and not is_clf:
+        raise CLIError("--proba needs a classification model")
+    if args.proba:
+        P = model.predict_proba(X)
+        header = [f"proba_{c}" for c in est.classes_]
+        rows = [[repr(float(v)) for v in p] for p in P]
+    else:
+        pred = model.predict(X)
+        if pred.ndim == 1:
+            header = ["prediction"]
+            rows = [[_cell(v)] for v in pred]
+        else:
+            header = [f"prediction_{j}" for j in range(pred.shape[1])]
+            rows = [[_cell(v) for v in r] for r in pred]
+    out = open(args.output, "w", newline="") if args.output else sys.stdout
+    try:
+        w = csv.writer(out)
+        w.writerow(header)
+        w.writerows(rows)
+    except OSError as exc:
+        raise CLIError(f"{args.output}: cannot write ({exc.strerror or exc})") from None
+    finally:
+        if args.output:
+            out.close()
+    if args.output and not args.quiet:
+        print(f"{len(rows)} predictions written to {args.output}", file=sys.stderr)
+    return 0
+
+
+def _cell(v):
+    """A prediction as CSV text: floats round-trip exactly (repr), labels as they are."""
+    if isinstance(v, (float, np.floating)):
+        return repr(float(v))
+    return str(v)
+
+
+def build_parser():
+    """The argument parser of the ``fastbp`` command."""
+    p = argparse.ArgumentParser(prog="fastbp", description="Train and use multilayer "
+                                "perceptrons with fastbp's compiled backprop core.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a network on DATA (default: digits)",
+                       description="Train a network on DATA (CSV with a header, NPZ with X "
+                       "and y, or svmlight); with no DATA, on the digits data set bundled "
+                       "with scikit-learn.")
+    t.add_argument("data", nargs="?", default=None, metavar="DATA")
+    t.add_argument("--target", default=None,
+                   help="CSV target column (default: the last column)")
+    t.add_argument("--hidden", default="100", help="hidden layer sizes, e.g. 100,50")
+    t.add_argument("--activation", default="relu",
+                   choices=["identity", "logistic", "tanh", "relu"])
+    t.add_argument("--solver", default="adam", choices=["adam", "sgd", "lbfgs"])
+    t.add_argument("--max-iter", type=int, default=200)
+    t.add_argument("--batch-size", type=_batch_size, default="auto")
+    t.add_argument("--alpha", type=float, default=1e-4)
+    t.add_argument("--random-state", type=int, default=0)
+    t.add_argument("--test-size", type=float, default=0.2)
+    t.add_argument("--task", default="auto", choices=["auto", "classification",
+                                                      "regression"])
+    t.add_argument("--early-stopping", action="store_true")
+    t.add_argument("--output", default="model.fbp", help="model file (default: model.fbp)")
+    t.add_argument("--test-data-out", default=None, metavar="FILE",
+                   help="also write the held-out test rows (CSV or .npz)")
+    t.add_argument("--plot", default=None, metavar="PNG", help="write the loss curve")
+    t.add_argument("--quiet", action="store_true")
+    t.set_defaults(func=cmd_train)
+
+    r = sub.add_parser("predict", help="predict with a saved model",
+                       description="Write predictions (or class probabilities) for DATA as "
+                       "CSV. The model's scaler is applied.")
+    r.add_argument("model", metavar="MODEL")
+    r.add_argument("data", metavar="DATA")
+    r.add_argument("--output", default=None, help="CSV file (default: standard output)")
+    r.add_argument("--proba", action="store_true", help="class probabilities")
+    r.add_argument("--quiet", action="store_true")
+    r.set_defaults(func=cmd_predict)
+    return p
+
+
+def _batch_size(text):
+    if text == "auto":
+        return text
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be 'auto' or a positive integer, got "
+                                          f"{text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {v}")
+    return v
+
+
+def main(argv=None):
+    """Run the ``fastbp`` command.
+
+    Parameters
+    ----------
+    argv : list of str, default=None
+        Arguments (default: ``sys.argv[1:]``).
+
+    Returns
+    -------
+    status : int
+        0 on success, 2 on bad input (after one line on stderr).
+
+    Examples
+    --------
+    >>> import os, tempfile
+    >>> from fastbp.cli import main
+    >>> path = os.path.join(tempfile.mkdtemp(), "m.fbp")
+    >>> main(["train", "--hidden", "16", "--max-iter", "20", "--quiet",
+    ...       "--output", path])  # doctest: +ELLIPSIS
+    test accuracy: 0.9...
+    0
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except CLIError as exc:
+        print(f"fastbp: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fastbp: interrupted", file=sys.stderr)
+        return 130
+
+
+def main_entry():
+    """Console-script entry point: ``sys.exit(main())``."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    main_entry()
