@@ -219,7 +219,8 @@ def load(path, *, return_metadata=False):
     >>> from sklearn.datasets import load_diabetes
     >>> import fastbp
     >>> X, y = load_diabetes(return_X_y=True)
-    >>> reg = fastbp.MLPRegressor((8,), solver="lbfgs", max_iter=50, random_state=0)
+    >>> reg = fastbp.MLPRegressor(hidden_layer_sizes=(8,), solver="lbfgs", max_iter=50,
+    ...                           random_state=0)
     >>> reg = reg.fit(X, y / 100)
     >>> path = os.path.join(tempfile.mkdtemp(), "diabetes.fbp")
     >>> fastbp.save(reg, path)
