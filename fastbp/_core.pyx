@@ -31,7 +31,7 @@ from libc.math cimport isfinite
 from libc.stdint cimport uint64_t
 from libc.string cimport memset, memcpy
 
-from cython.parallel cimport parallel, threadid
+from cython.parallel cimport parallel, prange, threadid
 from openmp cimport omp_get_num_threads
 import numpy as np
 
@@ -629,40 +629,100 @@ cdef int _fill(Spec* sp, Input* inp, const Py_ssize_t[::1] sizes,
     return 0
 
 
+# Full-batch passes split the blocks over a fixed number of lanes: block b belongs to lane
+# b % N_LANES, each lane sums its blocks in block order into its own buffers, and the lanes
+# are summed in lane order. Threads take whole lanes, so the result is bitwise the same
+# for any number of threads (up to N_LANES of them do work).
+N_LANES = 8
+
+
+def n_lanes_for(Py_ssize_t n_samples, Py_ssize_t block):
+    """Lanes used for n_samples rows in blocks of ``block`` (never depends on threads)."""
+    cdef Py_ssize_t n_blocks = (n_samples + block - 1) // block
+    return max(1, min(N_LANES, n_blocks))
+
+
 def loss_grad(const floating[::1] theta, floating[::1] grad, const floating[:, :] X,
               const floating[::1] data, const int[::1] indices,
               const Py_ssize_t[::1] indptr, const floating[:, ::1] Y,
               const double[::1] sample_weight, const Py_ssize_t[::1] sizes,
               const Py_ssize_t[::1] w_off, const Py_ssize_t[::1] b_off, int act, int out,
-              floating[::1] work, double[::1] dacc, Py_ssize_t block, double scale,
-              double alpha):
+              floating[:, ::1] work, floating[:, ::1] lane_grad, double[:, ::1] lane_dacc,
+              double[::1] lane_loss, Py_ssize_t block, double scale, double alpha,
+              int n_threads):
     """Full-batch objective over all rows, streamed in blocks; returns the loss (float).
 
     grad (n_params,) is overwritten, or left alone when None. scale = 1 / sum(weights).
     X is dense (and data/indices/indptr None) or None (and they hold CSR arrays).
+    work is (n_threads, workspace) and lane_grad/lane_dacc/lane_loss have one row per lane
+    (``n_lanes_for(n_samples, block)`` of them): see N_LANES. BLAS must be
+    single-threaded while n_threads > 1 (the caller sees to it).
     """
     cdef Spec sp
     cdef Input inp
-    cdef Py_ssize_t start, nb, n = Y.shape[0]
+    cdef Py_ssize_t n = Y.shape[0], n_params = theta.shape[0], i
+    cdef Py_ssize_t n_blocks = (n + block - 1) // block
+    cdef Py_ssize_t n_lanes = lane_grad.shape[0], n_int = lane_dacc.shape[1]
+    cdef Py_ssize_t ws = work.shape[1], n_coef = b_off[0]
     cdef double loss = 0.0, penalty
     cdef floating* g = NULL
     cdef const double* sw = NULL
+    cdef const floating* theta_p = &theta[0]
+    cdef const floating* Y_p
+    cdef floating* work_p = &work[0, 0]
+    cdef floating* lg = &lane_grad[0, 0]
+    cdef double* ld = &lane_dacc[0, 0]
+    cdef double* ll = &lane_loss[0]
+    cdef int lane, k
+    # Thread-private:
+    cdef Py_ssize_t b, start, nb
+    cdef double part
+    cdef int tid
+    if lane_grad.shape[1] != n_params or lane_dacc.shape[0] != n_lanes \
+            or lane_loss.shape[0] != n_lanes or work.shape[0] < n_threads:
+        raise ValueError("lane buffers or workspaces do not match")
+    if n_lanes != max(1, min(N_LANES, n_blocks)):
+        raise ValueError("lane buffers must have n_lanes_for(n_samples, block) rows")
     _fill(&sp, &inp, sizes, w_off, b_off, act, out, block, X, data, indices, indptr, theta)
     if grad is not None:
         g = &grad[0]
     if sample_weight is not None:
         sw = &sample_weight[0]
+    if n == 0:
+        with nogil:
+            memset(ld, 0, n_int * sizeof(double))
+            if g != NULL:
+                memset(g, 0, n_coef * sizeof(floating))
+            penalty = finish_gradient(&sp, theta_p, g, ld, scale, alpha)
+        return penalty
+    Y_p = &Y[0, 0]
+    with nogil, parallel(num_threads=n_threads):
+        tid = threadid()
+        for lane in prange(n_lanes, schedule="static", chunksize=1):
+            memset(ld + lane * n_int, 0, n_int * sizeof(double))
+            ll[lane] = 0.0
+            b = lane
+            while b < n_blocks:
+                start = b * block
+                nb = min(block, n - start)
+                part = block_pass(&sp, &inp, NULL, start, nb, Y_p, sw, scale, theta_p,
+                                  (lg + lane * n_params) if g != NULL else NULL,
+                                  ld + lane * n_int, work_p + tid * ws, b != lane, NULL)
+                ll[lane] = ll[lane] + part
+                b = b + n_lanes
     with nogil:
-        memset(&dacc[0], 0, dacc.shape[0] * sizeof(double))
-        if g != NULL and n == 0:
-            memset(g, 0, b_off[0] * sizeof(floating))
-        start = 0
-        while start < n:
-            nb = min(block, n - start)
-            loss += block_pass(&sp, &inp, NULL, start, nb, &Y[0, 0], sw, scale, &theta[0],
-                               g, &dacc[0], &work[0], start > 0, NULL)
-            start += nb
-        penalty = finish_gradient(&sp, &theta[0], g, &dacc[0], scale, alpha)
+        # Lanes summed in lane order: the same for any number of threads.
+        for lane in range(n_lanes):
+            loss += ll[lane]
+        for lane in range(1, n_lanes):
+            for i in range(n_int):
+                ld[i] += ld[lane * n_int + i]
+        if g != NULL:
+            memcpy(g, lg, n_coef * sizeof(floating))
+            for lane in range(1, n_lanes):
+                for i in range(n_coef):
+                    g[i] = g[i] + lg[lane * n_params + i]
+        penalty = finish_gradient(&sp, theta_p, g, ld, scale, alpha)
     return loss * scale + penalty
 
 
@@ -670,21 +730,33 @@ def forward(const floating[::1] theta, floating[:, ::1] out_arr, const floating[
             const floating[::1] data, const int[::1] indices,
             const Py_ssize_t[::1] indptr, const Py_ssize_t[::1] sizes,
             const Py_ssize_t[::1] w_off, const Py_ssize_t[::1] b_off, int act, int out,
-            floating[::1] work, Py_ssize_t block):
-    """Output activations for every row into out_arr (n_samples, n_outputs)."""
+            floating[:, ::1] work, Py_ssize_t block, int n_threads):
+    """Output activations for every row into out_arr (n_samples, n_outputs).
+
+    Blocks are independent: threads take blocks; work is (n_threads, workspace).
+    """
     cdef Spec sp
     cdef Input inp
-    cdef Py_ssize_t start, nb, n = out_arr.shape[0], m = out_arr.shape[1]
+    cdef Py_ssize_t n = out_arr.shape[0], m = out_arr.shape[1]
+    cdef Py_ssize_t n_blocks = (n + block - 1) // block, ws = work.shape[1]
+    cdef floating* work_p = &work[0, 0]
+    cdef floating* out_p
+    cdef const floating* theta_p = &theta[0]
+    cdef Py_ssize_t b, start, nb
+    cdef int tid
+    if work.shape[0] < n_threads:
+        raise ValueError("work needs one row per thread")
     _fill(&sp, &inp, sizes, w_off, b_off, act, out, block, X, data, indices, indptr, theta)
     if n == 0:
         return
-    with nogil:
-        start = 0
-        while start < n:
+    out_p = &out_arr[0, 0]
+    with nogil, parallel(num_threads=n_threads):
+        tid = threadid()
+        for b in prange(n_blocks, schedule="static"):
+            start = b * block
             nb = min(block, n - start)
             block_pass(&sp, &inp, NULL, start, nb, <const floating*> NULL, NULL, 1.0,
-                       &theta[0], NULL, NULL, &work[0], False, &out_arr[0, 0] + start * m)
-            start += nb
+                       theta_p, NULL, NULL, work_p + tid * ws, False, out_p + start * m)
 
 
 cdef double reduce_and_step(const Spec* sp, floating* theta, floating* grads,

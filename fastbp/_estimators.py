@@ -23,8 +23,8 @@ from sklearn.utils.validation import (_check_sample_weight, check_is_fitted,
                                       column_or_1d, validate_data)
 
 from ._network import Network
-from ._solvers import (StochasticOptimizer, _diverged, fit_lbfgs, single_threaded_blas,
-                       threads_for_batch)
+from ._solvers import StochasticOptimizer, _diverged, fit_lbfgs
+from ._threads import single_threaded_blas, threads_for_batch
 
 __all__ = ["MLPClassifier", "MLPRegressor"]
 
@@ -135,7 +135,7 @@ class _BaseMLP(BaseEstimator):
         self.n_layers_ = len(layer_units)
         self.out_activation_ = self._out_activation()
         self._net = Network(layer_units, activation=self.activation,
-                            output=self.out_activation_, dtype=dtype)
+                            output=self.out_activation_, dtype=dtype, n_jobs=self.n_jobs)
         self._theta = self._net.init_params(self._random_state)
         self._set_views()
         self._optimizer = None
@@ -176,6 +176,7 @@ class _BaseMLP(BaseEstimator):
                 )
             if X.dtype != self._net.dtype:
                 X = X.astype(self._net.dtype)
+            self._net.n_jobs = self.n_jobs
         else:
             self._initialize(n_features, Y.shape[1], X.dtype)
         if self.loss_curve_ is None:
@@ -445,11 +446,13 @@ _COMMON_PARAMS_DOC = """
     max_fun : int, default=15000
         Maximum number of loss evaluations for 'lbfgs'.
     n_jobs : int or None, default=None
-        Threads for training (not in scikit-learn). None or -1: every CPU this process may
-        run on; -2: all but one, and so on. 'sgd'/'adam' split each minibatch by rows
-        across up to ``n_jobs`` threads (at least 16 rows each, so small batches use
-        fewer), with BLAS limited to one thread meanwhile. Results depend on the number of
-        threads only through floating-point summation order.
+        Threads for training and prediction (not in scikit-learn). None or -1: every CPU
+        this process may run on; -2: all but one, and so on. Full-batch work ('lbfgs',
+        predict) spreads blocks of 2048 rows over the threads and gives bitwise the same
+        result for any ``n_jobs``. 'sgd'/'adam' split each minibatch by rows across up
+        to ``n_jobs`` threads (at least 16 rows each, so small batches use fewer); there
+        the result depends on the number of threads through floating-point summation
+        order only. BLAS runs single-threaded while fastbp's threads work.
 """
 
 _COMMON_ATTRS_DOC = """

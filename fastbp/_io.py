@@ -288,7 +288,7 @@ def _build(meta, arrays):
     if attrs.get("out_activation_") not in ("softmax", "logistic", "identity", "exp"):
         raise ValueError(f"output activation {attrs.get('out_activation_')!r}")
     net = Network(sizes, activation=est.activation, output=attrs["out_activation_"],
-                  dtype=dtype)
+                  dtype=dtype, n_jobs=est.n_jobs)
     theta = _array(arrays, "theta", "f", (net.n_params,))
     if theta.dtype != dtype:
         raise ValueError(f"theta has dtype {theta.dtype}, metadata says {dtype}")

@@ -4,6 +4,7 @@ The Python side validates, converts and allocates; the compiled kernels in ``_co
 compute. Solvers and estimators prepare their data once (``Network.prepare``) and then call
 the kernels through ``Network._loss_grad`` without any per-call validation.
 """
+import contextlib
 import threading
 from numbers import Integral
 
@@ -12,6 +13,7 @@ import scipy.sparse as sp
 from sklearn.utils import check_random_state
 
 from . import _core
+from ._threads import effective_n_jobs, single_threaded_blas
 
 __all__ = ["Network"]
 
@@ -57,6 +59,13 @@ class Network:
     block_size : int, default=2048
         Rows per block in full-batch passes; memory use grows with it, results do not
         depend on it beyond floating-point rounding.
+    n_jobs : int or None, default=None
+        Threads for full-batch passes (``loss_grad``, ``forward``). None or -1: every CPU
+        this process may run on; -2: all but one, and so on. Blocks of rows are spread
+        over up to 8 fixed lanes that are summed in a fixed order, so the results are
+        bitwise identical for any ``n_jobs``. While more than one block is processed,
+        BLAS runs single-threaded (the threads are fastbp's), so cores are never
+        oversubscribed.
 
     Attributes
     ----------
@@ -101,7 +110,7 @@ class Network:
     """
 
     def __init__(self, layer_sizes, activation="relu", output="softmax",
-                 dtype=np.float64, block_size=DEFAULT_BLOCK):
+                 dtype=np.float64, block_size=DEFAULT_BLOCK, n_jobs=None):
         try:
             sizes = [int(s) for s in layer_sizes]
         except (TypeError, ValueError):
@@ -131,12 +140,16 @@ class Network:
             raise ValueError(f"dtype must be float32 or float64, got {dtype}")
         if not isinstance(block_size, (Integral, np.integer)) or block_size < 1:
             raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
+        if n_jobs is not None and (not isinstance(n_jobs, (Integral, np.integer))
+                                   or n_jobs == 0):
+            raise ValueError(f"n_jobs must be None or a non-zero integer, got {n_jobs!r}")
 
         self.layer_sizes = tuple(sizes)
         self.activation = activation
         self.output = output
         self.dtype = dtype
         self.block_size = int(block_size)
+        self.n_jobs = n_jobs
         self.n_layers = len(sizes) - 1
 
         n_coef = sum(a * b for a, b in zip(sizes[:-1], sizes[1:]))
@@ -328,53 +341,75 @@ class Network:
 
     # Workspaces --------------------------------------------------------------------------
 
-    def _acquire(self, block):
-        """A (work, dacc) pair for full-batch passes over ``block`` rows: reused across
-        calls, one per concurrent caller. Full-batch passes read rows in place, so the
-        workspace has no gather buffer."""
-        with self._lock:
-            free = self._pool.get(block)
-            if free:
-                return free.pop()
-        work = np.empty(_core.workspace_size(self._sizes, block, False), dtype=self.dtype)
-        dacc = np.empty(self._n_intercepts, dtype=np.float64)
-        return work, dacc
+    def _threads(self, units):
+        return max(1, min(effective_n_jobs(self.n_jobs), units))
 
-    def _release(self, block, ws):
+    def _acquire(self, n_samples, lanes):
+        """Buffers for a full-batch pass over n_samples rows, reused across calls (one
+        set per concurrent caller): per-thread workspaces and, with ``lanes``, per-lane
+        gradient, intercept-sum and loss rows. Full-batch passes read rows in place, so
+        the workspaces have no gather buffer."""
+        block = self._block_for(n_samples)
+        n_blocks = -(-n_samples // block)
+        n_lanes = _core.n_lanes_for(n_samples, block) if lanes else 0
+        threads = self._threads(n_lanes if lanes else n_blocks)
+        key = (block, threads, n_lanes)
         with self._lock:
-            self._pool.setdefault(block, []).append(ws)
+            free = self._pool.get(key)
+            if free:
+                return key, free.pop()
+        ws = _core.workspace_size(self._sizes, block, False)
+        bufs = {"work": np.empty((threads, ws), dtype=self.dtype), "block": block,
+                "threads": threads, "n_blocks": n_blocks}
+        if lanes:
+            bufs["lane_grad"] = np.empty((n_lanes, self.n_params), dtype=self.dtype)
+            bufs["lane_dacc"] = np.empty((n_lanes, self._n_intercepts), dtype=np.float64)
+            bufs["lane_loss"] = np.empty(n_lanes, dtype=np.float64)
+        return key, bufs
+
+    def _release(self, key, bufs):
+        with self._lock:
+            self._pool.setdefault(key, []).append(bufs)
 
     def _block_for(self, n_samples):
         return max(1, min(self.block_size, n_samples))
 
+    def _blas_guard(self, bufs, limit_blas):
+        # Several blocks: the cores are fastbp's threads', BLAS gets one thread each.
+        if limit_blas and bufs["n_blocks"] > 1:
+            return single_threaded_blas()
+        return contextlib.nullcontext()
+
     # The objective -----------------------------------------------------------------------
 
-    def _loss_grad(self, theta, d, alpha, grad):
+    def _loss_grad(self, theta, d, alpha, grad, limit_blas=True):
         """Objective on prepared data; theta is contiguous in the network's dtype."""
-        block = self._block_for(d.n_samples)
-        ws = self._acquire(block)
         scale = 1.0 / d.weight_sum if d.weight_sum > 0 else 0.0
+        key, b = self._acquire(d.n_samples, lanes=True)
         try:
-            loss = _core.loss_grad(theta, grad, d.X, d.data, d.indices, d.indptr, d.Y,
-                                   d.sample_weight, self._sizes, self._w_off,
-                                   self._b_off, self._act, self._out, ws[0], ws[1], block,
-                                   scale, float(alpha))
+            with self._blas_guard(b, limit_blas):
+                loss = _core.loss_grad(
+                    theta, grad, d.X, d.data, d.indices, d.indptr, d.Y, d.sample_weight,
+                    self._sizes, self._w_off, self._b_off, self._act, self._out,
+                    b["work"], b["lane_grad"], b["lane_dacc"], b["lane_loss"], b["block"],
+                    scale, float(alpha), b["threads"])
         finally:
-            self._release(block, ws)
+            self._release(key, b)
         return loss
 
     def _forward(self, theta, d, raw=False):
         out = np.empty((d.n_samples, self.layer_sizes[-1]), dtype=self.dtype)
         if d.n_samples == 0:
             return out
-        block = self._block_for(d.n_samples)
-        ws = self._acquire(block)
+        key, b = self._acquire(d.n_samples, lanes=False)
         try:
-            _core.forward(theta, out, d.X, d.data, d.indices, d.indptr, self._sizes,
-                          self._w_off, self._b_off, self._act,
-                          _core.OUTPUTS["identity"] if raw else self._out, ws[0], block)
+            with self._blas_guard(b, True):
+                _core.forward(theta, out, d.X, d.data, d.indices, d.indptr, self._sizes,
+                              self._w_off, self._b_off, self._act,
+                              _core.OUTPUTS["identity"] if raw else self._out, b["work"],
+                              b["block"], b["threads"])
         finally:
-            self._release(block, ws)
+            self._release(key, b)
         return out
 
     def forward(self, theta, X, raw=False):

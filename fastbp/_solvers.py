@@ -9,57 +9,18 @@
 Solvers never pack or unpack: they write into ``theta`` in place, so the estimator's
 ``coefs_``/``intercepts_`` views stay valid.
 """
+import contextlib
 import math
-import os
 import warnings
 
 import numpy as np
 import scipy.optimize
 from sklearn.exceptions import ConvergenceWarning
-from threadpoolctl import ThreadpoolController
 
 from . import _core
+from ._threads import single_threaded_blas
 
-__all__ = ["fit_lbfgs", "StochasticOptimizer", "DivergenceError", "effective_n_jobs",
-           "threads_for_batch"]
-
-# Fewer rows than this per thread and splitting a minibatch costs more than it saves.
-MIN_ROWS_PER_THREAD = 16
-
-
-def effective_n_jobs(n_jobs):
-    """Threads to use: None means every CPU this process may run on; -1 too; -2 all
-    but one, and so on."""
-    try:
-        n_cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        n_cpus = os.cpu_count() or 1
-    if n_jobs is None:
-        return n_cpus
-    if n_jobs < 0:
-        return max(1, n_cpus + 1 + n_jobs)
-    return max(1, int(n_jobs))
-
-
-_CONTROLLER = None
-
-
-def single_threaded_blas():
-    """A context that limits every BLAS library to one thread until it exits.
-
-    The limits apply when this is called. Finding the loaded BLAS libraries is the slow
-    part of threadpoolctl, so it is done once per process.
-    """
-    global _CONTROLLER
-    if _CONTROLLER is None:
-        _CONTROLLER = ThreadpoolController()
-    return _CONTROLLER.limit(limits=1, user_api="blas")
-
-
-def threads_for_batch(n_jobs, batch_size):
-    """Threads that split one minibatch: at most n_jobs, at least 16 rows each."""
-    return max(1, min(effective_n_jobs(n_jobs), batch_size // MIN_ROWS_PER_THREAD))
-
+__all__ = ["fit_lbfgs", "StochasticOptimizer", "DivergenceError"]
 
 class DivergenceError(ValueError):
     """Training produced a non-finite loss; the model keeps its last finite parameters.
@@ -131,7 +92,7 @@ def fit_lbfgs(net, theta, data, alpha, max_iter, max_fun, tol, verbose, loss_cur
             p = work_theta
         else:
             p = x
-        loss = net._loss_grad(p, data, alpha, grad)
+        loss = net._loss_grad(p, data, alpha, grad, limit_blas=False)
         best.offer(loss, p)
         # A fresh float64 gradient per call: SciPy keeps references to earlier ones.
         return loss, grad.astype(np.float64, copy=True)
@@ -146,11 +107,16 @@ def fit_lbfgs(net, theta, data, alpha, max_iter, max_fun, tol, verbose, loss_cur
             progress(n_iter, float(intermediate_result.fun))
 
     x0 = theta.astype(np.float64, copy=True)
+    # Several blocks: fastbp's threads use the cores, so BLAS gets one thread (set once
+    # for the whole run rather than per evaluation).
+    guard = (single_threaded_blas() if data.n_samples > net.block_size
+             else contextlib.nullcontext())
     try:
-        res = scipy.optimize.minimize(
-            fun, x0, method="L-BFGS-B", jac=True, callback=callback,
-            options={"maxiter": max_iter, "maxfun": max_fun, "gtol": tol},
-        )
+        with guard:
+            res = scipy.optimize.minimize(
+                fun, x0, method="L-BFGS-B", jac=True, callback=callback,
+                options={"maxiter": max_iter, "maxfun": max_fun, "gtol": tol},
+            )
     except KeyboardInterrupt:
         warnings.warn("Training interrupted by user; the model keeps the best "
                       "parameters found so far.", UserWarning)

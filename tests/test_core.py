@@ -820,22 +820,25 @@ def test_workspaces_reused_and_clean():
     net = Network(sizes, "tanh", "logistic", block_size=16)
     first = net.loss_grad(theta, X, Y, sw, alpha=0.1)
     forward1 = net.forward(theta, X)
-    # One pooled workspace per block size, and the same one handed out again.
-    assert list(net._pool) == [16] and len(net._pool[16]) == 1
-    work_id = id(net._pool[16][0][0])
+    # One pooled buffer set per (block, threads, lanes), handed out again.
+    lg_keys = [k for k in net._pool if k[0] == 16 and k[2] > 0]
+    assert len(lg_keys) == 1 and len(net._pool[lg_keys[0]]) == 1
+    key = lg_keys[0]
+    work_id = id(net._pool[key][0]["work"])
     # Other data (and a smaller block: 5 rows), then the first problem again.
     net.loss_grad(theta2, X2, Y2, sw2, alpha=0.3)
     net.loss_grad(theta2, X2[:5], Y2[:5], sw2[:5])
-    assert len(net._pool[16]) == 1 and id(net._pool[16][0][0]) == work_id
+    assert len(net._pool[key]) == 1 and id(net._pool[key][0]["work"]) == work_id
     again = net.loss_grad(theta, X, Y, sw, alpha=0.1)
     assert again[0] == first[0]
     np.testing.assert_array_equal(again[1], first[1])
     np.testing.assert_array_equal(net.forward(theta, X), forward1)
-    # Poison the pooled workspaces: nothing may be read before it is written.
-    for wss in net._pool.values():
-        for work, dacc in wss:
-            work.fill(np.nan)
-            dacc.fill(np.nan)
+    # Poison the pooled buffers: nothing may be read before it is written.
+    for sets in net._pool.values():
+        for bufs in sets:
+            for name in ("work", "lane_grad", "lane_dacc", "lane_loss"):
+                if name in bufs:
+                    bufs[name].fill(np.nan)
     poisoned = net.loss_grad(theta, X, Y, sw, alpha=0.1)
     assert poisoned[0] == first[0]
     np.testing.assert_array_equal(poisoned[1], first[1])

@@ -1,0 +1,73 @@
+"""Full-batch work is bitwise identical for any number of threads.
+
+Blocks of rows are spread over a fixed number of lanes summed in a fixed order, so
+``n_jobs`` changes who computes a block, never how the sums are formed.
+"""
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+import fastbp
+from fastbp import MLPClassifier, MLPRegressor, Network
+
+
+def _problem(n, sizes, dtype, seed=0):
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, sizes[0])).astype(dtype)
+    Y = np.eye(sizes[-1], dtype=dtype)[rng.integers(0, sizes[-1], n)]
+    sw = rng.uniform(0.1, 2.0, n)
+    return X, Y, sw
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("sparse", [False, True])
+def test_loss_grad_and_forward_identical_for_any_thread_count(dtype, sparse):
+    sizes = [12, 16, 8, 5]
+    X, Y, sw = _problem(5000, sizes, dtype)  # 10 blocks of 512 rows: more blocks than lanes
+    if sparse:
+        X = sp.random(5000, 12, density=0.3, format="csr", random_state=0, dtype=dtype)
+    results = []
+    for n_jobs in (1, 2, 3, -1):
+        net = Network(sizes, activation="tanh", output="softmax", dtype=dtype,
+                      block_size=512, n_jobs=n_jobs)
+        theta = net.init_params(random_state=1)
+        loss, grad = net.loss_grad(theta, X, Y, sample_weight=sw, alpha=0.01)
+        results.append((loss, grad, net.forward(theta, X)))
+    for loss, grad, out in results[1:]:
+        assert loss == results[0][0]
+        np.testing.assert_array_equal(grad, results[0][1])
+        np.testing.assert_array_equal(out, results[0][2])
+
+
+def test_threads_match_the_single_block_reference():
+    """Blocks and lanes change only rounding: compare with one big block."""
+    sizes = [6, 10, 3]
+    X, Y, sw = _problem(3000, sizes, np.float64, seed=3)
+    one = Network(sizes, "relu", "softmax", block_size=10**6, n_jobs=1)
+    many = Network(sizes, "relu", "softmax", block_size=100, n_jobs=2)
+    theta = one.init_params(random_state=0)
+    l1, g1 = one.loss_grad(theta, X, Y, sw, alpha=0.1)
+    l2, g2 = many.loss_grad(theta, X, Y, sw, alpha=0.1)
+    assert l2 == pytest.approx(l1, rel=1e-13)
+    np.testing.assert_allclose(g2, g1, rtol=1e-11, atol=1e-14)
+
+
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+@pytest.mark.parametrize("Est", [MLPClassifier, MLPRegressor])
+def test_lbfgs_fit_identical_for_any_thread_count(Est):
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(5000, 8))
+    y = (X[:, 0] + X[:, 1] ** 2 > 1).astype(int) if Est is MLPClassifier else \
+        X[:, 0] - X[:, 1] * X[:, 2]
+    fits = [Est(hidden_layer_sizes=(16,), solver="lbfgs", max_iter=30, random_state=0, tol=0.0,
+                n_jobs=n_jobs).fit(X, y) for n_jobs in (1, 2)]
+    np.testing.assert_array_equal(fits[0]._theta, fits[1]._theta)
+    assert fits[0].loss_ == fits[1].loss_
+    assert fits[0].loss_curve_ == fits[1].loss_curve_
+
+
+def test_bad_n_jobs_rejected():
+    with pytest.raises(ValueError, match="n_jobs"):
+        Network([2, 1], output="identity", n_jobs=0)
+    with pytest.raises(ValueError, match="n_jobs"):
+        fastbp.MLPRegressor(n_jobs=0).fit([[0.0], [1.0]], [0.0, 1.0])
