@@ -439,7 +439,19 @@ def build_parser():
     r.add_argument("--proba", action="store_true", help="class probabilities")
     r.add_argument("--quiet", action="store_true")
     r.set_defaults(func=cmd_predict)
+
+    b = sub.add_parser("bench", help="a quick side-by-side benchmark (under 2 minutes)",
+                       description="Quick subset of the benchmark suite: fastbp against "
+                       "scikit-learn (and PyTorch when installed) on the same workloads, "
+                       "interleaved in one process; prints the table.")
+    b.set_defaults(func=cmd_bench)
     return p
+
+
+def cmd_bench(args):
+    from . import _bench
+    _bench.main_quick(log=lambda msg: print(msg, file=sys.stderr))
+    return 0
 
 
 def _batch_size(text):
