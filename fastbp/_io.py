@@ -173,9 +173,10 @@ def _bad(path, why):
 
 def _read(path):
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            if not isinstance(npz, np.lib.npyio.NpzFile):
-                raise _bad(path, "it is a single array, not a model archive")
+        npz = np.load(path, allow_pickle=False)
+        if not isinstance(npz, np.lib.npyio.NpzFile):
+            raise _bad(path, "it is a single array, not a model archive")
+        with npz:
             return {k: npz[k] for k in npz.files}
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: no such model file") from None
@@ -232,7 +233,7 @@ def load(path, *, return_metadata=False):
     if "__fastbp__" not in arrays:
         raise _bad(path, "it has no fastbp metadata")
     raw = arrays["__fastbp__"]
-    if raw.dtype != np.uint8 or raw.ndim != 1:
+    if not isinstance(raw, np.ndarray) or raw.dtype != np.uint8 or raw.ndim != 1:
         raise _bad(path, "its metadata is not a byte string")
     try:
         meta = json.loads(raw.tobytes().decode("utf-8"))
@@ -259,6 +260,8 @@ def load(path, *, return_metadata=False):
 
 def _array(arrays, name, kinds, shape=None):
     a = arrays[name]
+    if not isinstance(a, np.ndarray):
+        raise ValueError(f"member {name!r} is not a .npy array")
     if a.dtype.kind not in kinds:
         raise ValueError(f"array {name!r} has dtype {a.dtype}")
     if shape is not None and a.shape != shape:
@@ -285,8 +288,11 @@ def _build(meta, arrays):
     expected = [sizes[0]] + est._hidden_sizes() + [sizes[-1]]
     if sizes != expected or sizes[0] != attrs["n_features_in_"]:
         raise ValueError(f"layer sizes {sizes} do not match the parameters")
-    if attrs.get("out_activation_") not in ("softmax", "logistic", "identity", "exp"):
-        raise ValueError(f"output activation {attrs.get('out_activation_')!r}")
+    allowed = (("softmax", "logistic") if cls is MLPClassifier
+               else ("exp",) if est.loss == "poisson" else ("identity",))
+    if attrs.get("out_activation_") not in allowed:
+        raise ValueError(f"output activation {attrs.get('out_activation_')!r} does not fit "
+                         f"a {meta['estimator']}")
     net = Network(sizes, activation=est.activation, output=attrs["out_activation_"],
                   dtype=dtype, n_jobs=est.n_jobs)
     theta = _array(arrays, "theta", "f", (net.n_params,))
@@ -307,6 +313,7 @@ def _build(meta, arrays):
         names = _array(arrays, "feature_names_in", "U", (sizes[0],))
         est.feature_names_in_ = names.astype(object)
     est._optimizer = None
+    est._no_improvement_count = 0
     if cls is MLPClassifier:
         lbm = meta["label_binarizer"]
         classes = _array(arrays, "classes", "biufU")

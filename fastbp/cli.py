@@ -39,8 +39,12 @@ def _fmt(path):
     return "csv"
 
 
-def _read_csv(path, target, need_target):
-    """Returns (X float64, y column as str list or None, feature names, target name)."""
+def _read_csv(path, target, need_target, features=None):
+    """Returns (X float64, y column as str list or None, feature names, target name).
+
+    With ``features`` (column names), only those columns are read as features, in that
+    order; other columns are ignored (a target column among them, say).
+    """
     try:
         with open(path, newline="") as fh:
             rows = list(csv.reader(fh))
@@ -67,7 +71,13 @@ def _read_csv(path, target, need_target):
         t_idx = len(header) - 1
     if need_target and len(header) < 2:
         raise CLIError(f"{path}: needs at least one feature column and a target column")
-    feat_idx = [j for j in range(len(header)) if j != t_idx]
+    if features is not None:
+        missing = [f for f in features if f not in header]
+        if missing:
+            raise CLIError(f"{path}: missing feature columns {', '.join(missing)}")
+        feat_idx = [header.index(f) for f in features]
+    else:
+        feat_idx = [j for j in range(len(header)) if j != t_idx]
     X = np.empty((len(body), len(feat_idx)))
     for i, r in enumerate(body):
         for k, j in enumerate(feat_idx):
@@ -112,7 +122,7 @@ def _read_svmlight(path, n_features=None):
     return X, y, None, None
 
 
-def read_data(path, target=None, need_target=True, n_features=None):
+def read_data(path, target=None, need_target=True, n_features=None, features=None):
     """Load DATA for the command: (X, y, feature names or None, target name or None)."""
     if not os.path.exists(path):
         raise CLIError(f"{path}: no such file")
@@ -124,7 +134,7 @@ def read_data(path, target=None, need_target=True, n_features=None):
     elif fmt == "svmlight":
         X, y, names, tname = _read_svmlight(path, n_features)
     else:
-        X, y, names, tname = _read_csv(path, target, need_target)
+        X, y, names, tname = _read_csv(path, target, need_target, features)
     if X.shape[0] == 0:
         raise CLIError(f"{path}: no rows")
     data = X.data if hasattr(X, "data") else X
@@ -280,7 +290,8 @@ def cmd_train(args):
             warnings.simplefilter("always")
             model.fit(X_tr, y_tr)
     except ValueError as exc:
-        raise CLIError(f"training failed: {exc}") from None
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CLIError(f"training failed: {first}") from None
     finally:
         progress.close()
         del est._progress_callback
@@ -300,7 +311,12 @@ def cmd_train(args):
         raise CLIError(f"{args.output}: cannot write the model ({exc.strerror or exc})") \
             from None
     if args.test_data_out:
-        _write_split(args.test_data_out, X_te, y_te, names, tname)
+        try:
+            _write_split(args.test_data_out, X_te, y_te, names, tname)
+        except OSError as exc:
+            raise CLIError(f"{args.test_data_out}: cannot write the test split "
+                           f"({exc.strerror or exc}); the model was saved to "
+                           f"{args.output}") from None
     if not args.quiet:
         for note in notes:
             print(f"note: {note}")
@@ -348,11 +364,7 @@ def cmd_predict(args):
     fmt = _fmt(args.data)
     names = meta.get("feature_names")
     if fmt == "csv" and names:
-        X_all, _, header, _ = read_data(args.data, need_target=False)
-        missing = [n for n in names if n not in header]
-        if missing:
-            raise CLIError(f"{args.data}: missing feature columns {', '.join(missing)}")
-        X = X_all[:, [header.index(n) for n in names]]
+        X, _, _, _ = read_data(args.data, need_target=False, features=names)
     else:
         X, _, _, _ = read_data(args.data, need_target=False,
                                n_features=n_features if fmt == "svmlight" else None)
@@ -376,7 +388,10 @@ def cmd_predict(args):
         else:
             header = [f"prediction_{j}" for j in range(pred.shape[1])]
             rows = [[_cell(v) for v in r] for r in pred]
-    out = open(args.output, "w", newline="") if args.output else sys.stdout
+    try:
+        out = open(args.output, "w", newline="") if args.output else sys.stdout
+    except OSError as exc:
+        raise CLIError(f"{args.output}: cannot write ({exc.strerror or exc})") from None
     try:
         w = csv.writer(out)
         w.writerow(header)
@@ -398,11 +413,18 @@ def _cell(v):
     return str(v)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with usage errors reported like every other error: one line, exit 2."""
+
+    def error(self, message):
+        self.exit(2, f"fastbp: error: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser():
     """The argument parser of the ``fastbp`` command."""
-    p = argparse.ArgumentParser(prog="fastbp", description="Train and use multilayer "
-                                "perceptrons with fastbp's compiled backprop core.")
-    sub = p.add_subparsers(dest="command", required=True)
+    p = _Parser(prog="fastbp", description="Train and use multilayer "
+                "perceptrons with fastbp's compiled backprop core.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     t = sub.add_parser("train", help="train a network on DATA (default: digits)",
                        description="Train a network on DATA (CSV with a header, NPZ with X "
