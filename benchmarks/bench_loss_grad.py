@@ -1,7 +1,8 @@
 """One full-batch ``Network.loss_grad`` against the GEMMs it contains, side by side.
 
 The floor is ``_core.gemm_only``: exactly the GEMM calls that ``loss_grad`` makes (same
-shapes, same blocks, same buffers), and nothing else. The ratio is the cost of everything
+shapes, blocks, lanes, threads and buffers), and nothing else. Both run with BLAS
+single-threaded and fastbp's threads on the cores, as ``loss_grad`` always does. The ratio is the cost of everything
 that is not a GEMM: bias + activation, the output loss and delta, derivative passes,
 intercept sums, the L2 term and the Python call. Rounds are interleaved; medians reported.
 
@@ -16,6 +17,7 @@ from threadpoolctl import threadpool_info
 
 import fastbp
 from fastbp import _core
+from fastbp._threads import single_threaded_blas
 
 
 def main():
@@ -33,9 +35,10 @@ def main():
     theta = net.init_params(random_state=0)
     grad = np.empty(net.n_params)
     data = net.prepare(X, Y)
-    block = net._block_for(n)
-    work = np.empty(_core.workspace_size(net._sizes, block))
-    ggrad = np.empty(net.n_params)
+    key, bufs = net._acquire(n, lanes=True)  # the same buffer shapes loss_grad uses
+    block, threads = bufs["block"], bufs["threads"]
+    work, lane_grad = bufs["work"].copy(), bufs["lane_grad"].copy()
+    net._release(key, bufs)
 
     def run_loss_grad():
         net.loss_grad(theta, X, Y, alpha=1e-4, out=grad)
@@ -44,7 +47,9 @@ def main():
         net._loss_grad(theta, data, 1e-4, grad)
 
     def run_gemms():
-        _core.gemm_only(theta, ggrad, X, net._sizes, net._w_off, work, block)
+        with single_threaded_blas():
+            _core.gemm_only(theta, X, net._sizes, net._w_off, work, lane_grad, block,
+                            threads)
 
     cases = {"gemm_only": run_gemms, "loss_grad (prepared)": run_prepared,
              "Network.loss_grad": run_loss_grad}
@@ -60,7 +65,7 @@ def main():
     flops = 2 * n * sum(a * b for a, b in zip(sizes[:-1], sizes[1:])) * 3
     flops -= 2 * n * sizes[0] * sizes[1]  # no Delta_0 = Delta_1 W_1^T for the input layer
     print(f"loss_grad on {n}x{sizes[0]} float64, net {sizes} relu/softmax, "
-          f"block {block}, median of {args.rounds} interleaved rounds")
+          f"block {block}, {threads} threads, median of {args.rounds} interleaved rounds")
     print(f"BLAS: {[(i['internal_api'], i['num_threads']) for i in threadpool_info()]}")
     print(f"{'what':24s} {'ms':>8s} {'GFLOP/s':>8s} {'x gemm':>7s}")
     for k, v in med.items():
@@ -68,7 +73,7 @@ def main():
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"median_seconds": med, "flops": flops, "n_samples": n,
-                       "sizes": sizes, "block": block}, fh, indent=2)
+                       "sizes": sizes, "block": block, "threads": threads}, fh, indent=2)
 
 
 if __name__ == "__main__":

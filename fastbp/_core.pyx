@@ -937,42 +937,57 @@ def run_epoch(floating[::1] theta, floating[:, ::1] grads, const floating[:, :] 
     return result[0], int(result[1])
 
 
-def gemm_only(const floating[::1] theta, floating[::1] grad, const floating[:, ::1] X,
+cdef void _block_gemms(const Spec* sp, const floating* X, Py_ssize_t start, Py_ssize_t nb,
+                       const floating* theta, floating* grad, floating* work,
+                       bint accumulate) noexcept nogil:
+    """Exactly the GEMM calls that block_pass makes for one dense C-ordered block."""
+    cdef int L = sp.n_layers, l
+    cdef const Py_ssize_t* s = sp.sizes
+    cdef floating* scratch = work + _scratch_offset(sp)
+    cdef floating beta = 1 if accumulate else 0
+    cdef const floating* A0 = X + start * s[0]
+    for l in range(1, L + 1):
+        gemm(False, False, <int> nb, <int> s[l], <int> s[l - 1], <floating> 1.0,
+             A0 if l == 1 else (work + _act_offset(sp, l - 1)), <int> s[l - 1],
+             theta + sp.w_off[l - 1], <int> s[l], <floating> 0.0,
+             work + _act_offset(sp, l), <int> s[l])
+    for l in range(L, 0, -1):
+        gemm(True, False, <int> s[l - 1], <int> s[l], <int> nb, <floating> 1.0,
+             A0 if l == 1 else (work + _act_offset(sp, l - 1)), <int> s[l - 1],
+             work + _act_offset(sp, l), <int> s[l], beta, grad + sp.w_off[l - 1], <int> s[l])
+        if l > 1:
+            gemm(False, True, <int> nb, <int> s[l - 1], <int> s[l], <floating> 1.0,
+                 work + _act_offset(sp, l), <int> s[l], theta + sp.w_off[l - 1], <int> s[l],
+                 <floating> 0.0, scratch + (l % 2) * sp.block * sp.max_hidden,
+                 <int> s[l - 1])
+
+
+def gemm_only(const floating[::1] theta, const floating[:, ::1] X,
               const Py_ssize_t[::1] sizes, const Py_ssize_t[::1] w_off,
-              floating[::1] work, Py_ssize_t block):
-    """Run exactly the GEMM calls that ``loss_grad`` makes on dense C-ordered X, and
-    nothing else. For benchmarks: the physical floor of one loss_grad call."""
+              floating[:, ::1] work, floating[:, ::1] lane_grad, Py_ssize_t block,
+              int n_threads):
+    """Run exactly the GEMM calls that ``loss_grad`` makes on dense C-ordered X, with the
+    same blocks, lanes and threads, and nothing else. For benchmarks: the floor of one
+    loss_grad call. Buffers as for loss_grad."""
     cdef Spec sp
-    cdef Py_ssize_t n = X.shape[0], start, nb
-    cdef int L = <int> (sizes.shape[0] - 1), l
-    cdef const Py_ssize_t* s = &sizes[0]
-    cdef floating* scratch
-    cdef floating beta
+    cdef Py_ssize_t n = X.shape[0], n_params = theta.shape[0], ws = work.shape[1]
+    cdef Py_ssize_t n_blocks = (n + block - 1) // block, n_lanes = lane_grad.shape[0]
+    cdef const floating* X_p = &X[0, 0]
+    cdef const floating* theta_p = &theta[0]
+    cdef floating* work_p = &work[0, 0]
+    cdef floating* lg = &lane_grad[0, 0]
+    cdef int lane, tid
+    cdef Py_ssize_t b, start
     _fill_spec(&sp, sizes, w_off, w_off, 0, 0, block)
-    scratch = &work[0] + _scratch_offset(&sp)
-    with nogil:
-        start = 0
-        while start < n:
-            nb = min(block, n - start)
-            beta = 1 if start > 0 else 0
-            for l in range(1, L + 1):
-                gemm(False, False, <int> nb, <int> s[l], <int> s[l - 1], <floating> 1.0,
-                     (&X[0, 0] + start * s[0]) if l == 1
-                     else (&work[0] + _act_offset(&sp, l - 1)),
-                     <int> s[l - 1], &theta[0] + w_off[l - 1], <int> s[l], <floating> 0.0,
-                     &work[0] + _act_offset(&sp, l), <int> s[l])
-            for l in range(L, 0, -1):
-                gemm(True, False, <int> s[l - 1], <int> s[l], <int> nb, <floating> 1.0,
-                     (&X[0, 0] + start * s[0]) if l == 1
-                     else (&work[0] + _act_offset(&sp, l - 1)), <int> s[l - 1],
-                     &work[0] + _act_offset(&sp, l), <int> s[l], beta,
-                     &grad[0] + w_off[l - 1], <int> s[l])
-                if l > 1:
-                    gemm(False, True, <int> nb, <int> s[l - 1], <int> s[l], <floating> 1.0,
-                         &work[0] + _act_offset(&sp, l), <int> s[l],
-                         &theta[0] + w_off[l - 1], <int> s[l], <floating> 0.0,
-                         scratch + (l % 2) * sp.block * sp.max_hidden, <int> s[l - 1])
-            start += nb
+    with nogil, parallel(num_threads=n_threads):
+        tid = threadid()
+        for lane in prange(n_lanes, schedule="static", chunksize=1):
+            b = lane
+            while b < n_blocks:
+                start = b * block
+                _block_gemms(&sp, X_p, start, min(block, n - start), theta_p,
+                             lg + lane * n_params, work_p + tid * ws, b != lane)
+                b = b + n_lanes
 
 
 def sgd_update(floating[::1] theta, const floating[::1] grad, floating[::1] velocity,
