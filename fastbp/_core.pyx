@@ -759,6 +759,10 @@ def forward(const floating[::1] theta, floating[:, ::1] out_arr, const floating[
                        theta_p, NULL, NULL, work_p + tid * ws, False, out_p + start * m)
 
 
+cdef enum:
+    STEP_CHUNK = 1024   # parameters per chunk in reduce_and_step (4-8 KiB per array)
+
+
 cdef double reduce_and_step(const Spec* sp, floating* theta, floating* grads,
                             const double* daccs, int team, Py_ssize_t lo, Py_ssize_t hi,
                             double scale, double alpha, int solver, double lr,
@@ -774,28 +778,34 @@ cdef double reduce_and_step(const Spec* sp, floating* theta, floating* grads,
     """
     cdef Py_ssize_t i, k, n_params = sp.b_off[sp.n_layers - 1] + sp.sizes[sp.n_layers]
     cdef Py_ssize_t n_coef = sp.b_off[0], n_int = n_params - n_coef
-    cdef Py_ssize_t c_hi = min(hi, n_coef)
+    cdef Py_ssize_t c_hi = min(hi, n_coef), c0, c1
     cdef floating a = <floating> (alpha * scale)
     cdef double acc, sq = 0.0
-    # Loops over i innermost, so that they vectorize.
-    for k in range(1, team):
-        for i in range(lo, c_hi):
-            grads[i] = grads[i] + grads[k * n_params + i]
-    for i in range(lo, c_hi):
-        grads[i] = grads[i] + a * theta[i]
-    if alpha != 0.0:
-        sq = _sum_squares(theta + lo, c_hi - lo) if c_hi > lo else 0.0
+    # The intercepts' gradients, from the float64 sums.
     for i in range(max(lo, n_coef), hi):
         acc = daccs[i - n_coef]
         for k in range(1, team):
             acc += daccs[k * n_int + i - n_coef]
         grads[i] = <floating> acc
-    if hi > lo:
+    # Chunk by chunk, so that every pass over a chunk finds it in L1; within a chunk each
+    # loop runs over i innermost and vectorizes.
+    c0 = lo
+    while c0 < hi:
+        c1 = min(hi, c0 + STEP_CHUNK)
+        if c0 < c_hi:
+            for k in range(1, team):
+                for i in range(c0, min(c1, c_hi)):
+                    grads[i] = grads[i] + grads[k * n_params + i]
+            if alpha != 0.0:
+                sq += _sum_squares(theta + c0, min(c1, c_hi) - c0)
+                for i in range(c0, min(c1, c_hi)):
+                    grads[i] = grads[i] + a * theta[i]
         if solver == SOLVER_ADAM_:
-            adam_step(theta + lo, grads + lo, state_1 + lo, state_2 + lo, hi - lo, lr,
+            adam_step(theta + c0, grads + c0, state_1 + c0, state_2 + c0, c1 - c0, lr,
                       beta_1, beta_2, epsilon)
         else:
-            sgd_step(theta + lo, grads + lo, state_1 + lo, hi - lo, lr, momentum, nesterov)
+            sgd_step(theta + c0, grads + c0, state_1 + c0, c1 - c0, lr, momentum, nesterov)
+        c0 = c1
     return sq
 
 
