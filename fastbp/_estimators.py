@@ -9,7 +9,8 @@ import warnings
 from numbers import Integral, Real
 
 import numpy as np
-from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin, _fit_context
+from sklearn.base import (BaseEstimator, ClassifierMixin, RegressorMixin, _fit_context,
+                          is_classifier)
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import accuracy_score, r2_score
 from sklearn.model_selection import train_test_split
@@ -97,16 +98,13 @@ class _BaseMLP(BaseEstimator):
     # once and rebuild the views on load.
 
     def __getstate__(self):
-        state = super().__getstate__() if hasattr(super(), "__getstate__") else dict(
-            self.__dict__)
-        state = dict(state)
+        state = dict(super().__getstate__())
         state.pop("coefs_", None)
         state.pop("intercepts_", None)
         return state
 
     def __setstate__(self, state):
-        super().__setstate__(state) if hasattr(super(), "__setstate__") else \
-            self.__dict__.update(state)
+        super().__setstate__(state)
         if "_theta" in self.__dict__:
             self._set_views()
 
@@ -179,8 +177,6 @@ class _BaseMLP(BaseEstimator):
             self._net.n_jobs = self.n_jobs
         else:
             self._initialize(n_features, Y.shape[1], X.dtype)
-        if self.loss_curve_ is None:
-            self.loss_curve_ = []
 
         if self.solver in _STOCHASTIC:
             self._fit_stochastic(X, Y, sample_weight, incremental)
@@ -234,7 +230,7 @@ class _BaseMLP(BaseEstimator):
 
         early_stopping = self.early_stopping
         if early_stopping:
-            stratify = Y if (self._is_classifier_() and self.n_outputs_ == 1) else None
+            stratify = Y if (is_classifier(self) and self.n_outputs_ == 1) else None
             split = train_test_split(
                 X, Y, *([] if sample_weight is None else [sample_weight]),
                 random_state=self._random_state, test_size=self.validation_fraction,
@@ -350,9 +346,6 @@ class _BaseMLP(BaseEstimator):
         callback = getattr(self, "_progress_callback", None)
         if callback is not None:
             callback(self.n_iter_, self.loss_curve_[-1])
-
-    def _is_classifier_(self):
-        return isinstance(self, ClassifierMixin)
 
     def _forward(self, X, check_input=True, raw=False):
         if check_input:
