@@ -254,7 +254,7 @@ def run(quick=False, rounds=None, settle=0.5, log=print, workloads=None, with_to
     from threadpoolctl import threadpool_info
 
     peers = ["scikit-learn"] + (["pytorch"] if with_torch and _have_torch() else [])
-    rounds = rounds or (1 if quick else 3)
+    rounds = rounds or (2 if quick else 3)
     chosen = workloads or ([1, 3, 5] if quick else [1, 2, 3, 4, 5])
     log("measuring the GEMM peak ...")
     peak = {"sgemm": gemm_peak(np.float32), "dgemm": gemm_peak(np.float64)}
