@@ -344,21 +344,23 @@ class Network:
     def _threads(self, units):
         return max(1, min(effective_n_jobs(self.n_jobs), units))
 
-    def _acquire(self, n_samples, lanes):
+    def _acquire(self, n_samples, lanes, curvature=False):
         """Buffers for a full-batch pass over n_samples rows, reused across calls (one
         set per concurrent caller): per-thread workspaces and, with ``lanes``, per-lane
         gradient, intercept-sum and loss rows. Full-batch passes read rows in place, so
-        the workspaces have no gather buffer."""
+        the workspaces have no gather buffer. ``curvature`` sizes the workspaces for
+        curvature products."""
         block = self._block_for(n_samples)
         n_blocks = -(-n_samples // block)
         n_lanes = _core.n_lanes_for(n_samples, block) if lanes else 0
         threads = self._threads(n_lanes if lanes else n_blocks)
-        key = (block, threads, n_lanes)
+        key = (block, threads, n_lanes, curvature)
         with self._lock:
             free = self._pool.get(key)
             if free:
                 return key, free.pop()
-        ws = _core.workspace_size(self._sizes, block, False)
+        ws = (_core.rop_workspace_size(self._sizes, block) if curvature
+              else _core.workspace_size(self._sizes, block, False))
         bufs = {"work": np.empty((threads, ws), dtype=self.dtype), "block": block,
                 "threads": threads, "n_blocks": n_blocks}
         if lanes:
@@ -411,6 +413,96 @@ class Network:
         finally:
             self._release(key, b)
         return out
+
+    def _curvature(self, theta, v, d, alpha, exact, out):
+        """Gauss-Newton (or exact Hessian) product on prepared data."""
+        scale = 1.0 / d.weight_sum if d.weight_sum > 0 else 0.0
+        key, b = self._acquire(d.n_samples, lanes=True, curvature=True)
+        try:
+            with self._blas_guard(b, True):
+                _core.curvature_product(
+                    theta, v, out, d.X, d.data, d.indices, d.indptr, d.Y, d.sample_weight,
+                    self._sizes, self._w_off, self._b_off, self._act, self._out,
+                    b["work"], b["lane_grad"], b["lane_dacc"], b["block"], scale,
+                    float(alpha), exact, b["threads"])
+        finally:
+            self._release(key, b)
+        return out
+
+    def _product(self, theta, v, X, Y, sample_weight, alpha, exact):
+        theta = self._check_theta(theta)
+        v = np.asarray(v)
+        if v.shape != (self.n_params,):
+            raise ValueError(f"v must have shape ({self.n_params},), got {v.shape}")
+        v = np.ascontiguousarray(v, dtype=self.dtype)
+        alpha = float(alpha)
+        if not np.isfinite(alpha) or alpha < 0:
+            raise ValueError(f"alpha must be a non-negative finite number, got {alpha}")
+        d = self.prepare(X, Y, sample_weight)
+        return self._curvature(theta, v, d, alpha, exact,
+                               np.empty(self.n_params, dtype=self.dtype))
+
+    def gnvp(self, theta, v, X, Y, sample_weight=None, alpha=0.0):
+        """Gauss-Newton matrix times a vector (Schraudolph's product), exactly.
+
+        ``G = J^T H_out J + alpha / sum(w) * I_W``, with J the Jacobian of the output
+        pre-activations and H_out the Hessian of the loss in them (already weighted and
+        divided by the weight sum). G is symmetric positive semi-definite.
+
+        Parameters
+        ----------
+        theta, v : array-like of shape (n_params,)
+            The point and the direction, in the flat layout.
+        X, Y, sample_weight, alpha
+            As for :meth:`loss_grad`.
+
+        Returns
+        -------
+        Gv : ndarray of shape (n_params,)
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> import fastbp
+        >>> net = fastbp.Network([3, 4, 2], activation="tanh", output="softmax")
+        >>> theta = net.init_params(random_state=0)
+        >>> X = np.random.default_rng(0).normal(size=(6, 3))
+        >>> Y = np.eye(2)[[0, 1, 1, 0, 1, 0]]
+        >>> v = np.ones(net.n_params)
+        >>> bool(v @ net.gnvp(theta, v, X, Y) >= 0)   # positive semi-definite
+        True
+        """
+        return self._product(theta, v, X, Y, sample_weight, alpha, exact=False)
+
+    def hessp(self, theta, v, X, Y, sample_weight=None, alpha=0.0):
+        """Exact Hessian of the objective times a vector (Pearlmutter's R-operator).
+
+        Parameters
+        ----------
+        theta, v : array-like of shape (n_params,)
+            The point and the direction, in the flat layout.
+        X, Y, sample_weight, alpha
+            As for :meth:`loss_grad`.
+
+        Returns
+        -------
+        Hv : ndarray of shape (n_params,)
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> import fastbp
+        >>> net = fastbp.Network([3, 4, 2], activation="tanh", output="softmax")
+        >>> theta = net.init_params(random_state=0)
+        >>> X = np.random.default_rng(0).normal(size=(6, 3))
+        >>> Y = np.eye(2)[[0, 1, 1, 0, 1, 0]]
+        >>> v = np.random.default_rng(1).normal(size=net.n_params)
+        >>> g = lambda t: net.loss_grad(t, X, Y)[1]
+        >>> fd = (g(theta + 1e-6 * v) - g(theta - 1e-6 * v)) / 2e-6
+        >>> bool(np.allclose(net.hessp(theta, v, X, Y), fd, atol=1e-6))
+        True
+        """
+        return self._product(theta, v, X, Y, sample_weight, alpha, exact=True)
 
     def forward(self, theta, X, raw=False):
         """Output-layer activations for ``X``.
