@@ -1040,15 +1040,27 @@ def adam_update(floating[::1] theta, const floating[::1] grad, floating[::1] m1,
 #               RD_{l-1} = (RD_l W_l^T + D_l V_l^T) .* f' + (D_l W_l^T) .* f'' .* RZ_{l-1}
 # Intercept parts are column sums of RD_l (float64); the L2 term adds alpha*scale*V_l.
 #
-# Workspace for B rows: A_1..A_L | RA_1..RA_L | RZ_1..RZ_{L-1} | 4 scratch (B, w), with w
-# the widest non-input layer (the output deltas live in scratch too).
+# Per-thread workspace for B rows: RA_1..RA_L | RZ_1..RZ_{L-1} | 4 scratch (B, w), with w
+# the widest non-input layer (the output deltas live in scratch too). The forward
+# activations A_1..A_L of every block live in a cache, so that repeated products at the
+# same theta (Newton-CG, CG inside Hessian-free) skip the forward pass.
+
+
+def acts_size(const Py_ssize_t[::1] sizes, Py_ssize_t n_samples, Py_ssize_t block):
+    """Elements of the forward-activation cache for n_samples rows in blocks."""
+    cdef Py_ssize_t total = 0, l
+    cdef Py_ssize_t n_blocks = (n_samples + block - 1) // block
+    for l in range(1, sizes.shape[0]):
+        total += sizes[l]
+    return n_blocks * block * total
 
 def rop_workspace_size(const Py_ssize_t[::1] sizes, Py_ssize_t block):
-    """Elements of one thread's workspace for curvature products over ``block`` rows."""
+    """Elements of one thread's workspace for curvature products over ``block`` rows
+    (the forward activations live in a separate per-block cache: ``acts_size``)."""
     cdef Py_ssize_t total = 0, widest = 1
     cdef Py_ssize_t l, L = sizes.shape[0] - 1
     for l in range(1, L + 1):
-        total += 2 * sizes[l]
+        total += sizes[l]
         if l < L:
             total += sizes[l]
         if sizes[l] > widest:
@@ -1057,15 +1069,15 @@ def rop_workspace_size(const Py_ssize_t[::1] sizes, Py_ssize_t block):
 
 
 cdef inline Py_ssize_t _rop_ra(const Spec* sp, int l) noexcept nogil:
-    return _act_offset(sp, sp.n_layers + 1) + _act_offset(sp, l)
+    return _act_offset(sp, l)
 
 
 cdef inline Py_ssize_t _rop_rz(const Spec* sp, int l) noexcept nogil:
-    return 2 * _act_offset(sp, sp.n_layers + 1) + _act_offset(sp, l)
+    return _act_offset(sp, sp.n_layers + 1) + _act_offset(sp, l)
 
 
 cdef inline Py_ssize_t _rop_scratch(const Spec* sp) noexcept nogil:
-    return 2 * _act_offset(sp, sp.n_layers + 1) + _act_offset(sp, sp.n_layers)
+    return _act_offset(sp, sp.n_layers + 1) + _act_offset(sp, sp.n_layers)
 
 
 cdef void _add_bias(floating* Z, const floating* c, Py_ssize_t n, Py_ssize_t m) noexcept nogil:
@@ -1164,12 +1176,13 @@ cdef void output_curvature(floating* R, const floating* P, floating* D, const fl
 cdef void block_rop(const Spec* sp, const Input* inp, Py_ssize_t start, Py_ssize_t n,
                     const floating* Y, const double* sw, double scale,
                     const floating* theta, const floating* v, floating* out_w,
-                    double* dacc, floating* work, bint accumulate,
-                    bint exact) noexcept nogil:
+                    double* dacc, floating* work, floating* acts, bint have_forward,
+                    bint accumulate, bint exact) noexcept nogil:
     """Add this block's Gauss-Newton (or, with ``exact``, Hessian) product with v.
 
     out_w receives the coefficient part (gemm beta = 1 when accumulate, else overwritten);
-    dacc (float64, laid out like theta's intercepts) the intercept part.
+    dacc (float64, laid out like theta's intercepts) the intercept part. acts holds this
+    block's A_1..A_L: computed here unless ``have_forward`` (same theta as before).
     """
     cdef int L = sp.n_layers, l
     cdef const Py_ssize_t* s = sp.sizes
@@ -1202,25 +1215,26 @@ cdef void block_rop(const Spec* sp, const Input* inp, Py_ssize_t start, Py_ssize
             A0 = X + start * inp.ldx
         lda0 = inp.ldx
 
-    # Forward (A_l), then the output activations P = A_L.
-    for l in range(1, L + 1):
-        Z = work + _act_offset(sp, l)
-        if l == 1:
-            if is_sparse:
-                sparse_forward(<const floating*> inp.data, inp.indices, inp.indptr, NULL,
-                               start, n, theta + sp.w_off[0], Z, s[1])
+    # Forward (A_l), then the output activations P = A_L; cached across calls.
+    if not have_forward:
+        for l in range(1, L + 1):
+            Z = acts + _act_offset(sp, l)
+            if l == 1:
+                if is_sparse:
+                    sparse_forward(<const floating*> inp.data, inp.indices, inp.indptr, NULL,
+                                   start, n, theta + sp.w_off[0], Z, s[1])
+                else:
+                    gemm(trans0, False, <int> n, <int> s[1], <int> s0, <floating> 1.0, A0,
+                         <int> lda0, theta + sp.w_off[0], <int> s[1], <floating> 0.0, Z,
+                         <int> s[1])
             else:
-                gemm(trans0, False, <int> n, <int> s[1], <int> s0, <floating> 1.0, A0,
-                     <int> lda0, theta + sp.w_off[0], <int> s[1], <floating> 0.0, Z,
-                     <int> s[1])
-        else:
-            gemm(False, False, <int> n, <int> s[l], <int> s[l - 1], <floating> 1.0,
-                 work + _act_offset(sp, l - 1), <int> s[l - 1], theta + sp.w_off[l - 1],
-                 <int> s[l], <floating> 0.0, Z, <int> s[l])
-        if l < L:
-            bias_activate(Z, theta + sp.b_off[l - 1], n, s[l], sp.act)
-        else:
-            output_activate(Z, theta + sp.b_off[L - 1], n, s[L], sp.out)
+                gemm(False, False, <int> n, <int> s[l], <int> s[l - 1], <floating> 1.0,
+                     acts + _act_offset(sp, l - 1), <int> s[l - 1], theta + sp.w_off[l - 1],
+                     <int> s[l], <floating> 0.0, Z, <int> s[l])
+            if l < L:
+                bias_activate(Z, theta + sp.b_off[l - 1], n, s[l], sp.act)
+            else:
+                output_activate(Z, theta + sp.b_off[L - 1], n, s[L], sp.out)
 
     # R-forward: RA_l holds RZ_l until f' is applied; RZ_l (hidden) is kept for f''.
     for l in range(1, L + 1):
@@ -1238,17 +1252,17 @@ cdef void block_rop(const Spec* sp, const Input* inp, Py_ssize_t start, Py_ssize
                  work + _rop_ra(sp, l - 1), <int> s[l - 1], theta + sp.w_off[l - 1],
                  <int> s[l], <floating> 0.0, RZ, <int> s[l])
             gemm(False, False, <int> n, <int> s[l], <int> s[l - 1], <floating> 1.0,
-                 work + _act_offset(sp, l - 1), <int> s[l - 1], v + sp.w_off[l - 1],
+                 acts + _act_offset(sp, l - 1), <int> s[l - 1], v + sp.w_off[l - 1],
                  <int> s[l], <floating> 1.0, RZ, <int> s[l])
         _add_bias(RZ, v + sp.b_off[l - 1], n, s[l])
         if l < L:
             memcpy(work + _rop_rz(sp, l), RZ, n * s[l] * sizeof(floating))
-            _act_deriv_mul(RZ, work + _act_offset(sp, l), n, s[l], sp.act)
+            _act_deriv_mul(RZ, acts + _act_offset(sp, l), n, s[l], sp.act)
 
     # Output curvature: RD_L (in RA_L's place) and, for the Hessian, D_L.
     RD = work + _rop_ra(sp, L)
     D = scr if exact else NULL
-    output_curvature(RD, work + _act_offset(sp, L), D, Y, sw, NULL, start, n, s[L],
+    output_curvature(RD, acts + _act_offset(sp, L), D, Y, sw, NULL, start, n, s[L],
                      sp.out, scale, dacc + (sp.b_off[L - 1] - sp.b_off[0]))
 
     # Backward.
@@ -1263,7 +1277,7 @@ cdef void block_rop(const Spec* sp, const Input* inp, Py_ssize_t start, Py_ssize
                      <int> lda0, RD, <int> s[1], beta, out_w + sp.w_off[0], <int> s[1])
             break
         gemm(True, False, <int> s[l - 1], <int> s[l], <int> n, <floating> 1.0,
-             work + _act_offset(sp, l - 1), <int> s[l - 1], RD, <int> s[l], beta,
+             acts + _act_offset(sp, l - 1), <int> s[l - 1], RD, <int> s[l], beta,
              out_w + sp.w_off[l - 1], <int> s[l])
         if exact:
             gemm(True, False, <int> s[l - 1], <int> s[l], <int> n, <floating> 1.0,
@@ -1283,11 +1297,11 @@ cdef void block_rop(const Spec* sp, const Input* inp, Py_ssize_t start, Py_ssize
             gemm(False, True, <int> n, <int> s[l - 1], <int> s[l], <floating> 1.0, D,
                  <int> s[l], theta + sp.w_off[l - 1], <int> s[l], <floating> 0.0, Dn,
                  <int> s[l - 1])
-            activation_rbackward(RDn, Dn, work + _act_offset(sp, l - 1),
+            activation_rbackward(RDn, Dn, acts + _act_offset(sp, l - 1),
                                  work + _rop_rz(sp, l - 1), n, s[l - 1], sp.act, db)
             D = Dn
         else:
-            activation_backward(RDn, work + _act_offset(sp, l - 1), n, s[l - 1], sp.act, db)
+            activation_backward(RDn, acts + _act_offset(sp, l - 1), n, s[l - 1], sp.act, db)
         RD = RDn
 
 
@@ -1298,12 +1312,14 @@ def curvature_product(const floating[::1] theta, const floating[::1] v,
                       const double[::1] sample_weight, const Py_ssize_t[::1] sizes,
                       const Py_ssize_t[::1] w_off, const Py_ssize_t[::1] b_off, int act,
                       int out, floating[:, ::1] work, floating[:, ::1] lane_out,
-                      double[:, ::1] lane_dacc, Py_ssize_t block, double scale,
-                      double alpha, bint exact, int n_threads):
+                      double[:, ::1] lane_dacc, floating[::1] acts, bint have_forward,
+                      Py_ssize_t block, double scale, double alpha, bint exact,
+                      int n_threads):
     """Gauss-Newton (or exact Hessian) times v over all rows, into out_arr (n_params,).
 
     Blocks, lanes and threads as in ``loss_grad``: bitwise the same for any n_threads.
-    work is (n_threads, rop_workspace_size(sizes, block)).
+    work is (n_threads, rop_workspace_size(sizes, block)); acts (acts_size(...)) caches
+    the forward activations: pass ``have_forward`` when it holds them for this theta.
     """
     cdef Spec sp
     cdef Input inp
@@ -1320,8 +1336,14 @@ def curvature_product(const floating[::1] theta, const floating[::1] v,
     cdef floating* lo = &lane_out[0, 0]
     cdef double* ld = &lane_dacc[0, 0]
     cdef floating a = <floating> (alpha * scale)
+    cdef floating* acts_p = &acts[0]
+    cdef Py_ssize_t per_block = 0
     cdef int lane, tid
     cdef Py_ssize_t b, start
+    for i in range(1, sizes.shape[0]):
+        per_block += block * sizes[i]
+    if acts.shape[0] < n_blocks * per_block:
+        raise ValueError("the activation cache is too small")
     if v.shape[0] != n_params or out_arr.shape[0] != n_params \
             or lane_out.shape[1] != n_params or lane_dacc.shape[0] != n_lanes \
             or work.shape[0] < n_threads:
@@ -1342,7 +1364,8 @@ def curvature_product(const floating[::1] theta, const floating[::1] v,
                     start = b * block
                     block_rop(&sp, &inp, start, min(block, n - start), Y_p, sw, scale,
                               theta_p, v_p, lo + lane * n_params, ld + lane * n_int,
-                              work_p + tid * ws, b != lane, exact)
+                              work_p + tid * ws, acts_p + b * per_block, have_forward,
+                              b != lane, exact)
                     b = b + n_lanes
     with nogil:
         if n == 0:

@@ -28,7 +28,7 @@ class _Data:
     """Kernel-ready (X, Y, sample_weight): converted once, reused by every evaluation."""
 
     __slots__ = ("X", "data", "indices", "indptr", "Y", "sample_weight", "n_samples",
-                 "weight_sum")
+                 "weight_sum", "acts", "acts_theta")
 
     def kernel_args(self):
         return self.X, self.data, self.indices, self.indptr
@@ -306,6 +306,7 @@ class Network:
                 f"X has {X.shape[1]} features, but the network expects {n_features}"
             )
         d.n_samples = X.shape[0]
+        d.acts = d.acts_theta = None  # forward activations cached by curvature products
         d.Y = d.sample_weight = None
         d.weight_sum = float(d.n_samples)
         if Y is not None:
@@ -415,18 +416,29 @@ class Network:
         return out
 
     def _curvature(self, theta, v, d, alpha, exact, out):
-        """Gauss-Newton (or exact Hessian) product on prepared data."""
+        """Gauss-Newton (or exact Hessian) product on prepared data.
+
+        The forward activations are cached on ``d``: further products at the same theta
+        (as Newton-CG and CG make) skip the forward pass.
+        """
         scale = 1.0 / d.weight_sum if d.weight_sum > 0 else 0.0
         key, b = self._acquire(d.n_samples, lanes=True, curvature=True)
+        size = _core.acts_size(self._sizes, d.n_samples, b["block"])
+        if d.acts is None or d.acts.shape[0] != size or d.acts.dtype != self.dtype:
+            d.acts = np.empty(max(size, 1), dtype=self.dtype)
+            d.acts_theta = None
+        have = d.acts_theta is not None and np.array_equal(d.acts_theta, theta)
         try:
             with self._blas_guard(b, True):
                 _core.curvature_product(
                     theta, v, out, d.X, d.data, d.indices, d.indptr, d.Y, d.sample_weight,
                     self._sizes, self._w_off, self._b_off, self._act, self._out,
-                    b["work"], b["lane_grad"], b["lane_dacc"], b["block"], scale,
-                    float(alpha), exact, b["threads"])
+                    b["work"], b["lane_grad"], b["lane_dacc"], d.acts, have, b["block"],
+                    scale, float(alpha), exact, b["threads"])
         finally:
             self._release(key, b)
+        if not have:
+            d.acts_theta = theta.copy()
         return out
 
     def _product(self, theta, v, X, Y, sample_weight, alpha, exact):

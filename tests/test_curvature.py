@@ -124,3 +124,26 @@ def test_curvature_bad_inputs():
         net.hessp(theta, np.zeros(net.n_params), X, Y, alpha=-1)
     with pytest.raises(ValueError, match="features"):
         net.hessp(theta, np.zeros(net.n_params), np.zeros((4, 3)), Y)
+
+
+def test_forward_cache_reused_at_same_theta_and_refreshed_when_theta_changes():
+    sizes = [4, 6, 3]
+    X, Y, sw, rng = _problem(sizes, "softmax", n=40, seed=21)
+    net = Network(sizes, "tanh", "softmax", block_size=16)
+    theta = net.init_params(random_state=0)
+    theta2 = theta + 0.1 * rng.normal(size=theta.shape)
+    v = rng.normal(size=net.n_params)
+    d = net.prepare(X, Y, sw)
+    out = np.empty(net.n_params)
+    cold = net._curvature(theta, v, d, 0.1, True, out).copy()
+    assert d.acts_theta is not None and np.array_equal(d.acts_theta, theta)
+    # Same theta: the cached forward state gives bitwise the same product.
+    np.testing.assert_array_equal(net._curvature(theta, v, d, 0.1, True, out), cold)
+    # Poison the cache: a reused state would now give NaN, a refreshed one would not.
+    d.acts.fill(np.nan)
+    assert np.isnan(net._curvature(theta, v, d, 0.1, True, out)).all()
+    # A new theta (even after that) recomputes the forward pass.
+    fresh = Network(sizes, "tanh", "softmax", block_size=16).hessp(theta2, v, X, Y, sw, 0.1)
+    np.testing.assert_array_equal(net._curvature(theta2, v, d, 0.1, True, out), fresh)
+    np.testing.assert_array_equal(net._curvature(theta2, v, d, 0.1, False, out),
+                                  net.gnvp(theta2, v, X, Y, sw, 0.1))
