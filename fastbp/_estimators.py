@@ -24,7 +24,7 @@ from sklearn.utils.validation import (_check_sample_weight, check_is_fitted,
                                       column_or_1d, validate_data)
 
 from ._network import Network
-from ._solvers import StochasticOptimizer, _diverged, fit_lbfgs
+from ._solvers import StochasticOptimizer, _diverged, fit_full_batch
 from ._threads import single_threaded_blas, threads_for_batch
 
 __all__ = ["MLPClassifier", "MLPRegressor"]
@@ -38,7 +38,8 @@ class _BaseMLP(BaseEstimator):
     _parameter_constraints: dict = {
         "hidden_layer_sizes": ["array-like", Interval(Integral, 1, None, closed="left")],
         "activation": [StrOptions({"identity", "logistic", "tanh", "relu"})],
-        "solver": [StrOptions({"lbfgs", "sgd", "adam"})],
+        "solver": [StrOptions({"lbfgs", "sgd", "adam", "tnc", "newton-cg",
+                               "trust-krylov"})],
         "alpha": [Interval(Real, 0, None, closed="left")],
         "batch_size": [StrOptions({"auto"}), Interval(Integral, 1, None, closed="left")],
         "learning_rate": [StrOptions({"constant", "invscaling", "adaptive"})],
@@ -61,13 +62,14 @@ class _BaseMLP(BaseEstimator):
                              Options(Real, {np.inf})],
         "max_fun": [Interval(Integral, 1, None, closed="left")],
         "n_jobs": [None, Integral],
+        "curvature": [StrOptions({"gauss-newton", "hessian"})],
     }
 
     def __init__(self, hidden_layer_sizes, activation, solver, alpha, batch_size,
                  learning_rate, learning_rate_init, power_t, max_iter, loss, shuffle,
                  random_state, tol, verbose, warm_start, momentum, nesterovs_momentum,
                  early_stopping, validation_fraction, beta_1, beta_2, epsilon,
-                 n_iter_no_change, max_fun, n_jobs):
+                 n_iter_no_change, max_fun, n_jobs, curvature):
         self.hidden_layer_sizes = hidden_layer_sizes
         self.activation = activation
         self.solver = solver
@@ -93,6 +95,7 @@ class _BaseMLP(BaseEstimator):
         self.n_iter_no_change = n_iter_no_change
         self.max_fun = max_fun
         self.n_jobs = n_jobs
+        self.curvature = curvature
 
     # Persistence: coefs_/intercepts_ are views into one flat vector; pickle the vector
     # once and rebuild the views on load.
@@ -181,18 +184,19 @@ class _BaseMLP(BaseEstimator):
         if self.solver in _STOCHASTIC:
             self._fit_stochastic(X, Y, sample_weight, incremental)
         else:
-            self._fit_lbfgs(X, Y, sample_weight)
+            self._fit_full_batch(X, Y, sample_weight)
         if not np.isfinite(self._theta).all():  # defensive: the solvers never leave these
             raise _diverged("at the end of training")
         return self
 
-    def _fit_lbfgs(self, X, Y, sample_weight):
+    def _fit_full_batch(self, X, Y, sample_weight):
         data = self._net.prepare(X, Y, sample_weight)
         curve = []
         callback = getattr(self, "_progress_callback", None)
-        self.loss_, n_iter = fit_lbfgs(self._net, self._theta, data, self.alpha,
-                                       self.max_iter, self.max_fun, self.tol,
-                                       self.verbose, curve, progress=callback)
+        self.loss_, n_iter = fit_full_batch(
+            self.solver, self._net, self._theta, data, self.alpha, self.max_iter,
+            self.max_fun, self.tol, self.verbose, curve, progress=callback,
+            curvature=self.curvature)
         self.loss_curve_.extend(curve)
         self.n_iter_ = n_iter
         self.t_ += n_iter * X.shape[0]
@@ -397,8 +401,11 @@ _COMMON_PARAMS_DOC = """
         The ith element is the number of neurons in the ith hidden layer.
     activation : {'identity', 'logistic', 'tanh', 'relu'}, default='relu'
         Activation function for the hidden layers.
-    solver : {'lbfgs', 'sgd', 'adam'}, default='adam'
-        Weight optimizer: SciPy's L-BFGS-B on the full batch, minibatch SGD, or Adam.
+    solver : {'lbfgs', 'sgd', 'adam', 'tnc', 'newton-cg', 'trust-krylov'}, default='adam'
+        Weight optimizer: minibatch SGD or Adam, or a full-batch SciPy solver on the
+        flat parameter vector: L-BFGS-B, truncated Newton ('tnc'), or Newton-CG and
+        trust-krylov with exact curvature products (see ``curvature``). The last three
+        are not in scikit-learn.
     alpha : float, default=0.0001
         Strength of the L2 penalty (divided by the sum of sample weights).
     batch_size : int or 'auto', default='auto'
@@ -446,6 +453,9 @@ _COMMON_PARAMS_DOC = """
         to ``n_jobs`` threads (at least 16 rows each, so small batches use fewer); there
         the result depends on the number of threads through floating-point summation
         order only. BLAS runs single-threaded while fastbp's threads work.
+    curvature : {'gauss-newton', 'hessian'}, default='gauss-newton'
+        The curvature products 'newton-cg' and 'trust-krylov' use: the Gauss-Newton
+        matrix (positive semi-definite) or the exact Hessian (not in scikit-learn).
 """
 
 _COMMON_ATTRS_DOC = """
@@ -532,7 +542,8 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
                  random_state=None, tol=1e-4, verbose=False, warm_start=False,
                  momentum=0.9, nesterovs_momentum=True, early_stopping=False,
                  validation_fraction=0.1, beta_1=0.9, beta_2=0.999, epsilon=1e-8,
-                 n_iter_no_change=10, max_fun=15000, n_jobs=None):
+                 n_iter_no_change=10, max_fun=15000, n_jobs=None,
+                 curvature="gauss-newton"):
         super().__init__(
             hidden_layer_sizes=hidden_layer_sizes, activation=activation, solver=solver,
             alpha=alpha, batch_size=batch_size, learning_rate=learning_rate,
@@ -542,7 +553,7 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
             nesterovs_momentum=nesterovs_momentum, early_stopping=early_stopping,
             validation_fraction=validation_fraction, beta_1=beta_1, beta_2=beta_2,
             epsilon=epsilon, n_iter_no_change=n_iter_no_change, max_fun=max_fun,
-            n_jobs=n_jobs)
+            n_jobs=n_jobs, curvature=curvature)
 
     def _out_activation(self):
         if self._label_binarizer.y_type_ == "multiclass":
@@ -744,7 +755,8 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
                  max_iter=200, shuffle=True, random_state=None, tol=1e-4, verbose=False,
                  warm_start=False, momentum=0.9, nesterovs_momentum=True,
                  early_stopping=False, validation_fraction=0.1, beta_1=0.9, beta_2=0.999,
-                 epsilon=1e-8, n_iter_no_change=10, max_fun=15000, n_jobs=None):
+                 epsilon=1e-8, n_iter_no_change=10, max_fun=15000, n_jobs=None,
+                 curvature="gauss-newton"):
         super().__init__(
             hidden_layer_sizes=hidden_layer_sizes, activation=activation, solver=solver,
             alpha=alpha, batch_size=batch_size, learning_rate=learning_rate,
@@ -754,7 +766,7 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
             nesterovs_momentum=nesterovs_momentum, early_stopping=early_stopping,
             validation_fraction=validation_fraction, beta_1=beta_1, beta_2=beta_2,
             epsilon=epsilon, n_iter_no_change=n_iter_no_change, max_fun=max_fun,
-            n_jobs=n_jobs)
+            n_jobs=n_jobs, curvature=curvature)
 
     def _out_activation(self):
         return "exp" if self.loss == "poisson" else "identity"

@@ -1,7 +1,8 @@
 """Solvers: they drive the kernels over the model's one flat parameter vector.
 
-- ``fit_lbfgs``: SciPy's L-BFGS-B with ``jac=True`` on the flat vector. SciPy works in
-  float64; a float32 model converts at that boundary only.
+- ``fit_full_batch``: SciPy's L-BFGS-B, TNC, Newton-CG or trust-krylov with
+  ``jac=True`` on the flat vector (the last two with exact curvature products as
+  ``hessp``). SciPy works in float64; a float32 model converts at that boundary only.
 - ``StochasticOptimizer``: SGD (momentum, Nesterov) or Adam state, and ``epoch``, which
   runs a whole epoch (shuffle, minibatch gather, forward, backward, update) in one nogil
   kernel call.
@@ -20,7 +21,7 @@ from sklearn.exceptions import ConvergenceWarning
 from . import _core
 from ._threads import single_threaded_blas
 
-__all__ = ["fit_lbfgs", "StochasticOptimizer", "DivergenceError"]
+__all__ = ["fit_full_batch", "StochasticOptimizer", "DivergenceError", "FULL_BATCH"]
 
 class DivergenceError(ValueError):
     """Training produced a non-finite loss; the model keeps its last finite parameters.
@@ -72,67 +73,124 @@ class _BestTracker:
             self.theta[...] = theta
 
 
-def fit_lbfgs(net, theta, data, alpha, max_iter, max_fun, tol, verbose, loss_curve,
-              progress=None):
-    """Minimise the full-batch objective with L-BFGS-B from ``theta``, in place.
+class _StopSolver(Exception):
+    """Raised from a callback to end a SciPy solver after max_iter iterations."""
 
-    Appends the loss after each iteration to ``loss_curve`` (and calls
-    ``progress(n_iter, loss)`` when given). On Ctrl-C, restores the
-    best parameters evaluated so far and warns. Returns ``(loss, n_iter)``.
+
+# SciPy's name and settings for each full-batch solver. 'tol' maps to the solver's own
+# gradient (or, for Newton-CG, step) tolerance.
+FULL_BATCH = {
+    "lbfgs": dict(method="L-BFGS-B", hessp=False),
+    "tnc": dict(method="TNC", hessp=False),
+    "newton-cg": dict(method="Newton-CG", hessp=True),
+    "trust-krylov": dict(method="trust-krylov", hessp=True),
+}
+
+
+def fit_full_batch(solver, net, theta, data, alpha, max_iter, max_fun, tol, verbose,
+                   loss_curve, progress=None, curvature="gauss-newton"):
+    """Minimise the full-batch objective with one of SciPy's solvers, from ``theta``.
+
+    ``theta`` is updated in place. SciPy works in float64: a float32 model converts at
+    this boundary only (TNC refuses a float32 x0). Newton-CG and trust-krylov get exact
+    curvature products as ``hessp`` (Gauss-Newton by default, or the Hessian); repeated
+    products at one point reuse the cached forward pass. Appends the loss after each
+    iteration to ``loss_curve`` and calls ``progress(n_iter, loss)`` when given. On
+    Ctrl-C, restores the best parameters evaluated so far and warns. Returns
+    ``(loss, n_iter)``.
     """
+    spec = FULL_BATCH[solver]
     f32 = net.dtype == np.float32
     work_theta = np.empty_like(theta) if f32 else None
     grad = np.empty(net.n_params, dtype=net.dtype)
+    prod = np.empty(net.n_params, dtype=net.dtype)
+    vec = np.empty(net.n_params, dtype=net.dtype)
     best = _BestTracker(theta)
+    last = {"x": None, "loss": math.inf}
     n_iter = 0
 
-    def fun(x):
+    def point(x):
         if f32:
             work_theta[...] = x
-            p = work_theta
-        else:
-            p = x
+            return work_theta
+        return np.ascontiguousarray(x, dtype=np.float64)
+
+    def fun(x):
+        p = point(x)
         loss = net._loss_grad(p, data, alpha, grad, limit_blas=False)
         best.offer(loss, p)
+        last["x"], last["loss"] = np.array(x, dtype=np.float64), loss
         # A fresh float64 gradient per call: SciPy keeps references to earlier ones.
         return loss, grad.astype(np.float64, copy=True)
 
-    def callback(intermediate_result):
+    def hessp(x, v):
+        vec[...] = v
+        net._curvature(point(x), vec, data, alpha, curvature == "hessian", prod)
+        return prod.astype(np.float64, copy=True)
+
+    def record(x, loss):
         nonlocal n_iter
         n_iter += 1
-        loss_curve.append(float(intermediate_result.fun))
+        if loss is None:
+            loss = (last["loss"] if last["x"] is not None and np.array_equal(last["x"], x)
+                    else net._loss_grad(point(x), data, alpha, grad, limit_blas=False))
+        loss_curve.append(float(loss))
         if verbose:
-            print(f"Iteration {n_iter}, loss = {intermediate_result.fun:.8f}")
+            print(f"Iteration {n_iter}, loss = {loss:.8f}")
         if progress is not None:
-            progress(n_iter, float(intermediate_result.fun))
+            progress(n_iter, float(loss))
+        if n_iter >= max_iter and solver == "tnc":
+            raise _StopSolver  # TNC has no iteration limit of its own
 
+    if solver == "tnc":
+        # TNC calls back with x only (and lets an exception from the callback escape).
+        def callback(xk):
+            record(xk, None)
+    else:
+        def callback(intermediate_result):
+            record(intermediate_result.x, intermediate_result.fun)
+
+    options = {"lbfgs": {"maxiter": max_iter, "maxfun": max_fun, "gtol": tol},
+               "tnc": {"maxfun": max_fun, "gtol": tol},
+               "newton-cg": {"maxiter": max_iter, "xtol": max(tol, 1e-12)},
+               "trust-krylov": {"maxiter": max_iter, "gtol": tol}}[solver]
     x0 = theta.astype(np.float64, copy=True)
     # Several blocks: fastbp's threads use the cores, so BLAS gets one thread (set once
     # for the whole run rather than per evaluation).
     guard = (single_threaded_blas() if data.n_samples > net.block_size
              else contextlib.nullcontext())
+    res = None
     try:
         with guard:
             res = scipy.optimize.minimize(
-                fun, x0, method="L-BFGS-B", jac=True, callback=callback,
-                options={"maxiter": max_iter, "maxfun": max_fun, "gtol": tol},
-            )
+                fun, x0, method=spec["method"], jac=True, callback=callback,
+                hessp=hessp if spec["hessp"] else None, options=options)
+    except _StopSolver:
+        pass
     except KeyboardInterrupt:
         warnings.warn("Training interrupted by user; the model keeps the best "
                       "parameters found so far.", UserWarning)
         theta[...] = best.theta
         return best.loss, n_iter
-    if not (math.isfinite(res.fun) and np.isfinite(res.x).all()):
+    if res is None:  # stopped at max_iter from the callback: keep the last iterate
+        x_final, loss_final = last["x"], last["loss"]
+        status, message = 1, "maximum number of iterations reached"
+    else:
+        x_final, loss_final = res.x, float(res.fun)
+        status, message = res.status, res.message
+    if not (math.isfinite(loss_final) and np.isfinite(x_final).all()):
         theta[...] = best.theta
-        raise _diverged(f"during L-BFGS (iteration {n_iter})")
-    theta[...] = res.x
-    if res.status != 0:
+        raise _diverged(f"during {solver} (iteration {n_iter})")
+    theta[...] = x_final
+    # TNC's statuses 1 and 2 are convergence in f and in x.
+    converged = res is not None and (status == 0 or (solver == "tnc" and status in (1, 2)))
+    if not converged:
         warnings.warn(
-            f"lbfgs failed to converge after {n_iter} iteration(s) (status={res.status}): "
-            f"{res.message}. Increase max_iter or max_fun, or scale the data.",
+            f"{solver} failed to converge after {n_iter} iteration(s) (status={status}): "
+            f"{message}. Increase max_iter or max_fun, or scale the data.",
             ConvergenceWarning,
         )
-    return float(res.fun), n_iter
+    return loss_final, n_iter
 
 
 class StochasticOptimizer:

@@ -1,0 +1,105 @@
+"""Truncated-Newton solvers: 'tnc', 'newton-cg' and 'trust-krylov' (exact curvature)."""
+import warnings
+
+import numpy as np
+import pytest
+from sklearn.datasets import load_diabetes, load_digits
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.preprocessing import StandardScaler
+from sklearn.utils._param_validation import InvalidParameterError
+
+import fastbp
+from fastbp import MLPClassifier, MLPRegressor
+
+NEWTON = [("tnc", "gauss-newton"), ("newton-cg", "gauss-newton"),
+          ("newton-cg", "hessian"), ("trust-krylov", "gauss-newton"),
+          ("trust-krylov", "hessian")]
+
+
+@pytest.fixture(scope="module")
+def digits():
+    X, y = load_digits(return_X_y=True)
+    return StandardScaler().fit_transform(X), y
+
+
+@pytest.mark.parametrize("solver,curvature", NEWTON)
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_every_solver_fits_standardized_digits(digits, solver, curvature, dtype):
+    X, y = digits
+    X = X.astype(dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        clf = MLPClassifier((32,), solver=solver, curvature=curvature, max_iter=60,
+                            random_state=0).fit(X, y)
+    assert clf.score(X, y) >= 0.97
+    assert clf.coefs_[0].dtype == dtype and clf.predict_proba(X).dtype == dtype
+    assert len(clf.loss_curve_) == clf.n_iter_ >= 1
+    assert clf.loss_ <= clf.loss_curve_[-1] * (1 + 1e-6)
+    assert not hasattr(clf, "partial_fit")
+
+
+@pytest.mark.parametrize("solver,curvature", NEWTON)
+def test_regressor(solver, curvature):
+    X, y = load_diabetes(return_X_y=True)
+    X = StandardScaler().fit_transform(X)
+    y = (y - y.mean()) / y.std()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        reg = MLPRegressor(hidden_layer_sizes=(8,), solver=solver, curvature=curvature,
+                           max_iter=50, random_state=0).fit(X, y)
+    assert reg.score(X, y) > 0.5
+
+
+def test_tnc_stops_at_max_iter_with_a_warning(digits):
+    X, y = digits
+    with pytest.warns(ConvergenceWarning, match="tnc failed to converge after 3"):
+        clf = MLPClassifier((16,), solver="tnc", max_iter=3, random_state=0).fit(X, y)
+    assert clf.n_iter_ == 3 and len(clf.loss_curve_) == 3
+    assert np.isfinite(clf._theta).all()
+    # The loss curve holds the objective at the iterates.
+    d = clf._net.prepare(X, clf._label_binarizer.transform(y))
+    loss = clf._net._loss_grad(clf._theta, d, clf.alpha, np.empty(clf._net.n_params))
+    assert loss == pytest.approx(clf.loss_, rel=1e-12)
+
+
+@pytest.mark.parametrize("solver", ["tnc", "newton-cg", "trust-krylov"])
+def test_verbose_and_warm_start(digits, solver, capsys):
+    X, y = digits
+    X, y = X[:400], y[:400]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        clf = MLPClassifier((8,), solver=solver, max_iter=4, verbose=True,
+                            warm_start=True, random_state=0).fit(X, y)
+        first = clf.loss_
+        lines = [ln for ln in capsys.readouterr().out.splitlines()
+                 if ln.startswith("Iteration ")]
+        assert len(lines) == clf.n_iter_
+        clf.fit(X, y)
+    assert clf.loss_ <= first
+    assert len(clf.loss_curve_) > clf.n_iter_  # the curve goes on across warm starts
+
+
+@pytest.mark.parametrize("solver", ["tnc", "newton-cg", "trust-krylov"])
+def test_ctrl_c_keeps_the_best_parameters(digits, solver, monkeypatch):
+    X, y = digits
+    calls = {"n": 0}
+    original = fastbp._network.Network._loss_grad
+
+    def interrupting(self, theta, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise KeyboardInterrupt
+        return original(self, theta, *args, **kwargs)
+    monkeypatch.setattr(fastbp._network.Network, "_loss_grad", interrupting)
+    with pytest.warns(UserWarning, match="interrupted"):
+        clf = MLPClassifier((16,), solver=solver, max_iter=50, random_state=0).fit(X, y)
+    monkeypatch.setattr(fastbp._network.Network, "_loss_grad", original)
+    assert np.isfinite(clf._theta).all()
+    assert calls["n"] == 6  # it really was interrupted, after five evaluations
+    assert clf.score(X, y) > 0.5
+
+
+def test_bad_curvature_rejected(digits):
+    X, y = digits
+    with pytest.raises(InvalidParameterError, match="curvature"):
+        MLPClassifier(solver="newton-cg", curvature="fisher").fit(X[:50], y[:50])
