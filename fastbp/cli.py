@@ -220,7 +220,7 @@ def _plot(path, est, quiet):
                        "install matplotlib)") from None
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(np.arange(1, len(est.loss_curve_) + 1), est.loss_curve_, label="training loss")
-    ax.set_xlabel("epoch" if est.solver != "lbfgs" else "iteration")
+    ax.set_xlabel("epoch" if est.solver in ("adam", "sgd") else "iteration")
     ax.set_ylabel("loss")
     if est.validation_scores_:
         ax2 = ax.twinx()
@@ -323,7 +323,7 @@ def cmd_train(args):
         print(f"training {metric}: {train_score:.4f}")
         print(f"test {metric}:     {test_score:.4f}")
         print(f"training time:     {seconds:.2f} s ({est.n_iter_} "
-              f"{'iterations' if args.solver == 'lbfgs' else 'epochs'})")
+              f"{'epochs' if args.solver in ('adam', 'sgd') else 'iterations'})")
         print(f"model saved to {args.output}")
         if args.test_data_out:
             print(f"test split written to {args.test_data_out}")
@@ -436,7 +436,8 @@ def build_parser():
     t.add_argument("--hidden", default="100", help="hidden layer sizes, e.g. 100,50")
     t.add_argument("--activation", default="relu",
                    choices=["identity", "logistic", "tanh", "relu"])
-    t.add_argument("--solver", default="adam", choices=["adam", "sgd", "lbfgs"])
+    t.add_argument("--solver", default="adam",
+                   choices=["adam", "sgd", "lbfgs", "tnc", "newton-cg", "trust-krylov"])
     t.add_argument("--max-iter", type=int, default=200)
     t.add_argument("--batch-size", type=_batch_size, default="auto")
     t.add_argument("--alpha", type=float, default=1e-4)
