@@ -220,7 +220,7 @@ def load(path, *, return_metadata=False):
     >>> from sklearn.datasets import load_diabetes
     >>> import fastbp
     >>> X, y = load_diabetes(return_X_y=True)
-    >>> reg = fastbp.MLPRegressor(hidden_layer_sizes=(8,), solver="lbfgs", max_iter=50,
+    >>> reg = fastbp.MLPRegressor(hidden_layer_sizes=(8,), solver="lbfgs", max_iter=500,
     ...                           random_state=0)
     >>> reg = reg.fit(X, y / 100)
     >>> path = os.path.join(tempfile.mkdtemp(), "diabetes.fbp")
