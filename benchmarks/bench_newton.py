@@ -16,9 +16,7 @@ import argparse
 import time
 import warnings
 
-import numpy as np
 from sklearn.datasets import load_digits
-from sklearn.exceptions import ConvergenceWarning
 from sklearn.preprocessing import StandardScaler
 
 import fastbp
@@ -65,7 +63,7 @@ def main():
         best = min(min(loss for _, loss in pts) for pts in traces.values() if pts)
         target = slack * best
         print(f"\n{name}: target loss {target:.5g} ({slack}x the best reached, {best:.5g})")
-        print(f"| solver | seconds to target | final loss | iterations | total s |")
+        print("| solver | seconds to target | final loss | iterations | total s |")
         print("|---|---|---|---|---|")
         for solver, pts in traces.items():
             hit = next((t for t, loss in pts if loss <= target), None)

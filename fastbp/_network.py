@@ -30,9 +30,6 @@ class _Data:
     __slots__ = ("X", "data", "indices", "indptr", "Y", "sample_weight", "n_samples",
                  "weight_sum", "acts", "acts_theta")
 
-    def kernel_args(self):
-        return self.X, self.data, self.indices, self.indptr
-
 
 class Network:
     """A dense multilayer perceptron over one flat parameter vector.
