@@ -542,6 +542,31 @@ cdef double finish_gradient(const Spec* sp, const floating* theta, floating* gra
     return 0.5 * alpha * scale * sq
 
 
+cdef void sum_lanes(floating* out, const floating* lanes, double* ld, Py_ssize_t n_lanes,
+                    Py_ssize_t n_params, Py_ssize_t n_coef, Py_ssize_t n_int,
+                    bint empty) noexcept nogil:
+    """Combine the lanes in lane order (the same for any number of threads).
+
+    out[:n_coef] = sum of the lanes' coefficient parts (lanes is (n_lanes, n_params));
+    ld[:n_int] += the other lanes' float64 intercept sums, in place. With ``empty`` (no
+    rows, so no lane was written) both are zeroed. out may be NULL (loss only).
+    """
+    cdef Py_ssize_t lane, i
+    if empty:
+        memset(ld, 0, n_int * sizeof(double))
+        if out != NULL:
+            memset(out, 0, n_coef * sizeof(floating))
+        return
+    for lane in range(1, n_lanes):
+        for i in range(n_int):
+            ld[i] += ld[lane * n_int + i]
+    if out != NULL:
+        memcpy(out, lanes, n_coef * sizeof(floating))
+        for lane in range(1, n_lanes):
+            for i in range(n_coef):
+                out[i] = out[i] + lanes[lane * n_params + i]
+
+
 # ---------------------------------------------------------------------------------------
 # Delta-rule updates over the flat vector (scikit-learn's formulas).
 
@@ -690,9 +715,7 @@ def loss_grad(const floating[::1] theta, floating[::1] grad, const floating[:, :
         sw = &sample_weight[0]
     if n == 0:
         with nogil:
-            memset(ld, 0, n_int * sizeof(double))
-            if g != NULL:
-                memset(g, 0, n_coef * sizeof(floating))
+            sum_lanes(g, lg, ld, n_lanes, n_params, n_coef, n_int, True)
             penalty = finish_gradient(&sp, theta_p, g, ld, scale, alpha)
         return penalty
     Y_p = &Y[0, 0]
@@ -711,17 +734,9 @@ def loss_grad(const floating[::1] theta, floating[::1] grad, const floating[:, :
                 ll[lane] = ll[lane] + part
                 b = b + n_lanes
     with nogil:
-        # Lanes summed in lane order: the same for any number of threads.
         for lane in range(n_lanes):
             loss += ll[lane]
-        for lane in range(1, n_lanes):
-            for i in range(n_int):
-                ld[i] += ld[lane * n_int + i]
-        if g != NULL:
-            memcpy(g, lg, n_coef * sizeof(floating))
-            for lane in range(1, n_lanes):
-                for i in range(n_coef):
-                    g[i] = g[i] + lg[lane * n_params + i]
+        sum_lanes(g, lg, ld, n_lanes, n_params, n_coef, n_int, False)
         penalty = finish_gradient(&sp, theta_p, g, ld, scale, alpha)
     return loss * scale + penalty
 
@@ -1368,18 +1383,6 @@ def curvature_product(const floating[::1] theta, const floating[::1] v,
                               b != lane, exact)
                     b = b + n_lanes
     with nogil:
-        if n == 0:
-            memset(ld, 0, n_int * sizeof(double))
-            memset(o, 0, n_coef * sizeof(floating))
-        else:
-            for lane in range(1, n_lanes):
-                for i in range(n_int):
-                    ld[i] += ld[lane * n_int + i]
-            memcpy(o, lo, n_coef * sizeof(floating))
-            for lane in range(1, n_lanes):
-                for i in range(n_coef):
-                    o[i] = o[i] + lo[lane * n_params + i]
-        for i in range(n_coef):
-            o[i] = o[i] + a * v_p[i]
-        for i in range(n_params - n_coef):
-            o[n_coef + i] = <floating> ld[i]
+        sum_lanes(o, lo, ld, n_lanes, n_params, n_coef, n_int, n == 0)
+        # The L2 term and the intercept parts, exactly as for a gradient (with v for W).
+        finish_gradient(&sp, v_p, o, ld, scale, alpha)
