@@ -119,7 +119,8 @@ def fit_full_batch(solver, net, theta, data, alpha, max_iter, max_fun, tol, verb
         p = point(x)
         loss = net._loss_grad(p, data, alpha, grad, limit_blas=False)
         best.offer(loss, p)
-        last["x"], last["loss"] = np.array(x, dtype=np.float64), loss
+        if solver == "tnc":  # only TNC's callback needs the loss at its x
+            last["x"], last["loss"] = np.array(x, dtype=np.float64), loss
         # A fresh float64 gradient per call: SciPy keeps references to earlier ones.
         return loss, grad.astype(np.float64, copy=True)
 
