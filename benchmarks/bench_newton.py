@@ -23,7 +23,8 @@ import fastbp
 
 SOLVERS = [("lbfgs", "gauss-newton"), ("tnc", "gauss-newton"),
            ("newton-cg", "gauss-newton"), ("newton-cg", "hessian"),
-           ("trust-krylov", "gauss-newton"), ("trust-krylov", "hessian")]
+           ("trust-krylov", "gauss-newton"), ("trust-krylov", "hessian"),
+           ("hessian-free", "gauss-newton")]
 
 
 def trace(est, X, y, budget):

@@ -24,6 +24,7 @@ from sklearn.utils.validation import (_check_sample_weight, check_is_fitted,
                                       column_or_1d, validate_data)
 
 from ._network import Network
+from ._hessian_free import HessianFreeState, fit_hessian_free
 from ._solvers import StochasticOptimizer, _diverged, fit_full_batch
 from ._threads import single_threaded_blas, threads_for_batch
 
@@ -39,7 +40,7 @@ class _BaseMLP(BaseEstimator):
         "hidden_layer_sizes": ["array-like", Interval(Integral, 1, None, closed="left")],
         "activation": [StrOptions({"identity", "logistic", "tanh", "relu"})],
         "solver": [StrOptions({"lbfgs", "sgd", "adam", "tnc", "newton-cg",
-                               "trust-krylov"})],
+                               "trust-krylov", "hessian-free"})],
         "alpha": [Interval(Real, 0, None, closed="left")],
         "batch_size": [StrOptions({"auto"}), Interval(Integral, 1, None, closed="left")],
         "learning_rate": [StrOptions({"constant", "invscaling", "adaptive"})],
@@ -193,10 +194,22 @@ class _BaseMLP(BaseEstimator):
         data = self._net.prepare(X, Y, sample_weight)
         curve = []
         callback = getattr(self, "_progress_callback", None)
-        self.loss_, n_iter = fit_full_batch(
-            self.solver, self._net, self._theta, data, self.alpha, self.max_iter,
-            self.max_fun, self.tol, self.verbose, curve, progress=callback,
-            curvature=self.curvature)
+        if self.solver == "hessian-free":
+            # warm_start keeps the damping and the last CG direction.
+            state = self._optimizer
+            if not (isinstance(state, HessianFreeState)
+                    and state.compatible(self.solver, self._net.n_params,
+                                         self._net.dtype)):
+                state = HessianFreeState(self._net.n_params)
+            seed = int(self._random_state.randint(0, 2**31 - 1))
+            self.loss_, n_iter, self._optimizer = fit_hessian_free(
+                self._net, self._theta, data, self.alpha, self.max_iter, self.tol,
+                self.verbose, curve, progress=callback, state=state, seed=seed)
+        else:
+            self.loss_, n_iter = fit_full_batch(
+                self.solver, self._net, self._theta, data, self.alpha, self.max_iter,
+                self.max_fun, self.tol, self.verbose, curve, progress=callback,
+                curvature=self.curvature)
         self.loss_curve_.extend(curve)
         self.n_iter_ = n_iter
         self.t_ += n_iter * X.shape[0]
@@ -401,11 +414,14 @@ _COMMON_PARAMS_DOC = """
         The ith element is the number of neurons in the ith hidden layer.
     activation : {'identity', 'logistic', 'tanh', 'relu'}, default='relu'
         Activation function for the hidden layers.
-    solver : {'lbfgs', 'sgd', 'adam', 'tnc', 'newton-cg', 'trust-krylov'}, default='adam'
-        Weight optimizer: minibatch SGD or Adam, or a full-batch SciPy solver on the
-        flat parameter vector: L-BFGS-B, truncated Newton ('tnc'), or Newton-CG and
-        trust-krylov with exact curvature products (see ``curvature``). The last three
-        are not in scikit-learn.
+    solver : {'lbfgs', 'sgd', 'adam', 'tnc', 'newton-cg', 'trust-krylov', \
+'hessian-free'}, default='adam'
+        Weight optimizer: minibatch SGD or Adam, or a full-batch solver on the flat
+        parameter vector: L-BFGS-B, truncated Newton ('tnc'), Newton-CG and trust-krylov
+        with exact curvature products (see ``curvature``), or Martens' Hessian-free
+        (damped Gauss-Newton with preconditioned CG on a curvature subsample of
+        ``max(4096, n_samples // 10)`` rows, drawn with ``random_state`` in every
+        iteration). The last four are not in scikit-learn.
     alpha : float, default=0.0001
         Strength of the L2 penalty (divided by the sum of sample weights).
     batch_size : int or 'auto', default='auto'
@@ -417,13 +433,16 @@ _COMMON_PARAMS_DOC = """
     power_t : float, default=0.5
         Exponent of 'invscaling'.
     max_iter : int, default=200
-        Epochs for 'sgd'/'adam'; iterations for 'lbfgs'.
+        Epochs for 'sgd'/'adam'; iterations for the full-batch solvers (outer,
+        Gauss-Newton iterations for 'hessian-free').
     shuffle : bool, default=True
         Shuffle the samples in every epoch ('sgd'/'adam').
     random_state : int, RandomState instance or None, default=None
         Seeds the initial weights, the shuffling and the validation split.
     tol : float, default=1e-4
-        Tolerance for the optimisation (see ``n_iter_no_change``).
+        Tolerance for the optimisation: the loss improvement for 'sgd'/'adam' (see
+        ``n_iter_no_change``); the largest gradient entry for 'lbfgs', 'tnc',
+        'trust-krylov' and 'hessian-free'; the step size for 'newton-cg'.
     verbose : bool, default=False
         Print progress, one line per epoch or L-BFGS iteration.
     warm_start : bool, default=False

@@ -342,23 +342,24 @@ class Network:
     def _threads(self, units):
         return max(1, min(effective_n_jobs(self.n_jobs), units))
 
-    def _acquire(self, n_samples, lanes, curvature=False):
+    def _acquire(self, n_samples, lanes, kind="grad"):
         """Buffers for a full-batch pass over n_samples rows, reused across calls (one
         set per concurrent caller): per-thread workspaces and, with ``lanes``, per-lane
         gradient, intercept-sum and loss rows. Full-batch passes read rows in place, so
-        the workspaces have no gather buffer. ``curvature`` sizes the workspaces for
-        curvature products."""
+        the workspaces have no gather buffer. ``kind`` ('grad', 'curvature' or 'fisher')
+        sizes the workspaces for that kernel."""
         block = self._block_for(n_samples)
         n_blocks = -(-n_samples // block)
         n_lanes = _core.n_lanes_for(n_samples, block) if lanes else 0
         threads = self._threads(n_lanes if lanes else n_blocks)
-        key = (block, threads, n_lanes, curvature)
+        key = (block, threads, n_lanes, kind)
         with self._lock:
             free = self._pool.get(key)
             if free:
                 return key, free.pop()
-        ws = (_core.rop_workspace_size(self._sizes, block) if curvature
-              else _core.workspace_size(self._sizes, block, False))
+        ws = {"grad": lambda: _core.workspace_size(self._sizes, block, False),
+              "curvature": lambda: _core.rop_workspace_size(self._sizes, block),
+              "fisher": lambda: _core.fisher_workspace_size(self._sizes, block)}[kind]()
         bufs = {"work": np.empty((threads, ws), dtype=self.dtype), "block": block,
                 "threads": threads, "n_blocks": n_blocks}
         if lanes:
@@ -419,7 +420,7 @@ class Network:
         (as Newton-CG and CG make) skip the forward pass.
         """
         scale = 1.0 / d.weight_sum if d.weight_sum > 0 else 0.0
-        key, b = self._acquire(d.n_samples, lanes=True, curvature=True)
+        key, b = self._acquire(d.n_samples, lanes=True, kind="curvature")
         size = _core.acts_size(self._sizes, d.n_samples, b["block"])
         if d.acts is None or d.acts.shape[0] != size or d.acts.dtype != self.dtype:
             d.acts = np.empty(max(size, 1), dtype=self.dtype)
@@ -436,6 +437,21 @@ class Network:
             self._release(key, b)
         if not have:
             d.acts_theta = theta.copy()
+        return out
+
+    def _fisher(self, theta, d, out):
+        """Diagonal of the empirical Fisher on prepared data (no L2 term), into out."""
+        scale = 1.0 / d.weight_sum if d.weight_sum > 0 else 0.0
+        key, b = self._acquire(d.n_samples, lanes=True, kind="fisher")
+        try:
+            with self._blas_guard(b, True):
+                _core.fisher_diag(
+                    theta, out, d.X, d.data, d.indices, d.indptr, d.Y, d.sample_weight,
+                    self._sizes, self._w_off, self._b_off, self._act, self._out,
+                    b["work"], b["lane_grad"], b["lane_dacc"], b["block"], scale,
+                    b["threads"])
+        finally:
+            self._release(key, b)
         return out
 
     def _product(self, theta, v, X, Y, sample_weight, alpha, exact):

@@ -437,7 +437,8 @@ def build_parser():
     t.add_argument("--activation", default="relu",
                    choices=["identity", "logistic", "tanh", "relu"])
     t.add_argument("--solver", default="adam",
-                   choices=["adam", "sgd", "lbfgs", "tnc", "newton-cg", "trust-krylov"])
+                   choices=["adam", "sgd", "lbfgs", "tnc", "newton-cg", "trust-krylov",
+                            "hessian-free"])
     t.add_argument("--max-iter", type=int, default=200)
     t.add_argument("--batch-size", type=_batch_size, default="auto")
     t.add_argument("--alpha", type=float, default=1e-4)

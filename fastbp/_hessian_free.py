@@ -1,0 +1,257 @@
+"""Hessian-free optimisation (Martens, 2010) over the flat parameter vector.
+
+Each outer iteration:
+
+1. draws a fixed curvature subsample S of the rows (all rows for small data sets);
+2. builds the preconditioner ``M = (diag F_S + lambda + l2)^0.75`` from the diagonal of
+   the empirical Fisher on S (one nogil kernel, ``_core.fisher_diag``);
+3. solves ``(G_S + lambda I) p = -g`` approximately by preconditioned CG with
+   Gauss-Newton products on S, warm-started from 0.95 x the previous solution, stopping
+   on Martens' relative-progress test and keeping iterates on a 1.3^j schedule;
+4. backtracks over the kept iterates (CG backtracking): the latest one whose full-batch
+   loss is lowest;
+5. adapts the damping lambda by the reduction ratio rho (x3/2 when rho < 1/4, x2/3 when
+   rho > 3/4), then takes an Armijo step along the chosen direction.
+
+The gradient and the loss are always full-batch; only the curvature is subsampled.
+Vectors the solver keeps are float64; products run in the network's dtype.
+"""
+import contextlib
+import math
+import warnings
+
+import numpy as np
+from sklearn.exceptions import ConvergenceWarning
+
+from ._threads import single_threaded_blas
+
+__all__ = ["HessianFreeState", "fit_hessian_free"]
+
+# Rows of the curvature subsample: all rows up to this many, else a tenth of the rows
+# (at least this many).
+CURVATURE_MIN_ROWS = 4096
+MAX_CG = 250  # Martens' cap on CG iterations per outer iteration
+CG_EPSILON = 5e-4  # relative-progress test
+DECAY = 0.95  # warm start: CG starts from DECAY x the previous solution
+PRECOND_EXPONENT = 0.75
+ARMIJO = 1e-2
+MAX_SHRINK = 30  # Armijo halvings (factor 0.8) before a step is rejected
+
+
+class HessianFreeState:
+    """What Hessian-free keeps between outer iterations and across warm starts: the
+    damping ``lam`` and the previous CG solution ``direction``."""
+
+    def __init__(self, n_params, lam=1.0):
+        self.lam = float(lam)
+        self.direction = np.zeros(n_params)
+
+    def compatible(self, solver, n_params, dtype=None):
+        return solver == "hessian-free" and self.direction.shape[0] == n_params
+
+
+def _subset(net, data, rows):
+    """The rows of prepared data as new prepared data (the curvature subsample)."""
+    if data.X is None:
+        import scipy.sparse as sp
+        X = sp.csr_matrix((data.data, data.indices, data.indptr),
+                          shape=(data.n_samples, net.layer_sizes[0]))[rows]
+    else:
+        X = data.X[rows]
+    sw = None if data.sample_weight is None else data.sample_weight[rows]
+    if sw is not None and sw.sum() <= 0:  # all-zero-weight draw: weigh the rows equally
+        sw = None
+    return net.prepare(X, data.Y[rows], sw)
+
+
+def _cg_schedule(limit):
+    """Iterations whose CG iterate is kept for backtracking: ceil(1.3^j)."""
+    keep, j = set(), 0
+    while True:
+        i = math.ceil(1.3 ** j)
+        if i > limit:
+            return keep
+        keep.add(i)
+        j += 1
+
+
+_KEEP = _cg_schedule(MAX_CG)
+
+
+def _pcg(apply_a, g, x0, minv, max_iter):
+    """Preconditioned CG on ``A x = -g`` from x0, with Martens' stopping test.
+
+    Returns a list of ``(i, x_i, phi_i)`` for the kept iterates (the last one always
+    included), where ``phi(x) = 0.5 x'Ax + g'x`` is the quadratic model's decrease.
+    """
+    b = -g
+    x = x0.copy()
+    r = b - apply_a(x) if x.any() else b.copy()
+    phi = -0.5 * float(x @ (b + r))
+    if phi >= 0:  # the warm start is no better than zero: start from zero
+        x[...] = 0.0
+        r = b.copy()
+        phi = 0.0
+    y = minv * r
+    p = y.copy()
+    ry = float(r @ y)
+    phis = [phi]
+    kept = []
+    for i in range(1, max_iter + 1):
+        ap = apply_a(p)
+        pap = float(p @ ap)
+        if not (pap > 0 and math.isfinite(pap)) or ry == 0.0:
+            i -= 1
+            break
+        step = ry / pap
+        x += step * p
+        r -= step * ap
+        phi = -0.5 * float(x @ (b + r))
+        phis.append(phi)
+        if i in _KEEP:
+            kept.append((i, x.copy(), phi))
+        k = max(10, int(0.1 * i))
+        if i > k and phi < 0 and (phi - phis[i - k]) / phi < k * CG_EPSILON:
+            break
+        y = minv * r
+        ry_new = float(r @ y)
+        p = y + (ry_new / ry) * p
+        ry = ry_new
+    if not kept or kept[-1][0] != i:
+        kept.append((i, x.copy(), phis[-1]))
+    return kept
+
+
+def fit_hessian_free(net, theta, data, alpha, max_iter, tol, verbose, loss_curve,
+                     progress=None, state=None, seed=0, curvature_rows=None):
+    """Minimise the full-batch objective from ``theta`` (updated in place) by
+    Hessian-free optimisation. Returns ``(loss, n_iter, state)``.
+
+    Stops when the largest gradient entry is at most ``tol`` (as L-BFGS's ``gtol``),
+    after ``max_iter`` outer iterations (with a ConvergenceWarning), or when no step
+    decreases the loss even under heavy damping. Appends the loss after each outer
+    iteration to ``loss_curve`` and calls ``progress(n_iter, loss)``. ``state`` (a
+    ``HessianFreeState``) carries the damping and the last direction across warm
+    starts. On Ctrl-C the best parameters evaluated so far are restored, with a warning.
+    """
+    from ._solvers import _BestTracker, _diverged
+
+    n_params, n, dtype = net.n_params, data.n_samples, net.dtype
+    if state is None or not state.compatible("hessian-free", n_params):
+        state = HessianFreeState(n_params)
+    rng = np.random.default_rng(seed)
+    if curvature_rows is None:
+        curvature_rows = max(CURVATURE_MIN_ROWS, n // 10)
+    curvature_rows = min(n, int(curvature_rows))
+    l2 = alpha / data.weight_sum  # curvature of the L2 term on the coefficients
+    n_coef = net._b_off[0]
+    grad = np.empty(n_params, dtype=dtype)
+    prod = np.empty(n_params, dtype=dtype)
+    vec = np.empty(n_params, dtype=dtype)
+    trial = np.empty(n_params, dtype=dtype)
+    fisher = np.empty(n_params, dtype=dtype)
+    best = _BestTracker(theta)
+    n_iter = 0
+    converged = stalled = False
+
+    guard = (single_threaded_blas() if n > net.block_size else contextlib.nullcontext())
+    try:
+        with guard:
+            loss = net._loss_grad(theta, data, alpha, grad, limit_blas=False)
+            if not math.isfinite(loss):
+                raise _diverged("at the starting point of hessian-free")
+            best.offer(loss, theta)
+            g = grad.astype(np.float64)
+            while n_iter < max_iter:
+                if np.abs(g).max() <= tol:
+                    converged = True
+                    break
+                if curvature_rows < n:
+                    rows = np.sort(rng.choice(n, size=curvature_rows, replace=False))
+                    sub = _subset(net, data, rows)
+                else:
+                    sub = data
+                # The subsample's L2 share, so that its products carry the full l2 term.
+                alpha_sub = l2 * sub.weight_sum
+                lam = state.lam
+                diag = net._fisher(theta, sub, fisher).astype(np.float64)
+                diag[:n_coef] += l2
+                minv = (diag + lam) ** -PRECOND_EXPONENT
+
+                def apply_a(v, lam=lam, sub=sub, alpha_sub=alpha_sub):
+                    vec[...] = v
+                    net._curvature(theta, vec, sub, alpha_sub, False, prod)
+                    return prod.astype(np.float64) + lam * v
+
+                kept = _pcg(apply_a, g, DECAY * state.direction, minv, MAX_CG)
+                state.direction = kept[-1][1]
+
+                # CG backtracking: walk back from the last kept iterate while the
+                # full-batch loss keeps falling.
+                def loss_at(p, rate=1.0):
+                    trial[...] = theta + rate * p
+                    f = net._loss_grad(trial, data, alpha, None, limit_blas=False)
+                    best.offer(f, trial)
+                    return f
+
+                j = len(kept) - 1
+                f_j = loss_at(kept[j][1])
+                while j > 0:
+                    f_prev = loss_at(kept[j - 1][1])
+                    if not (f_prev < f_j) and math.isfinite(f_j):
+                        break
+                    j, f_j = j - 1, f_prev
+                _, p, phi = kept[j]
+
+                # Levenberg-Marquardt damping from the reduction ratio.
+                rho = (f_j - loss) / phi if phi < 0 and math.isfinite(f_j) else -math.inf
+                if rho < 0.25:
+                    state.lam *= 1.5
+                elif rho > 0.75:
+                    state.lam *= 2.0 / 3.0
+
+                # Armijo step along p.
+                slope = float(g @ p)
+                rate, f_new = 1.0, f_j
+                for _ in range(MAX_SHRINK):
+                    if math.isfinite(f_new) and f_new <= loss + ARMIJO * rate * slope:
+                        break
+                    rate *= 0.8
+                    f_new = loss_at(p, rate)
+                else:
+                    rate = 0.0
+                n_iter += 1
+                if rate > 0.0 and slope < 0:
+                    theta += (rate * p).astype(dtype)
+                    loss = net._loss_grad(theta, data, alpha, grad, limit_blas=False)
+                    best.offer(loss, theta)
+                    g = grad.astype(np.float64)
+                else:
+                    # No decrease: damp harder and restart CG from zero.
+                    state.lam *= 1.5 ** 3
+                    state.direction[...] = 0.0
+                    if state.lam > 1e12:
+                        stalled = True
+                loss_curve.append(float(loss))
+                if verbose:
+                    print(f"Iteration {n_iter}, loss = {loss:.8f}, damping = "
+                          f"{state.lam:.3g}, CG iterations = {kept[-1][0]}")
+                if progress is not None:
+                    progress(n_iter, float(loss))
+                if stalled:
+                    break
+    except KeyboardInterrupt:
+        warnings.warn("Training interrupted by user; the model keeps the best "
+                      "parameters found so far.", UserWarning)
+        theta[...] = best.theta
+        return best.loss, n_iter, state
+    if not (math.isfinite(loss) and np.isfinite(theta).all()):
+        theta[...] = best.theta
+        raise _diverged(f"during hessian-free (iteration {n_iter})")
+    if not converged and n_iter >= max_iter or stalled:
+        warnings.warn(
+            f"hessian-free failed to converge after {n_iter} iteration(s): "
+            + ("no step decreased the loss even with heavy damping."
+               if stalled else "maximum number of iterations reached.")
+            + " Increase max_iter, or scale the data.", ConvergenceWarning)
+    return loss, n_iter, state
