@@ -24,6 +24,7 @@ from sklearn.utils.validation import (_check_sample_weight, check_is_fitted,
                                       column_or_1d, validate_data)
 
 from ._network import Network
+from ._objective import LocalObjective
 from ._hessian_free import HessianFreeState, fit_hessian_free
 from ._solvers import StochasticOptimizer, _diverged, fit_full_batch
 from ._threads import single_threaded_blas, threads_for_batch
@@ -191,7 +192,8 @@ class _BaseMLP(BaseEstimator):
         return self
 
     def _fit_full_batch(self, X, Y, sample_weight):
-        data = self._net.prepare(X, Y, sample_weight)
+        objective = LocalObjective(self._net, self._net.prepare(X, Y, sample_weight),
+                                   self.alpha)
         curve = []
         callback = getattr(self, "_progress_callback", None)
         if self.solver == "hessian-free":
@@ -203,12 +205,12 @@ class _BaseMLP(BaseEstimator):
                 state = HessianFreeState(self._net.n_params)
             seed = int(self._random_state.randint(0, 2**31 - 1))
             self.loss_, n_iter, self._optimizer = fit_hessian_free(
-                self._net, self._theta, data, self.alpha, self.max_iter, self.tol,
-                self.verbose, curve, progress=callback, state=state, seed=seed)
+                objective, self._theta, self.max_iter, self.tol, self.verbose, curve,
+                progress=callback, state=state, seed=seed)
         else:
             self.loss_, n_iter = fit_full_batch(
-                self.solver, self._net, self._theta, data, self.alpha, self.max_iter,
-                self.max_fun, self.tol, self.verbose, curve, progress=callback,
+                self.solver, objective, self._theta, self.max_iter, self.max_fun,
+                self.tol, self.verbose, curve, progress=callback,
                 curvature=self.curvature)
         self.loss_curve_.extend(curve)
         self.n_iter_ = n_iter

@@ -16,21 +16,19 @@ Each outer iteration:
 The gradient and the loss are always full-batch; only the curvature is subsampled.
 Vectors the solver keeps are float64; products run in the network's dtype.
 """
-import contextlib
 import math
 import warnings
 
 import numpy as np
 from sklearn.exceptions import ConvergenceWarning
 
-from ._threads import single_threaded_blas
 
 __all__ = ["HessianFreeState", "fit_hessian_free"]
 
 # Rows of the curvature subsample: all rows up to this many, else a tenth of the rows
 # (at least this many).
 CURVATURE_MIN_ROWS = 4096
-MAX_CG = 250  # Martens' cap on CG iterations per outer iteration
+MAX_CG = 50  # CG iterations per outer iteration (Martens: 250; see the README)
 CG_EPSILON = 5e-4  # relative-progress test
 DECAY = 0.95  # warm start: CG starts from DECAY x the previous solution
 PRECOND_EXPONENT = 0.75
@@ -50,20 +48,6 @@ class HessianFreeState:
         return solver == "hessian-free" and self.direction.shape[0] == n_params
 
 
-def _subset(net, data, rows):
-    """The rows of prepared data as new prepared data (the curvature subsample)."""
-    if data.X is None:
-        import scipy.sparse as sp
-        X = sp.csr_matrix((data.data, data.indices, data.indptr),
-                          shape=(data.n_samples, net.layer_sizes[0]))[rows]
-    else:
-        X = data.X[rows]
-    sw = None if data.sample_weight is None else data.sample_weight[rows]
-    if sw is not None and sw.sum() <= 0:  # all-zero-weight draw: weigh the rows equally
-        sw = None
-    return net.prepare(X, data.Y[rows], sw)
-
-
 def _cg_schedule(limit):
     """Iterations whose CG iterate is kept for backtracking: ceil(1.3^j)."""
     keep, j = set(), 0
@@ -75,8 +59,6 @@ def _cg_schedule(limit):
         j += 1
 
 
-_KEEP = _cg_schedule(MAX_CG)
-
 
 def _pcg(apply_a, g, x0, minv, max_iter):
     """Preconditioned CG on ``A x = -g`` from x0, with Martens' stopping test.
@@ -84,6 +66,7 @@ def _pcg(apply_a, g, x0, minv, max_iter):
     Returns a list of ``(i, x_i, phi_i)`` for the kept iterates (the last one always
     included), where ``phi(x) = 0.5 x'Ax + g'x`` is the quadratic model's decrease.
     """
+    keep = _cg_schedule(max_iter)
     b = -g
     x = x0.copy()
     r = b - apply_a(x) if x.any() else b.copy()
@@ -108,7 +91,7 @@ def _pcg(apply_a, g, x0, minv, max_iter):
         r -= step * ap
         phi = -0.5 * float(x @ (b + r))
         phis.append(phi)
-        if i in _KEEP:
+        if i in keep:
             kept.append((i, x.copy(), phi))
         k = max(10, int(0.1 * i))
         if i > k and phi < 0 and (phi - phis[i - k]) / phi < k * CG_EPSILON:
@@ -122,10 +105,11 @@ def _pcg(apply_a, g, x0, minv, max_iter):
     return kept
 
 
-def fit_hessian_free(net, theta, data, alpha, max_iter, tol, verbose, loss_curve,
+def fit_hessian_free(objective, theta, max_iter, tol, verbose, loss_curve,
                      progress=None, state=None, seed=0, curvature_rows=None):
-    """Minimise the full-batch objective from ``theta`` (updated in place) by
-    Hessian-free optimisation. Returns ``(loss, n_iter, state)``.
+    """Minimise a full-batch objective (``LocalObjective`` or ``DaskObjective``) from
+    ``theta`` (updated in place) by Hessian-free optimisation. Returns
+    ``(loss, n_iter, state)``.
 
     Stops when the largest gradient entry is at most ``tol`` (as L-BFGS's ``gtol``),
     after ``max_iter`` outer iterations (with a ConvergenceWarning), or when no step
@@ -136,14 +120,14 @@ def fit_hessian_free(net, theta, data, alpha, max_iter, tol, verbose, loss_curve
     """
     from ._solvers import _BestTracker, _diverged
 
-    n_params, n, dtype = net.n_params, data.n_samples, net.dtype
+    net = objective.net
+    n_params, n, dtype = net.n_params, objective.n_samples, net.dtype
     if state is None or not state.compatible("hessian-free", n_params):
         state = HessianFreeState(n_params)
     rng = np.random.default_rng(seed)
     if curvature_rows is None:
         curvature_rows = max(CURVATURE_MIN_ROWS, n // 10)
     curvature_rows = min(n, int(curvature_rows))
-    l2 = alpha / data.weight_sum  # curvature of the L2 term on the coefficients
     n_coef = net._b_off[0]
     grad = np.empty(n_params, dtype=dtype)
     prod = np.empty(n_params, dtype=dtype)
@@ -154,10 +138,9 @@ def fit_hessian_free(net, theta, data, alpha, max_iter, tol, verbose, loss_curve
     n_iter = 0
     converged = stalled = False
 
-    guard = (single_threaded_blas() if n > net.block_size else contextlib.nullcontext())
     try:
-        with guard:
-            loss = net._loss_grad(theta, data, alpha, grad, limit_blas=False)
+        with objective.blas_guard():
+            loss = objective.loss_grad(theta, grad)
             if not math.isfinite(loss):
                 raise _diverged("at the starting point of hessian-free")
             best.offer(loss, theta)
@@ -168,19 +151,17 @@ def fit_hessian_free(net, theta, data, alpha, max_iter, tol, verbose, loss_curve
                     break
                 if curvature_rows < n:
                     rows = np.sort(rng.choice(n, size=curvature_rows, replace=False))
-                    sub = _subset(net, data, rows)
+                    sub = objective.subsample(rows)
                 else:
-                    sub = data
-                # The subsample's L2 share, so that its products carry the full l2 term.
-                alpha_sub = l2 * sub.weight_sum
+                    sub = objective
                 lam = state.lam
-                diag = net._fisher(theta, sub, fisher).astype(np.float64)
-                diag[:n_coef] += l2
+                diag = sub.fisher(theta, fisher).astype(np.float64)
+                diag[:n_coef] += objective.l2  # the L2 term's curvature
                 minv = (diag + lam) ** -PRECOND_EXPONENT
 
-                def apply_a(v, lam=lam, sub=sub, alpha_sub=alpha_sub):
+                def apply_a(v, lam=lam, sub=sub):
                     vec[...] = v
-                    net._curvature(theta, vec, sub, alpha_sub, False, prod)
+                    sub.curvature(theta, vec, False, prod)
                     return prod.astype(np.float64) + lam * v
 
                 kept = _pcg(apply_a, g, DECAY * state.direction, minv, MAX_CG)
@@ -190,7 +171,7 @@ def fit_hessian_free(net, theta, data, alpha, max_iter, tol, verbose, loss_curve
                 # full-batch loss keeps falling.
                 def loss_at(p, rate=1.0):
                     trial[...] = theta + rate * p
-                    f = net._loss_grad(trial, data, alpha, None, limit_blas=False)
+                    f = objective.loss_grad(trial, None)
                     best.offer(f, trial)
                     return f
 
@@ -223,7 +204,7 @@ def fit_hessian_free(net, theta, data, alpha, max_iter, tol, verbose, loss_curve
                 n_iter += 1
                 if rate > 0.0 and slope < 0:
                     theta += (rate * p).astype(dtype)
-                    loss = net._loss_grad(theta, data, alpha, grad, limit_blas=False)
+                    loss = objective.loss_grad(theta, grad)
                     best.offer(loss, theta)
                     g = grad.astype(np.float64)
                 else:

@@ -10,7 +10,6 @@
 Solvers never pack or unpack: they write into ``theta`` in place, so the estimator's
 ``coefs_``/``intercepts_`` views stay valid.
 """
-import contextlib
 import math
 import warnings
 
@@ -19,7 +18,6 @@ import scipy.optimize
 from sklearn.exceptions import ConvergenceWarning
 
 from . import _core
-from ._threads import single_threaded_blas
 
 __all__ = ["fit_full_batch", "StochasticOptimizer", "DivergenceError", "FULL_BATCH"]
 
@@ -87,9 +85,10 @@ FULL_BATCH = {
 }
 
 
-def fit_full_batch(solver, net, theta, data, alpha, max_iter, max_fun, tol, verbose,
+def fit_full_batch(solver, objective, theta, max_iter, max_fun, tol, verbose,
                    loss_curve, progress=None, curvature="gauss-newton"):
-    """Minimise the full-batch objective with one of SciPy's solvers, from ``theta``.
+    """Minimise a full-batch objective (``LocalObjective`` or ``DaskObjective``) with
+    one of SciPy's solvers, from ``theta``.
 
     ``theta`` is updated in place. SciPy works in float64: a float32 model converts at
     this boundary only (TNC refuses a float32 x0). Newton-CG and trust-krylov get exact
@@ -100,6 +99,7 @@ def fit_full_batch(solver, net, theta, data, alpha, max_iter, max_fun, tol, verb
     ``(loss, n_iter)``.
     """
     spec = FULL_BATCH[solver]
+    net = objective.net
     f32 = net.dtype == np.float32
     work_theta = np.empty_like(theta) if f32 else None
     grad = np.empty(net.n_params, dtype=net.dtype)
@@ -117,7 +117,7 @@ def fit_full_batch(solver, net, theta, data, alpha, max_iter, max_fun, tol, verb
 
     def fun(x):
         p = point(x)
-        loss = net._loss_grad(p, data, alpha, grad, limit_blas=False)
+        loss = objective.loss_grad(p, grad)
         best.offer(loss, p)
         if solver == "tnc":  # only TNC's callback needs the loss at its x
             last["x"], last["loss"] = np.array(x, dtype=np.float64), loss
@@ -126,7 +126,7 @@ def fit_full_batch(solver, net, theta, data, alpha, max_iter, max_fun, tol, verb
 
     def hessp(x, v):
         vec[...] = v
-        net._curvature(point(x), vec, data, alpha, curvature == "hessian", prod)
+        objective.curvature(point(x), vec, curvature == "hessian", prod)
         return prod.astype(np.float64, copy=True)
 
     def record(x, loss):
@@ -134,7 +134,7 @@ def fit_full_batch(solver, net, theta, data, alpha, max_iter, max_fun, tol, verb
         n_iter += 1
         if loss is None:
             loss = (last["loss"] if last["x"] is not None and np.array_equal(last["x"], x)
-                    else net._loss_grad(point(x), data, alpha, grad, limit_blas=False))
+                    else objective.loss_grad(point(x), grad))
         loss_curve.append(float(loss))
         if verbose:
             print(f"Iteration {n_iter}, loss = {loss:.8f}")
@@ -156,13 +156,9 @@ def fit_full_batch(solver, net, theta, data, alpha, max_iter, max_fun, tol, verb
                "newton-cg": {"maxiter": max_iter, "xtol": max(tol, 1e-12)},
                "trust-krylov": {"maxiter": max_iter, "gtol": tol}}[solver]
     x0 = theta.astype(np.float64, copy=True)
-    # Several blocks: fastbp's threads use the cores, so BLAS gets one thread (set once
-    # for the whole run rather than per evaluation).
-    guard = (single_threaded_blas() if data.n_samples > net.block_size
-             else contextlib.nullcontext())
     res = None
     try:
-        with guard:
+        with objective.blas_guard():
             res = scipy.optimize.minimize(
                 fun, x0, method=spec["method"], jac=True, callback=callback,
                 hessp=hessp if spec["hessp"] else None, options=options)

@@ -11,6 +11,7 @@ from sklearn.preprocessing import StandardScaler
 
 import fastbp
 from fastbp import MLPClassifier, MLPRegressor, _hessian_free
+from fastbp._objective import LocalObjective
 from fastbp._hessian_free import HessianFreeState, _cg_schedule, _pcg, fit_hessian_free
 
 
@@ -75,7 +76,7 @@ def test_fisher_diagonal_unweighted_float32_and_threads():
 
 
 def test_cg_schedule_is_geometric():
-    keep = sorted(_cg_schedule(250))
+    keep = sorted(_cg_schedule(250))  # the schedule itself, for a long CG run
     assert keep[:8] == [1, 2, 3, 4, 5, 7, 9, 11]
     assert keep[-1] <= 250 and all(b > a for a, b in zip(keep, keep[1:]))
     assert all(b <= np.ceil(1.3 * a) + 1 for a, b in zip(keep[4:], keep[5:]))
@@ -166,16 +167,15 @@ def test_damping_rule_follows_the_reduction_ratio(monkeypatch):
     net = fastbp.Network([4, 2], output="identity")
     theta = net.init_params(random_state=0)
     state = HessianFreeState(net.n_params, lam=1.0)
+    objective = LocalObjective(net, net.prepare(X, Y), 0.0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        fit_hessian_free(net, theta, net.prepare(X, Y), 0.0, 3, 0.0, False, [],
-                         state=state)
+        fit_hessian_free(objective, theta, 3, 0.0, False, [], state=state)
     assert state.lam == pytest.approx((2 / 3) ** 3)
     # ... and, as the damping vanishes, it reaches the least-squares solution.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        fit_hessian_free(net, theta, net.prepare(X, Y), 0.0, 30, 1e-12, False, [],
-                         state=state)
+        fit_hessian_free(objective, theta, 30, 1e-12, False, [], state=state)
     W, *_ = np.linalg.lstsq(np.c_[X, np.ones(200)], Y, rcond=None)
     np.testing.assert_allclose(net.unpack(theta)[0][0], W[:4], rtol=1e-6, atol=1e-8)
 
@@ -199,8 +199,8 @@ def test_curvature_subsample_is_used_and_reproducible():
         curve = []
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
-            fit_hessian_free(net, theta, net.prepare(X, Y), 1e-4, 8, 0.0, False, curve,
-                             seed=3, curvature_rows=500)
+            fit_hessian_free(LocalObjective(net, net.prepare(X, Y), 1e-4), theta, 8, 0.0,
+                             False, curve, seed=3, curvature_rows=500)
         thetas.append(theta)
     assert set(sizes) == {500}
     np.testing.assert_array_equal(thetas[0], thetas[1])  # same seed, same fit
