@@ -743,3 +743,15 @@ def test_bad_input_in_process(case, argv, needles, bad_dir, capsys, monkeypatch)
     captured = capsys.readouterr()
     res = subprocess.CompletedProcess(argv, rc, captured.out, captured.err)
     assert_one_line_error(res, *needles)
+
+
+def test_train_with_hessian_free_in_process(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    rc = main(["train", "--solver", "hessian-free", "--hidden", "16", "--max-iter", "15",
+               "--random-state", "0", "--quiet", "--output", "hf.fbp"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    acc = float(re.search(r"test accuracy\D*([0-9.]+)", out, re.I).group(1))
+    assert acc >= 0.9
+    model = fastbp.load(tmp_path / "hf.fbp")
+    assert model[-1].solver == "hessian-free"
