@@ -24,6 +24,7 @@ from sklearn.utils.validation import (_check_sample_weight, check_is_fitted,
                                       column_or_1d, validate_data)
 
 from ._network import Network
+from .distributed import is_dask_collection
 from ._objective import LocalObjective
 from ._hessian_free import HessianFreeState, fit_hessian_free
 from ._solvers import StochasticOptimizer, _diverged, fit_full_batch
@@ -65,13 +66,14 @@ class _BaseMLP(BaseEstimator):
         "max_fun": [Interval(Integral, 1, None, closed="left")],
         "n_jobs": [None, Integral],
         "curvature": [StrOptions({"gauss-newton", "hessian"})],
+        "backend": [None, StrOptions({"dask"})],
     }
 
     def __init__(self, hidden_layer_sizes, activation, solver, alpha, batch_size,
                  learning_rate, learning_rate_init, power_t, max_iter, loss, shuffle,
                  random_state, tol, verbose, warm_start, momentum, nesterovs_momentum,
                  early_stopping, validation_fraction, beta_1, beta_2, epsilon,
-                 n_iter_no_change, max_fun, n_jobs, curvature):
+                 n_iter_no_change, max_fun, n_jobs, curvature, backend):
         self.hidden_layer_sizes = hidden_layer_sizes
         self.activation = activation
         self.solver = solver
@@ -98,6 +100,7 @@ class _BaseMLP(BaseEstimator):
         self.max_fun = max_fun
         self.n_jobs = n_jobs
         self.curvature = curvature
+        self.backend = backend
 
     # Persistence: coefs_/intercepts_ are views into one flat vector; pickle the vector
     # once and rebuild the views on load.
@@ -153,22 +156,41 @@ class _BaseMLP(BaseEstimator):
             self.best_validation_score_ = None
             self.best_loss_ = np.inf
 
-    def _fit(self, X, y, sample_weight=None, incremental=False):
+    def _fit(self, X, y, sample_weight=None, incremental=False, client=None):
         hidden = self._hidden_sizes()
         if self.n_jobs == 0:
             raise ValueError("n_jobs == 0 has no meaning: use None or -1 for every CPU, "
                              "or a positive number of threads.")
         first_pass = not hasattr(self, "coefs_") or (not self.warm_start and not incremental)
-        X, Y = self._validate_input(X, y, incremental, reset=first_pass)
+        on_dask = any(is_dask_collection(a) for a in (X, y, sample_weight))
+        if on_dask or self.backend == "dask":
+            if incremental:
+                raise ValueError("partial_fit does not take Dask arrays (nor "
+                                 "backend='dask'): minibatch training runs in one process.")
+            if self.solver in _STOCHASTIC:
+                raise ValueError(
+                    f"solver={self.solver!r} does not train on a Dask cluster: Dask "
+                    "training is full-batch. Use solver='lbfgs' (or 'tnc', 'newton-cg', "
+                    "'trust-krylov', 'hessian-free'), or compute the arrays and fit "
+                    "locally.")
+            from . import _dask_fit
+            data = _dask_fit.validate(self, X, y, sample_weight, client, first_pass,
+                                      on_dask)
+            X = Y = sample_weight = None
+        else:
+            client = data = None
+            X, Y = self._validate_input(X, y, incremental, reset=first_pass)
         if sample_weight is not None:
             sample_weight = _check_sample_weight(sample_weight, X, dtype=np.float64,
                                                  ensure_non_negative=True)
             if sample_weight.sum() <= 0:
                 raise ValueError("sample_weight sums to zero: at least one must be positive.")
-        n_features = X.shape[1]
+        n_features, n_outputs = ((data.n_features, data.n_outputs) if data is not None
+                                 else (X.shape[1], Y.shape[1]))
+        dtype = data.dtype if data is not None else X.dtype
         self._random_state = check_random_state(self.random_state)
         if not first_pass:
-            expected = [n_features] + hidden + [Y.shape[1]]
+            expected = [n_features] + hidden + [n_outputs]
             if (list(self._net.layer_sizes) != expected
                     or self.activation != self._net.activation):
                 raise ValueError(
@@ -177,23 +199,31 @@ class _BaseMLP(BaseEstimator):
                     f"{self._net.activation!r}, got layers {expected} with "
                     f"{self.activation!r}."
                 )
-            if X.dtype != self._net.dtype:
-                X = X.astype(self._net.dtype)
+            if dtype != self._net.dtype:
+                if data is not None:
+                    data.cast(self._net.dtype)
+                else:
+                    X = X.astype(self._net.dtype)
             self._net.n_jobs = self.n_jobs
         else:
-            self._initialize(n_features, Y.shape[1], X.dtype)
+            self._initialize(n_features, n_outputs, dtype)
 
-        if self.solver in _STOCHASTIC:
+        if data is not None:
+            objective = data.objective(self._net, self.alpha)
+            try:
+                self._fit_full_batch(objective)
+            finally:
+                objective.close()
+        elif self.solver in _STOCHASTIC:
             self._fit_stochastic(X, Y, sample_weight, incremental)
         else:
-            self._fit_full_batch(X, Y, sample_weight)
+            self._fit_full_batch(LocalObjective(
+                self._net, self._net.prepare(X, Y, sample_weight), self.alpha))
         if not np.isfinite(self._theta).all():  # defensive: the solvers never leave these
             raise _diverged("at the end of training")
         return self
 
-    def _fit_full_batch(self, X, Y, sample_weight):
-        objective = LocalObjective(self._net, self._net.prepare(X, Y, sample_weight),
-                                   self.alpha)
+    def _fit_full_batch(self, objective):
         curve = []
         callback = getattr(self, "_progress_callback", None)
         if self.solver == "hessian-free":
@@ -214,7 +244,7 @@ class _BaseMLP(BaseEstimator):
                 curvature=self.curvature)
         self.loss_curve_.extend(curve)
         self.n_iter_ = n_iter
-        self.t_ += n_iter * X.shape[0]
+        self.t_ += n_iter * objective.n_samples
         finite = [c for c in self.loss_curve_ if math.isfinite(c)]
         self.best_loss_ = min(finite) if finite else self.loss_
 
@@ -379,25 +409,30 @@ class _BaseMLP(BaseEstimator):
         return score_function(y, y_pred, sample_weight=sample_weight)
 
     @_fit_context(prefer_skip_nested_validation=True)
-    def fit(self, X, y, sample_weight=None):
+    def fit(self, X, y, sample_weight=None, *, client=None):
         """Fit the model to data matrix X and target(s) y.
 
         Parameters
         ----------
-        X : {ndarray, sparse matrix} of shape (n_samples, n_features)
-            The input data. float32 input trains in float32 with every solver.
-        y : ndarray of shape (n_samples,) or (n_samples, n_outputs)
+        X : {ndarray, sparse matrix, dask array} of shape (n_samples, n_features)
+            The input data. float32 input trains in float32 with every solver. A Dask
+            array (chunked by rows) trains data-parallel on the Dask cluster, with a
+            full-batch solver; so does NumPy input with ``backend='dask'``.
+        y : {ndarray, dask array} of shape (n_samples,) or (n_samples, n_outputs)
             The target values (class labels in classification, real numbers in
             regression).
-        sample_weight : array-like of shape (n_samples,), default=None
+        sample_weight : {array-like, dask array} of shape (n_samples,), default=None
             Non-negative sample weights.
+        client : distributed.Client, default=None
+            The Dask client for Dask training; None uses the active one.
 
         Returns
         -------
         self : object
             The fitted estimator.
         """
-        return self._fit(X, y, sample_weight=sample_weight, incremental=False)
+        return self._fit(X, y, sample_weight=sample_weight, incremental=False,
+                         client=client)
 
     def _check_solver(self):
         if self.solver not in _STOCHASTIC:
@@ -477,6 +512,10 @@ _COMMON_PARAMS_DOC = """
     curvature : {'gauss-newton', 'hessian'}, default='gauss-newton'
         The curvature products 'newton-cg' and 'trust-krylov' use: the Gauss-Newton
         matrix (positive semi-definite) or the exact Hessian (not in scikit-learn).
+    backend : {None, 'dask'}, default=None
+        'dask' trains NumPy input data-parallel on the active Dask cluster (or the
+        ``client`` passed to ``fit``), split into one chunk per worker thread; Dask
+        arrays always train there. Full-batch solvers only (not in scikit-learn).
 """
 
 _COMMON_ATTRS_DOC = """
@@ -564,7 +603,7 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
                  momentum=0.9, nesterovs_momentum=True, early_stopping=False,
                  validation_fraction=0.1, beta_1=0.9, beta_2=0.999, epsilon=1e-8,
                  n_iter_no_change=10, max_fun=15000, n_jobs=None,
-                 curvature="gauss-newton"):
+                 curvature="gauss-newton", backend=None):
         super().__init__(
             hidden_layer_sizes=hidden_layer_sizes, activation=activation, solver=solver,
             alpha=alpha, batch_size=batch_size, learning_rate=learning_rate,
@@ -574,7 +613,7 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
             nesterovs_momentum=nesterovs_momentum, early_stopping=early_stopping,
             validation_fraction=validation_fraction, beta_1=beta_1, beta_2=beta_2,
             epsilon=epsilon, n_iter_no_change=n_iter_no_change, max_fun=max_fun,
-            n_jobs=n_jobs, curvature=curvature)
+            n_jobs=n_jobs, curvature=curvature, backend=backend)
 
     def _out_activation(self):
         if self._label_binarizer.y_type_ == "multiclass":
@@ -777,7 +816,7 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
                  warm_start=False, momentum=0.9, nesterovs_momentum=True,
                  early_stopping=False, validation_fraction=0.1, beta_1=0.9, beta_2=0.999,
                  epsilon=1e-8, n_iter_no_change=10, max_fun=15000, n_jobs=None,
-                 curvature="gauss-newton"):
+                 curvature="gauss-newton", backend=None):
         super().__init__(
             hidden_layer_sizes=hidden_layer_sizes, activation=activation, solver=solver,
             alpha=alpha, batch_size=batch_size, learning_rate=learning_rate,
@@ -787,7 +826,7 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
             nesterovs_momentum=nesterovs_momentum, early_stopping=early_stopping,
             validation_fraction=validation_fraction, beta_1=beta_1, beta_2=beta_2,
             epsilon=epsilon, n_iter_no_change=n_iter_no_change, max_fun=max_fun,
-            n_jobs=n_jobs, curvature=curvature)
+            n_jobs=n_jobs, curvature=curvature, backend=backend)
 
     def _out_activation(self):
         return "exp" if self.loss == "poisson" else "identity"

@@ -22,6 +22,8 @@ import warnings
 import numpy as np
 from sklearn.exceptions import ConvergenceWarning
 
+from ._objective import ObjectiveFailure
+
 
 __all__ = ["HessianFreeState", "fit_hessian_free"]
 
@@ -226,6 +228,9 @@ def fit_hessian_free(objective, theta, max_iter, tol, verbose, loss_curve,
                       "parameters found so far.", UserWarning)
         theta[...] = best.theta
         return best.loss, n_iter, state
+    except ObjectiveFailure:
+        theta[...] = best.theta
+        raise
     if not (math.isfinite(loss) and np.isfinite(theta).all()):
         theta[...] = best.theta
         raise _diverged(f"during hessian-free (iteration {n_iter})")

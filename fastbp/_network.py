@@ -383,9 +383,18 @@ class Network:
 
     # The objective -----------------------------------------------------------------------
 
-    def _loss_grad(self, theta, d, alpha, grad, limit_blas=True):
-        """Objective on prepared data; theta is contiguous in the network's dtype."""
-        scale = 1.0 / d.weight_sum if d.weight_sum > 0 else 0.0
+    @staticmethod
+    def _scale(d, scale):
+        if scale is not None:  # a share of a larger sum (a chunk of distributed data)
+            return float(scale)
+        return 1.0 / d.weight_sum if d.weight_sum > 0 else 0.0
+
+    def _loss_grad(self, theta, d, alpha, grad, limit_blas=True, scale=None):
+        """Objective on prepared data; theta is contiguous in the network's dtype.
+
+        ``scale`` replaces ``1 / sum(weights)`` (then the result is this data's share
+        of a sum over more rows)."""
+        scale = self._scale(d, scale)
         key, b = self._acquire(d.n_samples, lanes=True)
         try:
             with self._blas_guard(b, limit_blas):
@@ -413,13 +422,13 @@ class Network:
             self._release(key, b)
         return out
 
-    def _curvature(self, theta, v, d, alpha, exact, out):
+    def _curvature(self, theta, v, d, alpha, exact, out, scale=None):
         """Gauss-Newton (or exact Hessian) product on prepared data.
 
         The forward activations are cached on ``d``: further products at the same theta
-        (as Newton-CG and CG make) skip the forward pass.
+        (as Newton-CG and CG make) skip the forward pass. ``scale`` as for _loss_grad.
         """
-        scale = 1.0 / d.weight_sum if d.weight_sum > 0 else 0.0
+        scale = self._scale(d, scale)
         key, b = self._acquire(d.n_samples, lanes=True, kind="curvature")
         size = _core.acts_size(self._sizes, d.n_samples, b["block"])
         if d.acts is None or d.acts.shape[0] != size or d.acts.dtype != self.dtype:
@@ -439,9 +448,10 @@ class Network:
             d.acts_theta = theta.copy()
         return out
 
-    def _fisher(self, theta, d, out):
-        """Diagonal of the empirical Fisher on prepared data (no L2 term), into out."""
-        scale = 1.0 / d.weight_sum if d.weight_sum > 0 else 0.0
+    def _fisher(self, theta, d, out, scale=None):
+        """Diagonal of the empirical Fisher on prepared data (no L2 term), into out.
+        ``scale`` as for _loss_grad."""
+        scale = self._scale(d, scale)
         key, b = self._acquire(d.n_samples, lanes=True, kind="fisher")
         try:
             with self._blas_guard(b, True):

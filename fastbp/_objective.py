@@ -11,7 +11,15 @@ import contextlib
 
 from ._threads import single_threaded_blas
 
-__all__ = ["LocalObjective"]
+__all__ = ["LocalObjective", "ObjectiveFailure"]
+
+
+class ObjectiveFailure(RuntimeError):
+    """The objective could not be evaluated (for example, the Dask cluster failed).
+
+    Solvers catch it, put the best parameters evaluated so far back into the model and
+    re-raise it.
+    """
 
 
 class LocalObjective:

@@ -18,6 +18,7 @@ import scipy.optimize
 from sklearn.exceptions import ConvergenceWarning
 
 from . import _core
+from ._objective import ObjectiveFailure
 
 __all__ = ["fit_full_batch", "StochasticOptimizer", "DivergenceError", "FULL_BATCH"]
 
@@ -169,6 +170,9 @@ def fit_full_batch(solver, objective, theta, max_iter, max_fun, tol, verbose,
                       "parameters found so far.", UserWarning)
         theta[...] = best.theta
         return best.loss, n_iter
+    except ObjectiveFailure:
+        theta[...] = best.theta
+        raise
     if res is None:  # stopped at max_iter from the callback: keep the last iterate
         x_final, loss_final = last["x"], last["loss"]
         status, message = 1, "maximum number of iterations reached"
