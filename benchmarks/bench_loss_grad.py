@@ -1,7 +1,7 @@
 """One full-batch ``Network.loss_grad`` against the GEMMs it contains, side by side.
 
 The floor is ``_core.gemm_only``: exactly the GEMM calls that ``loss_grad`` makes (same
-shapes, blocks, lanes, threads and buffers), and nothing else. Both run with BLAS
+shapes, blocks, threads and buffers), and nothing else. Both run with BLAS
 single-threaded and fastbp's threads on the cores, as ``loss_grad`` always does. The ratio is the cost of everything
 that is not a GEMM: bias + activation, the output loss and delta, derivative passes,
 intercept sums, the L2 term and the Python call. Rounds are interleaved; medians reported.
@@ -35,9 +35,9 @@ def main():
     theta = net.init_params(random_state=0)
     grad = np.empty(net.n_params)
     data = net.prepare(X, Y)
-    key, bufs = net._acquire(n, lanes=True)  # the same buffer shapes loss_grad uses
+    key, bufs = net._acquire(n, True)  # the same buffer shapes loss_grad uses
     block, threads = bufs["block"], bufs["threads"]
-    work, lane_grad = bufs["work"].copy(), bufs["lane_grad"].copy()
+    work, tgrad = bufs["work"].copy(), bufs["tgrad"].copy()
     net._release(key, bufs)
 
     def run_loss_grad():
@@ -48,7 +48,7 @@ def main():
 
     def run_gemms():
         with single_threaded_blas():
-            _core.gemm_only(theta, X, net._sizes, net._w_off, work, lane_grad, block,
+            _core.gemm_only(theta, X, net._sizes, net._w_off, work, tgrad, block,
                             threads)
 
     cases = {"gemm_only": run_gemms, "loss_grad (prepared)": run_prepared,

@@ -27,8 +27,8 @@
 # per call and turns status codes into exceptions.
 from cython cimport floating
 from libc.math cimport exp, expf, log, log1p, logf, sqrt, sqrtf, tanh, tanhf, fabs
-from libc.math cimport isfinite
-from libc.stdint cimport uint64_t
+from libc.math cimport isfinite, NAN
+from libc.stdint cimport int64_t, uint64_t
 from libc.string cimport memset, memcpy
 
 from cython.parallel cimport parallel, prange, threadid
@@ -62,11 +62,69 @@ cdef extern from *:
             }
         }
     }
+
+    /* Exact, order-independent sums. A real number is held as a 192-bit two's-complement
+       fixed-point value in three 64-bit words: w[0] (signed) in units of 2^28, w[1] in
+       units of 2^-36 and w[2] in units of 2^-100. fx_add truncates a double to that grid
+       (toward zero) and adds it exactly, so a sum of per-block values is the same for any
+       grouping and order of the blocks: across threads, processes and machines. */
+    #include <stdint.h>
+    #include <math.h>
+    #define FASTBP_FX_LIMIT 1.2089258196146292e24 /* 2^80: larger values are refused */
+    #define FASTBP_TWO64 18446744073709551616.0
+    static inline int fastbp_fx_add(int64_t* w, double v) {
+        double a = fabs(v);
+        if (!(a < FASTBP_FX_LIMIT)) return 0;  /* NaN, infinity or too large */
+        a = a * (1.0 / 268435456.0);  /* 2^-28, exact */
+        double h = floor(a);
+        double r1 = (a - h) * FASTBP_TWO64;  /* exact: the fraction's bits, shifted */
+        double m1 = floor(r1);
+        double r2 = (r1 - m1) * FASTBP_TWO64;
+        uint64_t u0 = (uint64_t) h, u1 = (uint64_t) m1, u2 = (uint64_t) r2;
+        uint64_t* u = (uint64_t*) w;
+        if (v >= 0) {
+            uint64_t s2 = u[2] + u2, c2 = s2 < u2;
+            uint64_t s1 = u[1] + u1, c1 = s1 < u1;
+            uint64_t t1 = s1 + c2;
+            c1 += t1 < s1;
+            u[2] = s2; u[1] = t1; u[0] = u[0] + u0 + c1;
+        } else {
+            uint64_t b2 = u[2] < u2, s2 = u[2] - u2;
+            uint64_t b1 = u[1] < u1, s1 = u[1] - u1;
+            b1 += s1 < b2;
+            s1 -= b2;
+            u[2] = s2; u[1] = s1; u[0] = u[0] - u0 - b1;
+        }
+        return 1;
+    }
+    static inline void fastbp_fx_merge(int64_t* d, const int64_t* s) {
+        uint64_t* a = (uint64_t*) d;
+        const uint64_t* b = (const uint64_t*) s;
+        uint64_t s2 = a[2] + b[2], c2 = s2 < b[2];
+        uint64_t s1 = a[1] + b[1], c1 = s1 < b[1];
+        uint64_t t1 = s1 + c2;
+        c1 += t1 < s1;
+        a[2] = s2; a[1] = t1; a[0] = a[0] + b[0] + c1;
+    }
+    static inline double fastbp_fx_value(const int64_t* w) {
+        uint64_t u0 = (uint64_t) w[0], u1 = (uint64_t) w[1], u2 = (uint64_t) w[2];
+        int neg = w[0] < 0;
+        if (neg) {  /* the magnitude: invert and add one */
+            u0 = ~u0; u1 = ~u1; u2 = ~u2 + 1;
+            if (u2 == 0) { u1 += 1; if (u1 == 0) u0 += 1; }
+        }
+        double m = ((double) u0 + ((double) u1 + (double) u2 / FASTBP_TWO64) / FASTBP_TWO64)
+                   * 268435456.0;
+        return neg ? -m : m;
+    }
     """
     ctypedef struct barrier_t "fastbp_barrier_t":
         int count
         int generation
     void barrier_wait "fastbp_barrier_wait"(barrier_t* b, int team) noexcept nogil
+    bint fx_add "fastbp_fx_add"(int64_t* w, double v) noexcept nogil
+    void fx_merge "fastbp_fx_merge"(int64_t* d, const int64_t* s) noexcept nogil
+    double fx_value "fastbp_fx_value"(const int64_t* w) noexcept nogil
 
 
 # Hidden activations. Codes are part of the kernel ABI; the Python layer maps names.
@@ -542,31 +600,6 @@ cdef double finish_gradient(const Spec* sp, const floating* theta, floating* gra
     return 0.5 * alpha * scale * sq
 
 
-cdef void sum_lanes(floating* out, const floating* lanes, double* ld, Py_ssize_t n_lanes,
-                    Py_ssize_t n_params, Py_ssize_t n_coef, Py_ssize_t n_int,
-                    bint empty) noexcept nogil:
-    """Combine the lanes in lane order (the same for any number of threads).
-
-    out[:n_coef] = sum of the lanes' coefficient parts (lanes is (n_lanes, n_params));
-    ld[:n_int] += the other lanes' float64 intercept sums, in place. With ``empty`` (no
-    rows, so no lane was written) both are zeroed. out may be NULL (loss only).
-    """
-    cdef Py_ssize_t lane, i
-    if empty:
-        memset(ld, 0, n_int * sizeof(double))
-        if out != NULL:
-            memset(out, 0, n_coef * sizeof(floating))
-        return
-    for lane in range(1, n_lanes):
-        for i in range(n_int):
-            ld[i] += ld[lane * n_int + i]
-    if out != NULL:
-        memcpy(out, lanes, n_coef * sizeof(floating))
-        for lane in range(1, n_lanes):
-            for i in range(n_coef):
-                out[i] = out[i] + lanes[lane * n_params + i]
-
-
 # ---------------------------------------------------------------------------------------
 # Delta-rule updates over the flat vector (scikit-learn's formulas).
 
@@ -654,17 +687,82 @@ cdef int _fill(Spec* sp, Input* inp, const Py_ssize_t[::1] sizes,
     return 0
 
 
-# Full-batch passes split the blocks over a fixed number of lanes: block b belongs to lane
-# b % N_LANES, each lane sums its blocks in block order into its own buffers, and the lanes
-# are summed in lane order. Threads take whole lanes, so the result is bitwise the same
-# for any number of threads (up to N_LANES of them do work).
-N_LANES = 8
+# Full-batch passes: threads take blocks of rows in any order; each block's results (loss,
+# gradient or product, intercept sums) are added exactly (fx_add) into the thread's
+# fixed-point accumulator, and the accumulators are merged exactly. So the result is
+# bitwise the same for any number of threads, and for any split of the rows into chunks at
+# block boundaries (Dask's chunks: each returns its accumulator, merged on the driver).
+# An accumulator holds n_params + 2 entries of 3 words: the parameters, then the loss,
+# then a count of values that could not be added (non-finite or beyond 2^80).
+
+def accumulator_size(Py_ssize_t n_params):
+    """int64 words of one exact accumulator for n_params parameters."""
+    return 3 * (n_params + 2)
 
 
-def n_lanes_for(Py_ssize_t n_samples, Py_ssize_t block):
-    """Lanes used for n_samples rows in blocks of ``block`` (never depends on threads)."""
-    cdef Py_ssize_t n_blocks = (n_samples + block - 1) // block
-    return max(1, min(N_LANES, n_blocks))
+cdef bint _fx_block(int64_t* acc, const floating* vals, Py_ssize_t n,
+                    Py_ssize_t first) noexcept nogil:
+    """Add vals[:n] to entries first.. of acc; False if some value could not be added."""
+    cdef Py_ssize_t i
+    cdef bint ok = True
+    for i in range(n):
+        if not fx_add(acc + 3 * (first + i), <double> vals[i]):
+            ok = False
+    return ok
+
+
+cdef bint _fx_block64(int64_t* acc, const double* vals, Py_ssize_t n,
+                      Py_ssize_t first) noexcept nogil:
+    cdef Py_ssize_t i
+    cdef bint ok = True
+    for i in range(n):
+        if not fx_add(acc + 3 * (first + i), vals[i]):
+            ok = False
+    return ok
+
+
+cdef void _fx_merge_threads(int64_t* acc, Py_ssize_t n_threads,
+                            Py_ssize_t size) noexcept nogil:
+    """Merge the accumulators of threads 1.. into thread 0's."""
+    cdef Py_ssize_t t, i
+    for t in range(1, n_threads):
+        for i in range(0, size, 3):
+            fx_merge(acc + i, acc + t * size + i)
+
+
+cdef bint _fx_unpack(const int64_t* acc, floating* out, double* dacc, Py_ssize_t n_coef,
+                     Py_ssize_t n_int) noexcept nogil:
+    """Coefficient sums into out[:n_coef] (if out), intercept sums into dacc[:n_int];
+    False when the accumulator saw a value it could not add."""
+    cdef Py_ssize_t i, n_params = n_coef + n_int
+    if acc[3 * (n_params + 1)] != 0:
+        return False
+    if out != NULL:
+        for i in range(n_coef):
+            out[i] = <floating> fx_value(acc + 3 * i)
+    for i in range(n_int):
+        dacc[i] = fx_value(acc + 3 * (n_coef + i))
+    return True
+
+
+cdef double _finish(const Spec* sp, const int64_t* acc, const floating* base, floating* out,
+                    double* dacc, Py_ssize_t n_params, double scale, double alpha,
+                    bint with_loss) noexcept nogil:
+    """From a merged accumulator to the result: out = sums, with the intercept parts and
+    the L2 term (alpha * scale * base on the coefficients; base is theta for a gradient,
+    v for a curvature product). Returns loss * scale + penalty when with_loss. Non-finite
+    sums give NaN everywhere (the solvers report divergence)."""
+    cdef Py_ssize_t i, n_coef = sp.b_off[0]
+    cdef double penalty
+    if not _fx_unpack(acc, out, dacc, n_coef, n_params - n_coef):
+        if out != NULL:
+            for i in range(n_params):
+                out[i] = <floating> NAN
+        return NAN
+    penalty = finish_gradient(sp, base, out, dacc, scale, alpha)
+    if with_loss:
+        return fx_value(acc + 3 * n_params) * scale + penalty
+    return 0.0
 
 
 def loss_grad(const floating[::1] theta, floating[::1] grad, const floating[:, :] X,
@@ -672,73 +770,127 @@ def loss_grad(const floating[::1] theta, floating[::1] grad, const floating[:, :
               const Py_ssize_t[::1] indptr, const floating[:, ::1] Y,
               const double[::1] sample_weight, const Py_ssize_t[::1] sizes,
               const Py_ssize_t[::1] w_off, const Py_ssize_t[::1] b_off, int act, int out,
-              floating[:, ::1] work, floating[:, ::1] lane_grad, double[:, ::1] lane_dacc,
-              double[::1] lane_loss, Py_ssize_t block, double scale, double alpha,
-              int n_threads):
+              floating[:, ::1] work, floating[:, ::1] tgrad, double[:, ::1] tdacc,
+              int64_t[:, ::1] acc, Py_ssize_t block, double scale, double alpha,
+              int n_threads, bint finish=True):
     """Full-batch objective over all rows, streamed in blocks; returns the loss (float).
 
     grad (n_params,) is overwritten, or left alone when None. scale = 1 / sum(weights).
     X is dense (and data/indices/indptr None) or None (and they hold CSR arrays).
-    work is (n_threads, workspace) and lane_grad/lane_dacc/lane_loss have one row per lane
-    (``n_lanes_for(n_samples, block)`` of them): see N_LANES. BLAS must be
-    single-threaded while n_threads > 1 (the caller sees to it).
+    work, tgrad (n_params), tdacc (n_intercepts) and acc (accumulator_size) have one row
+    per thread. The exact sums end in acc[0]; with ``finish`` False they are left there
+    (for merging with other chunks' sums, then ``finish_loss_grad``) and 0 is returned.
+    BLAS must be single-threaded while n_threads > 1 (the caller sees to it).
     """
     cdef Spec sp
     cdef Input inp
-    cdef Py_ssize_t n = Y.shape[0], n_params = theta.shape[0], i
+    cdef Py_ssize_t n = Y.shape[0], n_params = theta.shape[0]
     cdef Py_ssize_t n_blocks = (n + block - 1) // block
-    cdef Py_ssize_t n_lanes = lane_grad.shape[0], n_int = lane_dacc.shape[1]
-    cdef Py_ssize_t ws = work.shape[1], n_coef = b_off[0]
-    cdef double loss = 0.0, penalty
+    cdef Py_ssize_t n_int = tdacc.shape[1], ws = work.shape[1], n_coef = b_off[0]
+    cdef Py_ssize_t asz = acc.shape[1]
+    cdef double result = 0.0
     cdef floating* g = NULL
     cdef const double* sw = NULL
     cdef const floating* theta_p = &theta[0]
-    cdef const floating* Y_p
+    cdef const floating* Y_p = NULL
     cdef floating* work_p = &work[0, 0]
-    cdef floating* lg = &lane_grad[0, 0]
-    cdef double* ld = &lane_dacc[0, 0]
-    cdef double* ll = &lane_loss[0]
-    cdef int lane, k
+    cdef floating* tg = &tgrad[0, 0]
+    cdef double* td = &tdacc[0, 0]
+    cdef int64_t* acc_p = &acc[0, 0]
     # Thread-private:
     cdef Py_ssize_t b, start, nb
     cdef double part
+    cdef bint ok
     cdef int tid
-    if lane_grad.shape[1] != n_params or lane_dacc.shape[0] != n_lanes \
-            or lane_loss.shape[0] != n_lanes or work.shape[0] < n_threads:
-        raise ValueError("lane buffers or workspaces do not match")
-    if n_lanes != max(1, min(N_LANES, n_blocks)):
-        raise ValueError("lane buffers must have n_lanes_for(n_samples, block) rows")
+    if tgrad.shape[1] != n_params or tdacc.shape[1] != n_params - n_coef \
+            or asz != 3 * (n_params + 2) or work.shape[0] < n_threads \
+            or tgrad.shape[0] < n_threads or tdacc.shape[0] < n_threads \
+            or acc.shape[0] < n_threads:
+        raise ValueError("thread buffers or accumulators do not match")
     _fill(&sp, &inp, sizes, w_off, b_off, act, out, block, X, data, indices, indptr, theta)
     if grad is not None:
         g = &grad[0]
     if sample_weight is not None:
         sw = &sample_weight[0]
-    if n == 0:
-        with nogil:
-            sum_lanes(g, lg, ld, n_lanes, n_params, n_coef, n_int, True)
-            penalty = finish_gradient(&sp, theta_p, g, ld, scale, alpha)
-        return penalty
-    Y_p = &Y[0, 0]
+    if n > 0:
+        Y_p = &Y[0, 0]
     with nogil, parallel(num_threads=n_threads):
         tid = threadid()
-        for lane in prange(n_lanes, schedule="static", chunksize=1):
-            memset(ld + lane * n_int, 0, n_int * sizeof(double))
-            ll[lane] = 0.0
-            b = lane
-            while b < n_blocks:
-                start = b * block
-                nb = min(block, n - start)
-                part = block_pass(&sp, &inp, NULL, start, nb, Y_p, sw, scale, theta_p,
-                                  (lg + lane * n_params) if g != NULL else NULL,
-                                  ld + lane * n_int, work_p + tid * ws, b != lane, NULL)
-                ll[lane] = ll[lane] + part
-                b = b + n_lanes
+        memset(acc_p + tid * asz, 0, asz * sizeof(int64_t))
+        for b in prange(n_blocks, schedule="dynamic", chunksize=1):
+            start = b * block
+            nb = min(block, n - start)
+            memset(td + tid * n_int, 0, n_int * sizeof(double))
+            part = block_pass(&sp, &inp, NULL, start, nb, Y_p, sw, scale, theta_p,
+                              (tg + tid * n_params) if g != NULL else NULL,
+                              td + tid * n_int, work_p + tid * ws, False, NULL)
+            ok = fx_add(acc_p + tid * asz + 3 * n_params, part)
+            if g != NULL:
+                ok = _fx_block(acc_p + tid * asz, tg + tid * n_params, n_coef, 0) and ok
+                ok = _fx_block64(acc_p + tid * asz, td + tid * n_int, n_int, n_coef) and ok
+            if not ok:
+                acc_p[tid * asz + 3 * (n_params + 1)] += 1
     with nogil:
-        for lane in range(n_lanes):
-            loss += ll[lane]
-        sum_lanes(g, lg, ld, n_lanes, n_params, n_coef, n_int, False)
-        penalty = finish_gradient(&sp, theta_p, g, ld, scale, alpha)
-    return loss * scale + penalty
+        _fx_merge_threads(acc_p, n_threads, asz)
+        if finish:
+            result = _finish(&sp, acc_p, theta_p, g, td, n_params, scale, alpha, True)
+    return result
+
+
+def merge_accumulators(int64_t[::1] total, const int64_t[::1] part):
+    """total += part, exactly (accumulators of the same size)."""
+    cdef Py_ssize_t i
+    if total.shape[0] != part.shape[0] or total.shape[0] % 3:
+        raise ValueError("accumulators differ in size")
+    with nogil:
+        for i in range(0, total.shape[0], 3):
+            fx_merge(&total[i], &part[i])
+
+
+def finish_loss_grad(const int64_t[::1] acc, const floating[::1] theta, floating[::1] grad,
+                     double[::1] dacc, const Py_ssize_t[::1] sizes,
+                     const Py_ssize_t[::1] w_off, const Py_ssize_t[::1] b_off,
+                     double scale, double alpha):
+    """Loss (returned) and gradient (into grad, unless None) from merged exact sums, as
+    ``loss_grad`` finishes them. dacc: scratch of n_intercepts float64."""
+    cdef Spec sp
+    cdef Py_ssize_t n_params = theta.shape[0]
+    cdef floating* g = NULL
+    if acc.shape[0] != 3 * (n_params + 2) or dacc.shape[0] < n_params - b_off[0]:
+        raise ValueError("accumulator or scratch does not match theta")
+    _fill_spec(&sp, sizes, w_off, b_off, 0, 0, 1)
+    if grad is not None:
+        g = &grad[0]
+    return _finish(&sp, &acc[0], &theta[0], g, &dacc[0], n_params, scale, alpha, True)
+
+
+def finish_product(const int64_t[::1] acc, const floating[::1] v, floating[::1] out_arr,
+                   double[::1] dacc, const Py_ssize_t[::1] sizes,
+                   const Py_ssize_t[::1] w_off, const Py_ssize_t[::1] b_off, double scale,
+                   double alpha):
+    """A curvature product (into out_arr) from merged exact sums, as
+    ``curvature_product`` finishes it (with the L2 term alpha * scale * v)."""
+    cdef Spec sp
+    cdef Py_ssize_t n_params = v.shape[0]
+    if acc.shape[0] != 3 * (n_params + 2) or out_arr.shape[0] != n_params \
+            or dacc.shape[0] < n_params - b_off[0]:
+        raise ValueError("accumulator, output or scratch does not match v")
+    _fill_spec(&sp, sizes, w_off, b_off, 0, 0, 1)
+    _finish(&sp, &acc[0], &v[0], &out_arr[0], &dacc[0], n_params, scale, alpha, False)
+
+
+def finish_sums(const int64_t[::1] acc, floating[::1] out_arr):
+    """Plain sums (the Fisher diagonal) into out_arr from merged exact sums."""
+    cdef Py_ssize_t i, n_params = out_arr.shape[0]
+    if acc.shape[0] != 3 * (n_params + 2):
+        raise ValueError("accumulator does not match the output")
+    with nogil:
+        if acc[3 * (n_params + 1)] != 0:
+            for i in range(n_params):
+                out_arr[i] = <floating> NAN
+        else:
+            for i in range(n_params):
+                out_arr[i] = <floating> fx_value(&acc[3 * i])
 
 
 def forward(const floating[::1] theta, floating[:, ::1] out_arr, const floating[:, :] X,
@@ -989,30 +1141,29 @@ cdef void _block_gemms(const Spec* sp, const floating* X, Py_ssize_t start, Py_s
 
 def gemm_only(const floating[::1] theta, const floating[:, ::1] X,
               const Py_ssize_t[::1] sizes, const Py_ssize_t[::1] w_off,
-              floating[:, ::1] work, floating[:, ::1] lane_grad, Py_ssize_t block,
+              floating[:, ::1] work, floating[:, ::1] tgrad, Py_ssize_t block,
               int n_threads):
     """Run exactly the GEMM calls that ``loss_grad`` makes on dense C-ordered X, with the
-    same blocks, lanes and threads, and nothing else. For benchmarks: the floor of one
+    same blocks, threads and buffers, and nothing else. For benchmarks: the floor of one
     loss_grad call. Buffers as for loss_grad."""
     cdef Spec sp
     cdef Py_ssize_t n = X.shape[0], n_params = theta.shape[0], ws = work.shape[1]
-    cdef Py_ssize_t n_blocks = (n + block - 1) // block, n_lanes = lane_grad.shape[0]
+    cdef Py_ssize_t n_blocks = (n + block - 1) // block
     cdef const floating* X_p = &X[0, 0]
     cdef const floating* theta_p = &theta[0]
     cdef floating* work_p = &work[0, 0]
-    cdef floating* lg = &lane_grad[0, 0]
-    cdef int lane, tid
+    cdef floating* tg = &tgrad[0, 0]
+    cdef int tid
     cdef Py_ssize_t b, start
+    if work.shape[0] < n_threads or tgrad.shape[0] < n_threads:
+        raise ValueError("thread buffers do not match")
     _fill_spec(&sp, sizes, w_off, w_off, 0, 0, block)
     with nogil, parallel(num_threads=n_threads):
         tid = threadid()
-        for lane in prange(n_lanes, schedule="static", chunksize=1):
-            b = lane
-            while b < n_blocks:
-                start = b * block
-                _block_gemms(&sp, X_p, start, min(block, n - start), theta_p,
-                             lg + lane * n_params, work_p + tid * ws, b != lane)
-                b = b + n_lanes
+        for b in prange(n_blocks, schedule="dynamic", chunksize=1):
+            start = b * block
+            _block_gemms(&sp, X_p, start, min(block, n - start), theta_p,
+                         tg + tid * n_params, work_p + tid * ws, False)
 
 
 def sgd_update(floating[::1] theta, const floating[::1] grad, floating[::1] velocity,
@@ -1326,66 +1477,70 @@ def curvature_product(const floating[::1] theta, const floating[::1] v,
                       const Py_ssize_t[::1] indptr, const floating[:, ::1] Y,
                       const double[::1] sample_weight, const Py_ssize_t[::1] sizes,
                       const Py_ssize_t[::1] w_off, const Py_ssize_t[::1] b_off, int act,
-                      int out, floating[:, ::1] work, floating[:, ::1] lane_out,
-                      double[:, ::1] lane_dacc, floating[::1] acts, bint have_forward,
-                      Py_ssize_t block, double scale, double alpha, bint exact,
-                      int n_threads):
+                      int out, floating[:, ::1] work, floating[:, ::1] tgrad,
+                      double[:, ::1] tdacc, int64_t[:, ::1] acc, floating[::1] acts,
+                      bint have_forward, Py_ssize_t block, double scale, double alpha,
+                      bint exact, int n_threads, bint finish=True):
     """Gauss-Newton (or exact Hessian) times v over all rows, into out_arr (n_params,).
 
-    Blocks, lanes and threads as in ``loss_grad``: bitwise the same for any n_threads.
-    work is (n_threads, rop_workspace_size(sizes, block)); acts (acts_size(...)) caches
-    the forward activations: pass ``have_forward`` when it holds them for this theta.
+    Blocks, threads, buffers and exact sums as in ``loss_grad`` (bitwise the same for any
+    n_threads; ``finish`` False leaves the sums in acc[0], see ``finish_product``). work
+    is (n_threads, rop_workspace_size(sizes, block)); acts (acts_size(...)) caches the
+    forward activations: pass ``have_forward`` when it holds them for this theta.
     """
     cdef Spec sp
     cdef Input inp
     cdef Py_ssize_t n = Y.shape[0], n_params = theta.shape[0], i
     cdef Py_ssize_t n_blocks = (n + block - 1) // block
-    cdef Py_ssize_t n_lanes = lane_out.shape[0], n_int = lane_dacc.shape[1]
-    cdef Py_ssize_t ws = work.shape[1], n_coef = b_off[0]
+    cdef Py_ssize_t n_int = tdacc.shape[1], ws = work.shape[1], n_coef = b_off[0]
+    cdef Py_ssize_t asz = acc.shape[1]
     cdef const double* sw = NULL
     cdef const floating* theta_p = &theta[0]
     cdef const floating* v_p = &v[0]
     cdef floating* o = &out_arr[0]
-    cdef const floating* Y_p
+    cdef const floating* Y_p = NULL
     cdef floating* work_p = &work[0, 0]
-    cdef floating* lo = &lane_out[0, 0]
-    cdef double* ld = &lane_dacc[0, 0]
-    cdef floating a = <floating> (alpha * scale)
+    cdef floating* tg = &tgrad[0, 0]
+    cdef double* td = &tdacc[0, 0]
+    cdef int64_t* acc_p = &acc[0, 0]
     cdef floating* acts_p = &acts[0]
     cdef Py_ssize_t per_block = 0
-    cdef int lane, tid
+    cdef int tid
     cdef Py_ssize_t b, start
+    cdef bint ok
     for i in range(1, sizes.shape[0]):
         per_block += block * sizes[i]
     if acts.shape[0] < n_blocks * per_block:
         raise ValueError("the activation cache is too small")
     if v.shape[0] != n_params or out_arr.shape[0] != n_params \
-            or lane_out.shape[1] != n_params or lane_dacc.shape[0] != n_lanes \
-            or work.shape[0] < n_threads:
+            or tgrad.shape[1] != n_params or tdacc.shape[1] != n_params - n_coef \
+            or asz != 3 * (n_params + 2) or work.shape[0] < n_threads \
+            or tgrad.shape[0] < n_threads or tdacc.shape[0] < n_threads \
+            or acc.shape[0] < n_threads:
         raise ValueError("direction, output or buffers do not match")
-    if n_lanes != max(1, min(N_LANES, n_blocks)):
-        raise ValueError("lane buffers must have n_lanes_for(n_samples, block) rows")
     _fill(&sp, &inp, sizes, w_off, b_off, act, out, block, X, data, indices, indptr, theta)
     if sample_weight is not None:
         sw = &sample_weight[0]
     if n > 0:
         Y_p = &Y[0, 0]
-        with nogil, parallel(num_threads=n_threads):
-            tid = threadid()
-            for lane in prange(n_lanes, schedule="static", chunksize=1):
-                memset(ld + lane * n_int, 0, n_int * sizeof(double))
-                b = lane
-                while b < n_blocks:
-                    start = b * block
-                    block_rop(&sp, &inp, start, min(block, n - start), Y_p, sw, scale,
-                              theta_p, v_p, lo + lane * n_params, ld + lane * n_int,
-                              work_p + tid * ws, acts_p + b * per_block, have_forward,
-                              b != lane, exact)
-                    b = b + n_lanes
+    with nogil, parallel(num_threads=n_threads):
+        tid = threadid()
+        memset(acc_p + tid * asz, 0, asz * sizeof(int64_t))
+        for b in prange(n_blocks, schedule="dynamic", chunksize=1):
+            start = b * block
+            memset(td + tid * n_int, 0, n_int * sizeof(double))
+            block_rop(&sp, &inp, start, min(block, n - start), Y_p, sw, scale, theta_p,
+                      v_p, tg + tid * n_params, td + tid * n_int, work_p + tid * ws,
+                      acts_p + b * per_block, have_forward, False, exact)
+            ok = _fx_block(acc_p + tid * asz, tg + tid * n_params, n_coef, 0)
+            ok = _fx_block64(acc_p + tid * asz, td + tid * n_int, n_int, n_coef) and ok
+            if not ok:
+                acc_p[tid * asz + 3 * (n_params + 1)] += 1
     with nogil:
-        sum_lanes(o, lo, ld, n_lanes, n_params, n_coef, n_int, n == 0)
-        # The L2 term and the intercept parts, exactly as for a gradient (with v for W).
-        finish_gradient(&sp, v_p, o, ld, scale, alpha)
+        _fx_merge_threads(acc_p, n_threads, asz)
+        if finish:
+            # The L2 term and the intercept parts, exactly as for a gradient (v for W).
+            _finish(&sp, acc_p, v_p, o, td, n_params, scale, alpha, False)
 
 
 # ---------------------------------------------------------------------------------------
@@ -1487,54 +1642,79 @@ def fisher_diag(const floating[::1] theta, floating[::1] out_arr, const floating
                 const Py_ssize_t[::1] indptr, const floating[:, ::1] Y,
                 const double[::1] sample_weight, const Py_ssize_t[::1] sizes,
                 const Py_ssize_t[::1] w_off, const Py_ssize_t[::1] b_off, int act, int out,
-                floating[:, ::1] work, floating[:, ::1] lane_out, double[:, ::1] lane_dacc,
-                Py_ssize_t block, double scale, int n_threads):
+                floating[:, ::1] work, floating[:, ::1] tgrad, double[:, ::1] tdacc,
+                int64_t[:, ::1] acc, Py_ssize_t block, double scale, int n_threads,
+                bint finish=True):
     """Diagonal of the empirical Fisher, sum_i scale * w_i * (grad loss_i)^2, into out_arr.
 
-    No L2 term. Blocks, lanes and threads as in ``loss_grad`` (bitwise the same for any
-    n_threads); work is (n_threads, fisher_workspace_size(sizes, block)).
+    No L2 term. Blocks, threads, buffers and exact sums as in ``loss_grad`` (``finish``
+    False leaves the sums in acc[0], see ``finish_sums``); work is
+    (n_threads, fisher_workspace_size(sizes, block)).
     """
     cdef Spec sp
     cdef Input inp
-    cdef Py_ssize_t n = Y.shape[0], n_params = theta.shape[0], i
+    cdef Py_ssize_t n = Y.shape[0], n_params = theta.shape[0]
     cdef Py_ssize_t n_blocks = (n + block - 1) // block
-    cdef Py_ssize_t n_lanes = lane_out.shape[0], n_int = lane_dacc.shape[1]
-    cdef Py_ssize_t ws = work.shape[1]
+    cdef Py_ssize_t n_int = tdacc.shape[1], ws = work.shape[1]
+    cdef Py_ssize_t asz = acc.shape[1]
     cdef const double* sw = NULL
     cdef const floating* theta_p = &theta[0]
-    cdef floating* o = &out_arr[0]
-    cdef const floating* Y_p
+    cdef const floating* Y_p = NULL
     cdef floating* work_p = &work[0, 0]
-    cdef floating* lo = &lane_out[0, 0]
-    cdef double* ld = &lane_dacc[0, 0]
-    cdef int lane, tid
+    cdef floating* tg = &tgrad[0, 0]
+    cdef double* td = &tdacc[0, 0]
+    cdef int64_t* acc_p = &acc[0, 0]
+    cdef int tid
     cdef Py_ssize_t b, start
-    if out_arr.shape[0] != n_params or lane_out.shape[1] != n_params \
-            or lane_dacc.shape[0] != n_lanes or work.shape[0] < n_threads \
-            or ws < fisher_workspace_size(sizes, block):
+    if out_arr.shape[0] != n_params or tgrad.shape[1] != n_params \
+            or asz != 3 * (n_params + 2) or work.shape[0] < n_threads \
+            or tgrad.shape[0] < n_threads or tdacc.shape[0] < n_threads \
+            or acc.shape[0] < n_threads or ws < fisher_workspace_size(sizes, block):
         raise ValueError("output or buffers do not match")
-    if n_lanes != max(1, min(N_LANES, n_blocks)):
-        raise ValueError("lane buffers must have n_lanes_for(n_samples, block) rows")
     _fill(&sp, &inp, sizes, w_off, b_off, act, out, block, X, data, indices, indptr, theta)
     if sample_weight is not None:
         sw = &sample_weight[0]
-    if n == 0:
-        out_arr[:] = 0
-        return
-    Y_p = &Y[0, 0]
+    if n > 0:
+        Y_p = &Y[0, 0]
     with nogil, parallel(num_threads=n_threads):
         tid = threadid()
-        for lane in prange(n_lanes, schedule="static", chunksize=1):
-            memset(lo + lane * n_params, 0, n_params * sizeof(floating))
-            b = lane
-            while b < n_blocks:
-                start = b * block
-                block_fisher(&sp, &inp, start, min(block, n - start), Y_p, sw, scale,
-                             theta_p, lo + lane * n_params, ld + lane * n_int,
-                             work_p + tid * ws)
-                b = b + n_lanes
+        memset(acc_p + tid * asz, 0, asz * sizeof(int64_t))
+        for b in prange(n_blocks, schedule="dynamic", chunksize=1):
+            start = b * block
+            memset(tg + tid * n_params, 0, n_params * sizeof(floating))
+            memset(td + tid * n_int, 0, n_int * sizeof(double))
+            block_fisher(&sp, &inp, start, min(block, n - start), Y_p, sw, scale,
+                         theta_p, tg + tid * n_params, td + tid * n_int,
+                         work_p + tid * ws)
+            if not _fx_block(acc_p + tid * asz, tg + tid * n_params, n_params, 0):
+                acc_p[tid * asz + 3 * (n_params + 1)] += 1
     with nogil:
-        memcpy(o, lo, n_params * sizeof(floating))
-        for lane in range(1, n_lanes):
-            for i in range(n_params):
-                o[i] = o[i] + lo[lane * n_params + i]
+        _fx_merge_threads(acc_p, n_threads, asz)
+    if finish:
+        finish_sums(acc[0], out_arr)
+
+
+def sum_words(const double[::1] x):
+    """The exact sum of x as accumulator words (int64[3]); see ``words_value``.
+
+    Sums of parts merge exactly (``merge_accumulators``), so a sum over chunks equals the
+    sum over all values, bitwise.
+    """
+    out = np.zeros(3, dtype=np.int64)
+    cdef int64_t[::1] w = out
+    cdef Py_ssize_t i
+    cdef bint ok = True
+    with nogil:
+        for i in range(x.shape[0]):
+            if not fx_add(&w[0], x[i]):
+                ok = False
+    if not ok:
+        raise ValueError("values must be finite and below 2**80 in magnitude")
+    return out
+
+
+def words_value(const int64_t[::1] w):
+    """The float nearest (to rounding) the exact sum held in accumulator words."""
+    if w.shape[0] != 3:
+        raise ValueError("an exact sum has three words")
+    return fx_value(&w[0])

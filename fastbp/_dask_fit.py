@@ -12,6 +12,7 @@ from sklearn.base import is_classifier
 from sklearn.preprocessing import LabelBinarizer
 from sklearn.utils.validation import _check_sample_weight
 
+from ._network import block_rows
 from .distributed import DaskObjective, get_client, is_dask_collection
 
 __all__ = ["validate"]
@@ -48,8 +49,8 @@ def _binarize(block, binarizer, dtype):
 
 
 def _numpy_to_dask(est, X, y, sample_weight, client, first_pass):
-    """backend='dask' with in-memory input: validate locally, then split into one chunk
-    per worker thread. The chunks are built by tasks from the graph, so a lost worker's
+    """backend='dask' with in-memory input: validate locally, then split into about one
+    chunk per worker thread (whole blocks of rows). The chunks are built by tasks from the graph, so a lost worker's
     share is rebuilt."""
     import dask.array as da
     if sp.issparse(X):
@@ -61,8 +62,10 @@ def _numpy_to_dask(est, X, y, sample_weight, client, first_pass):
                                              ensure_non_negative=True)
         if sample_weight.sum() <= 0:
             raise ValueError("sample_weight sums to zero: at least one must be positive.")
+    # One chunk per worker thread, in whole blocks of rows.
     n_threads = max(1, sum(client.nthreads().values()))
-    rows = max(1, math.ceil(X.shape[0] / n_threads))
+    block = block_rows(X.shape[0])
+    rows = max(1, math.ceil(math.ceil(X.shape[0] / block) / n_threads)) * block
     X = da.from_array(np.ascontiguousarray(X), chunks=(rows, -1))
     Y = da.from_array(np.ascontiguousarray(Y), chunks=(rows, -1))
     if sample_weight is not None:

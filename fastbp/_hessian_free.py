@@ -2,7 +2,8 @@
 
 Each outer iteration:
 
-1. draws a fixed curvature subsample S of the rows (all rows for small data sets);
+1. draws a fixed curvature subsample S of the rows (all rows for small data sets), the
+   same number from every block of rows (``draw_rows``);
 2. builds the preconditioner ``M = (diag F_S + lambda + l2)^0.75`` from the diagonal of
    the empirical Fisher on S (one nogil kernel, ``_core.fisher_diag``);
 3. solves ``(G_S + lambda I) p = -g`` approximately by preconditioned CG with
@@ -48,6 +49,28 @@ class HessianFreeState:
 
     def compatible(self, solver, n_params, dtype=None):
         return solver == "hessian-free" and self.direction.shape[0] == n_params
+
+
+def draw_rows(rng, n, block, n_rows):
+    """A curvature subsample of about ``n_rows`` rows, drawn evenly from every block.
+
+    Every full block of ``block`` rows gives the same number k of random rows, the last
+    (shorter) block proportionally fewer; the subsample is then processed in blocks of k
+    rows, one per original block. So on a Dask cluster, where every chunk holds whole
+    blocks, each chunk's share of the subsample forms the same blocks as in one process,
+    and the curvature products are bitwise the same. Returns (sorted rows, k).
+    """
+    block = min(block, n)
+    k = min(block, max(1, round(block * n_rows / n)))
+    n_full, tail = divmod(n, block)
+    keys = rng.random((n_full, block))
+    rows = [np.sort(np.argpartition(keys, k - 1, axis=1)[:, :k], axis=1)
+            + (np.arange(n_full) * block)[:, None]] if n_full else []
+    parts = [r.ravel() for r in rows]
+    if tail:
+        k_tail = min(tail, max(1, round(tail * k / block)))
+        parts.append(n_full * block + np.sort(rng.permutation(tail)[:k_tail]))
+    return np.concatenate(parts), k
 
 
 def _cg_schedule(limit):
@@ -152,8 +175,8 @@ def fit_hessian_free(objective, theta, max_iter, tol, verbose, loss_curve,
                     converged = True
                     break
                 if curvature_rows < n:
-                    rows = np.sort(rng.choice(n, size=curvature_rows, replace=False))
-                    sub = objective.subsample(rows)
+                    rows, sub_block = draw_rows(rng, n, net._block_for(n), curvature_rows)
+                    sub = objective.subsample(rows, sub_block)
                 else:
                     sub = objective
                 lam = state.lam

@@ -22,13 +22,24 @@ _DTYPES = (np.float32, np.float64)
 # results are reproducible; large enough that the GEMMs run near peak, small enough that a
 # block's activations stay in cache-friendly sizes and peak memory is bounded.
 DEFAULT_BLOCK = 2048
+# Small data sets: at most this many blocks, of at least MIN_BLOCK rows.
+MAX_SPLIT = 8
+MIN_BLOCK = 256
+
+
+def block_rows(n_samples, block_size=DEFAULT_BLOCK):
+    """Rows per block for a full-batch pass over n_samples rows: block_size, but small
+    data sets are cut into up to 8 blocks of at least 256 rows, so that every core has
+    work while BLAS is single-threaded. Depends on n_samples only (never on the thread
+    count), so results do not depend on the number of threads."""
+    return max(1, min(n_samples, block_size, max(MIN_BLOCK, -(-n_samples // MAX_SPLIT))))
 
 
 class _Data:
     """Kernel-ready (X, Y, sample_weight): converted once, reused by every evaluation."""
 
     __slots__ = ("X", "data", "indices", "indptr", "Y", "sample_weight", "n_samples",
-                 "weight_sum", "acts", "acts_theta")
+                 "weight_sum", "acts", "acts_theta", "block")
 
 
 class Network:
@@ -58,9 +69,11 @@ class Network:
         depend on it beyond floating-point rounding.
     n_jobs : int or None, default=None
         Threads for full-batch passes (``loss_grad``, ``forward``). None or -1: every CPU
-        this process may run on; -2: all but one, and so on. Blocks of rows are spread
-        over up to 8 fixed lanes that are summed in a fixed order, so the results are
-        bitwise identical for any ``n_jobs``. While more than one block is processed,
+        this process may run on; -2: all but one, and so on. Threads take blocks of
+        rows; each block's sums are added exactly into fixed-point accumulators (24
+        bytes per parameter and thread), so the results are bitwise identical for any
+        ``n_jobs``, and for any split of the rows at block boundaries (Dask chunks).
+        While more than one block is processed,
         BLAS runs single-threaded (the threads are fastbp's), so cores are never
         oversubscribed.
 
@@ -304,6 +317,7 @@ class Network:
             )
         d.n_samples = X.shape[0]
         d.acts = d.acts_theta = None  # forward activations cached by curvature products
+        d.block = None  # rows per block: the network's block size unless set
         d.Y = d.sample_weight = None
         d.weight_sum = float(d.n_samples)
         if Y is not None:
@@ -331,7 +345,8 @@ class Network:
                 raise ValueError("sample_weight contains NaN or infinity")
             if (sw < 0).any():
                 raise ValueError("sample_weight must be non-negative")
-            d.weight_sum = float(sw.sum())
+            # Exactly summed: the same for any split into chunks (Dask).
+            d.weight_sum = float(_core.words_value(_core.sum_words(sw)))
             if d.n_samples and d.weight_sum <= 0:
                 raise ValueError("sample_weight sums to zero: at least one must be positive")
             d.sample_weight = sw
@@ -342,17 +357,16 @@ class Network:
     def _threads(self, units):
         return max(1, min(effective_n_jobs(self.n_jobs), units))
 
-    def _acquire(self, n_samples, lanes, kind="grad"):
+    def _acquire(self, n_samples, exact, kind="grad", block=None):
         """Buffers for a full-batch pass over n_samples rows, reused across calls (one
-        set per concurrent caller): per-thread workspaces and, with ``lanes``, per-lane
-        gradient, intercept-sum and loss rows. Full-batch passes read rows in place, so
+        set per concurrent caller): per-thread workspaces and, with ``exact``, per-thread
+        block results and exact accumulators. Full-batch passes read rows in place, so
         the workspaces have no gather buffer. ``kind`` ('grad', 'curvature' or 'fisher')
-        sizes the workspaces for that kernel."""
-        block = self._block_for(n_samples)
+        sizes the workspaces for that kernel; ``block`` overrides the block size."""
+        block = self._block_for(n_samples) if block is None else int(block)
         n_blocks = -(-n_samples // block)
-        n_lanes = _core.n_lanes_for(n_samples, block) if lanes else 0
-        threads = self._threads(n_lanes if lanes else n_blocks)
-        key = (block, threads, n_lanes, kind)
+        threads = self._threads(n_blocks)
+        key = (block, threads, exact, kind)
         with self._lock:
             free = self._pool.get(key)
             if free:
@@ -362,10 +376,11 @@ class Network:
               "fisher": lambda: _core.fisher_workspace_size(self._sizes, block)}[kind]()
         bufs = {"work": np.empty((threads, ws), dtype=self.dtype), "block": block,
                 "threads": threads, "n_blocks": n_blocks}
-        if lanes:
-            bufs["lane_grad"] = np.empty((n_lanes, self.n_params), dtype=self.dtype)
-            bufs["lane_dacc"] = np.empty((n_lanes, self._n_intercepts), dtype=np.float64)
-            bufs["lane_loss"] = np.empty(n_lanes, dtype=np.float64)
+        if exact:
+            bufs["tgrad"] = np.empty((threads, self.n_params), dtype=self.dtype)
+            bufs["tdacc"] = np.empty((threads, self._n_intercepts), dtype=np.float64)
+            bufs["acc"] = np.empty((threads, _core.accumulator_size(self.n_params)),
+                                   dtype=np.int64)
         return key, bufs
 
     def _release(self, key, bufs):
@@ -373,11 +388,13 @@ class Network:
             self._pool.setdefault(key, []).append(bufs)
 
     def _block_for(self, n_samples):
-        return max(1, min(self.block_size, n_samples))
+        return block_rows(n_samples, self.block_size)
 
     def _blas_guard(self, bufs, limit_blas):
-        # Several blocks: the cores are fastbp's threads', BLAS gets one thread each.
-        if limit_blas and bufs["n_blocks"] > 1:
+        # The cores are fastbp's threads'; BLAS gets one thread. Exact passes (loss,
+        # gradient, curvature) always do this, even over one block, so that their GEMMs
+        # round the same way in every process (the Dask workers' BLAS is single-threaded).
+        if limit_blas and (bufs["n_blocks"] > 1 or "acc" in bufs):
             return single_threaded_blas()
         return contextlib.nullcontext()
 
@@ -389,20 +406,24 @@ class Network:
             return float(scale)
         return 1.0 / d.weight_sum if d.weight_sum > 0 else 0.0
 
-    def _loss_grad(self, theta, d, alpha, grad, limit_blas=True, scale=None):
+    def _loss_grad(self, theta, d, alpha, grad, limit_blas=True, scale=None, acc=None):
         """Objective on prepared data; theta is contiguous in the network's dtype.
 
-        ``scale`` replaces ``1 / sum(weights)`` (then the result is this data's share
-        of a sum over more rows)."""
+        ``scale`` replaces ``1 / sum(weights)``. With ``acc`` (an int64 array of
+        ``_core.accumulator_size(n_params)``) the exact sums are copied there and not
+        finished (a chunk's share of a sum over more rows; see ``_core.finish_loss_grad``).
+        """
         scale = self._scale(d, scale)
-        key, b = self._acquire(d.n_samples, lanes=True)
+        key, b = self._acquire(d.n_samples, True, block=d.block)
         try:
             with self._blas_guard(b, limit_blas):
                 loss = _core.loss_grad(
                     theta, grad, d.X, d.data, d.indices, d.indptr, d.Y, d.sample_weight,
                     self._sizes, self._w_off, self._b_off, self._act, self._out,
-                    b["work"], b["lane_grad"], b["lane_dacc"], b["lane_loss"], b["block"],
-                    scale, float(alpha), b["threads"])
+                    b["work"], b["tgrad"], b["tdacc"], b["acc"], b["block"], scale,
+                    float(alpha), b["threads"], acc is None)
+                if acc is not None:
+                    acc[...] = b["acc"][0]
         finally:
             self._release(key, b)
         return loss
@@ -411,7 +432,7 @@ class Network:
         out = np.empty((d.n_samples, self.layer_sizes[-1]), dtype=self.dtype)
         if d.n_samples == 0:
             return out
-        key, b = self._acquire(d.n_samples, lanes=False)
+        key, b = self._acquire(d.n_samples, False, block=d.block)
         try:
             with self._blas_guard(b, True):
                 _core.forward(theta, out, d.X, d.data, d.indices, d.indptr, self._sizes,
@@ -422,16 +443,17 @@ class Network:
             self._release(key, b)
         return out
 
-    def _curvature(self, theta, v, d, alpha, exact, out, scale=None):
+    def _curvature(self, theta, v, d, alpha, exact, out, scale=None, acc=None):
         """Gauss-Newton (or exact Hessian) product on prepared data.
 
         The forward activations are cached on ``d``: further products at the same theta
-        (as Newton-CG and CG make) skip the forward pass. ``scale`` as for _loss_grad.
+        (as Newton-CG and CG make) skip the forward pass. ``scale`` and ``acc`` as for
+        _loss_grad (see ``_core.finish_product``).
         """
         scale = self._scale(d, scale)
-        key, b = self._acquire(d.n_samples, lanes=True, kind="curvature")
+        key, b = self._acquire(d.n_samples, True, kind="curvature", block=d.block)
         size = _core.acts_size(self._sizes, d.n_samples, b["block"])
-        if d.acts is None or d.acts.shape[0] != size or d.acts.dtype != self.dtype:
+        if d.acts is None or d.acts.shape[0] != max(size, 1) or d.acts.dtype != self.dtype:
             d.acts = np.empty(max(size, 1), dtype=self.dtype)
             d.acts_theta = None
         have = d.acts_theta is not None and np.array_equal(d.acts_theta, theta)
@@ -440,26 +462,30 @@ class Network:
                 _core.curvature_product(
                     theta, v, out, d.X, d.data, d.indices, d.indptr, d.Y, d.sample_weight,
                     self._sizes, self._w_off, self._b_off, self._act, self._out,
-                    b["work"], b["lane_grad"], b["lane_dacc"], d.acts, have, b["block"],
-                    scale, float(alpha), exact, b["threads"])
+                    b["work"], b["tgrad"], b["tdacc"], b["acc"], d.acts, have, b["block"],
+                    scale, float(alpha), exact, b["threads"], acc is None)
+                if acc is not None:
+                    acc[...] = b["acc"][0]
         finally:
             self._release(key, b)
         if not have:
             d.acts_theta = theta.copy()
         return out
 
-    def _fisher(self, theta, d, out, scale=None):
+    def _fisher(self, theta, d, out, scale=None, acc=None):
         """Diagonal of the empirical Fisher on prepared data (no L2 term), into out.
-        ``scale`` as for _loss_grad."""
+        ``scale`` and ``acc`` as for _loss_grad (see ``_core.finish_sums``)."""
         scale = self._scale(d, scale)
-        key, b = self._acquire(d.n_samples, lanes=True, kind="fisher")
+        key, b = self._acquire(d.n_samples, True, kind="fisher", block=d.block)
         try:
             with self._blas_guard(b, True):
                 _core.fisher_diag(
                     theta, out, d.X, d.data, d.indices, d.indptr, d.Y, d.sample_weight,
                     self._sizes, self._w_off, self._b_off, self._act, self._out,
-                    b["work"], b["lane_grad"], b["lane_dacc"], b["block"], scale,
-                    b["threads"])
+                    b["work"], b["tgrad"], b["tdacc"], b["acc"], b["block"], scale,
+                    b["threads"], acc is None)
+                if acc is not None:
+                    acc[...] = b["acc"][0]
         finally:
             self._release(key, b)
         return out

@@ -7,8 +7,6 @@ with the kernels; ``fastbp.distributed.DaskObjective`` evaluates the same kernel
 chunks of a Dask array and reduces the float64 sums in a fixed order. The solvers do not
 know which one they drive.
 """
-import contextlib
-
 from ._threads import single_threaded_blas
 
 __all__ = ["LocalObjective", "ObjectiveFailure"]
@@ -40,16 +38,14 @@ class LocalObjective:
         self.l2 = self.alpha / data.weight_sum if l2 is None else float(l2)
 
     def blas_guard(self):
-        """Several blocks: fastbp's threads use the cores, so BLAS gets one thread (set
-        once for a whole run rather than per evaluation)."""
-        if self.n_samples > self.net.block_size:
-            return single_threaded_blas()
-        return contextlib.nullcontext()
+        """fastbp's threads use the cores, so BLAS gets one thread (set once for a
+        whole run rather than per evaluation); see ``Network._blas_guard``."""
+        return single_threaded_blas()
 
     def loss_grad(self, theta, grad):
         """The loss at theta (contiguous, network dtype); the gradient into grad unless
         grad is None."""
-        return self.net._loss_grad(theta, self.data, self.alpha, grad, limit_blas=False)
+        return self.net._loss_grad(theta, self.data, self.alpha, grad)
 
     def curvature(self, theta, v, exact, out):
         """Gauss-Newton (or, with exact, Hessian) times v into out."""
@@ -61,8 +57,9 @@ class LocalObjective:
         """Diagonal of the empirical Fisher of the data term, into out."""
         return self.net._fisher(theta, self.data, out)
 
-    def subsample(self, rows):
-        """The objective on ``rows`` (sorted indices), with this objective's penalty."""
+    def subsample(self, rows, block=None):
+        """The objective on ``rows`` (sorted indices), with this objective's penalty,
+        processed in blocks of ``block`` rows (default: the network's)."""
         net, data = self.net, self.data
         if data.X is None:
             import scipy.sparse as sp
@@ -73,4 +70,9 @@ class LocalObjective:
         sw = None if data.sample_weight is None else data.sample_weight[rows]
         if sw is not None and not sw.sum() > 0:  # a draw of zero weights only
             sw = None
-        return LocalObjective(net, net.prepare(X, data.Y[rows], sw), 0.0, l2=self.l2)
+        sub = net.prepare(X, data.Y[rows], sw)
+        sub.block = block
+        return LocalObjective(net, sub, 0.0, l2=self.l2)
+
+    def close(self):
+        """Nothing to release in this process."""

@@ -1,5 +1,7 @@
 """Thread counts and BLAS thread limits, in one place."""
+import contextlib
 import os
+import threading
 
 from threadpoolctl import ThreadpoolController
 
@@ -24,18 +26,35 @@ def effective_n_jobs(n_jobs):
 
 
 _CONTROLLER = None
+_LOCK = threading.Lock()
+_DEPTH = 0
+_LIMITER = None
 
 
+@contextlib.contextmanager
 def single_threaded_blas():
     """A context that limits every BLAS library to one thread until it exits.
 
-    The limits apply when this is called. Finding the loaded BLAS libraries is the slow
-    part of threadpoolctl, so it is done once per process.
+    Reentrant and shared by all threads of the process: the first context to enter sets
+    the limit, the last to leave restores the original limits (BLAS limits are
+    process-wide), and nested contexts cost almost nothing. Finding the loaded BLAS
+    libraries is the slow part of threadpoolctl, so it is done once per process.
     """
-    global _CONTROLLER
-    if _CONTROLLER is None:
-        _CONTROLLER = ThreadpoolController()
-    return _CONTROLLER.limit(limits=1, user_api="blas")
+    global _CONTROLLER, _DEPTH, _LIMITER
+    with _LOCK:
+        if _DEPTH == 0:
+            if _CONTROLLER is None:
+                _CONTROLLER = ThreadpoolController()
+            _LIMITER = _CONTROLLER.limit(limits=1, user_api="blas")
+        _DEPTH += 1
+    try:
+        yield
+    finally:
+        with _LOCK:
+            _DEPTH -= 1
+            if _DEPTH == 0:
+                _LIMITER.restore_original_limits()
+                _LIMITER = None
 
 
 def threads_for_batch(n_jobs, batch_size):

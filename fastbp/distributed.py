@@ -1,11 +1,13 @@
 """Data-parallel full-batch training on a Dask cluster.
 
-The rows stay on the workers, in the chunks of a Dask array. Every evaluation the solver
-asks for (loss and gradient, a curvature product, the Fisher diagonal) scatters theta to
-the workers once, runs fastbp's kernels on every chunk, and brings back one float64
-vector per chunk: that chunk's share of the sum, already divided by the total sample
-weight. The driver adds the shares in chunk order (the same order every time), adds the
-L2 term, and runs the optimizer. Chunks are produced by tasks, so a worker that dies
+The rows stay on the workers, in the chunks of a Dask array, rechunked so that every
+chunk holds whole blocks of rows (2048 by default). Every evaluation the solver asks for
+(loss and gradient, a curvature product, the Fisher diagonal) scatters theta to the
+workers once, runs fastbp's kernels on every chunk, and brings back one exact sum per
+chunk: the same fixed-point accumulator the kernels use between threads (24 bytes per
+parameter). The driver merges them exactly and finishes them with the same compiled code
+as a local evaluation, so the result is bitwise the one process would compute: same
+losses, same gradients, same fit. Chunks are produced by tasks, so a worker that dies
 costs their recomputation from the task graph, not the fit.
 
 Estimators use this module when ``X`` is a Dask array or ``backend='dask'``; see
@@ -16,6 +18,7 @@ import uuid
 
 import numpy as np
 
+from . import _core
 from ._objective import ObjectiveFailure
 from ._network import Network
 
@@ -25,6 +28,12 @@ __all__ = ["ClusterError", "DaskObjective", "is_dask_collection", "get_client"]
 WORKER_TIMEOUT = 60.0
 # How often a waiting evaluation checks on the cluster, in seconds.
 POLL = 1.0
+# Times an evaluation is resubmitted after its scattered inputs were lost.
+RETRIES = 3
+
+
+class _Lost(Exception):
+    """An evaluation's scattered inputs died with their last worker: resubmit."""
 
 
 class ClusterError(ObjectiveFailure):
@@ -111,9 +120,9 @@ def _worker_net(spec):
     return net
 
 
-def _part(net, token, index, sub, x, y, sw, rows):
+def _part(net, token, index, sub, x, y, sw, rows, block):
     """Prepared data of one chunk (or of its rows ``rows`` of the curvature subsample
-    ``sub``), cached for the fit ``token``."""
+    ``sub``, in blocks of ``block`` rows), cached for the fit ``token``."""
     cache = _PARTS.setdefault((token, index), {})
     d = cache.get(sub)
     if d is None:
@@ -125,6 +134,7 @@ def _part(net, token, index, sub, x, y, sw, rows):
         if zero:  # rows of weight zero only: a valid chunk that adds nothing
             d.sample_weight = np.zeros(d.n_samples)
             d.weight_sum = 0.0
+        d.block = block
         if sub is not None:  # keep the full chunk and the current subsample only
             for key in [k for k in cache if k is not None]:
                 del cache[key]
@@ -132,24 +142,28 @@ def _part(net, token, index, sub, x, y, sw, rows):
     return d
 
 
-def _chunk_task(kind, spec, token, index, sub, rows, x, y, sw, theta, v, scale, exact):
-    """One chunk's float64 share of an evaluation (kind: 'loss', 'grad', 'curvature',
-    'fisher' or 'weight')."""
+def _chunk_task(kind, spec, token, index, sub, rows, block, x, y, sw, theta, v, scale,
+                exact):
+    """One chunk's exact share of an evaluation (kind: 'loss', 'grad', 'curvature',
+    'fisher' or 'weight'): accumulator words, see ``_core.accumulator_size``."""
     net = _worker_net(spec)
-    d = _part(net, token, index, sub, x, y, sw, rows)
+    d = _part(net, token, index, sub, x, y, sw, rows, block)
     if kind == "weight":
-        return d.weight_sum if d.sample_weight is not None else float(d.n_samples)
-    if kind == "loss":
-        return net._loss_grad(theta, d, 0.0, None, scale=scale)
+        if d.sample_weight is None:
+            return _core.sum_words(np.array([float(d.n_samples)]))
+        return _core.sum_words(d.sample_weight)
+    acc = np.empty(_core.accumulator_size(net.n_params), dtype=np.int64)
     out = np.empty(net.n_params, dtype=net.dtype)
+    if kind == "loss":
+        net._loss_grad(theta, d, 0.0, None, scale=scale, acc=acc)
+        return acc[-6:]  # the loss and the failure count only
     if kind == "grad":
-        loss = net._loss_grad(theta, d, 0.0, out, scale=scale)
-        return loss, out.astype(np.float64)
-    if kind == "curvature":
-        net._curvature(theta, v, d, 0.0, exact, out, scale=scale)
+        net._loss_grad(theta, d, 0.0, out, scale=scale, acc=acc)
+    elif kind == "curvature":
+        net._curvature(theta, v, d, 0.0, exact, out, scale=scale, acc=acc)
     else:
-        net._fisher(theta, d, out, scale=scale)
-    return out.astype(np.float64)
+        net._fisher(theta, d, out, scale=scale, acc=acc)
+    return acc
 
 
 def _forget(token):
@@ -158,6 +172,25 @@ def _forget(token):
 
 
 # --- Driver side --------------------------------------------------------------------------
+
+def block_aligned_chunks(chunks, block):
+    """Row chunk sizes near ``chunks`` whose boundaries fall on multiples of ``block``.
+
+    Examples
+    --------
+    >>> from fastbp.distributed import block_aligned_chunks
+    >>> block_aligned_chunks((3000, 3000, 1000), 2048)
+    (2048, 4096, 856)
+    """
+    n = int(sum(chunks))
+    cuts = set()
+    for c in np.cumsum(chunks)[:-1]:
+        cut = int(round(c / block)) * block
+        if 0 < cut < n:
+            cuts.add(cut)
+    bounds = [0] + sorted(cuts) + [n]
+    return tuple(int(b - a) for a, b in zip(bounds, bounds[1:]))
+
 
 class DaskObjective:
     """The full-batch objective over row-chunked Dask arrays, evaluated on the cluster.
@@ -208,8 +241,11 @@ class DaskObjective:
         if _parent is not None:  # a curvature subsample (see subsample)
             return
         self._token = uuid.uuid4().hex
-        X = X.rechunk({1: -1})
-        row_chunks = X.chunks[0]
+        # Whole blocks per chunk: every chunk's blocks are then the blocks one process
+        # would form, and the sums agree bitwise.
+        self._block = net._block_for(X.shape[0])  # as one process would cut the rows
+        row_chunks = block_aligned_chunks(X.chunks[0], self._block)
+        X = X.rechunk({0: row_chunks, 1: -1})
         Y = Y.rechunk({0: row_chunks, 1: -1})
         parts = [X.to_delayed().ravel().tolist(), Y.to_delayed().ravel().tolist()]
         if sample_weight is not None:
@@ -225,7 +261,7 @@ class DaskObjective:
         self.n_chunks = n
         self._rows = [None] * n
         self._sub = None
-        self.weight_sum = float(sum(self._map("weight")))
+        self.weight_sum = self._exact_sum(self._map("weight"))
         self.l2 = self.alpha / self.weight_sum
 
     # Evaluations -------------------------------------------------------------------------
@@ -235,7 +271,27 @@ class DaskObjective:
         return contextlib.nullcontext()  # the driver does no heavy work
 
     def _scatter(self, arr):
-        return self.client.scatter(np.ascontiguousarray(arr), broadcast=True, hash=False)
+        """Send arr to every worker. Scattering needs a worker: give up with a
+        ClusterError after WORKER_TIMEOUT seconds without one."""
+        arr = np.ascontiguousarray(arr)
+        deadline = time.monotonic() + WORKER_TIMEOUT
+        while True:
+            try:
+                self.client.wait_for_workers(
+                    1, timeout=max(0.01, deadline - time.monotonic()))
+                return self.client.scatter(arr, broadcast=True, hash=False)
+            except Exception as exc:  # no worker yet, or one left while we sent
+                if self.client.status != "running":
+                    raise ClusterError(
+                        f"lost the Dask scheduler during training ({type(exc).__name__}: "
+                        f"{exc}); training stopped and the model keeps its best "
+                        "parameters so far") from exc
+                if time.monotonic() >= deadline:
+                    raise ClusterError(
+                        f"the Dask cluster has had no workers for {WORKER_TIMEOUT:g} s; "
+                        "training stopped and the model keeps its best parameters so "
+                        "far") from None
+                time.sleep(POLL)
 
     def _theta(self, theta):
         # theta is scattered once per point: repeated products at one point reuse it.
@@ -244,28 +300,46 @@ class DaskObjective:
         return self._theta_key[1]
 
     def _map(self, kind, theta=None, v=None, exact=False):
-        """Run kind on every chunk; returns the results in chunk order."""
-        scale = 1.0 / self.weight_sum if kind != "weight" else None
-        t = self._theta(theta) if theta is not None else None
-        vf = self._scatter(v) if v is not None else None
-        futures = [
-            self.client.submit(_chunk_task, kind, self._spec, self._token, i, self._sub,
-                               self._rows[i], self._x[i], self._y[i], self._sw[i], t, vf,
-                               scale, exact, pure=False)
-            for i in range(self.n_chunks)]
-        return self._gather(futures)
+        """Run kind on every chunk; returns the results in chunk order.
+
+        Chunks lost with a worker are recomputed by the scheduler. Scattered vectors lost
+        with the last worker holding them are scattered again (up to RETRIES times)."""
+        scale = self._scale() if kind != "weight" else None
+        for attempt in range(RETRIES + 1):
+            t = self._theta(theta) if theta is not None else None
+            vf = self._scatter(v) if v is not None else None
+            futures = [
+                self.client.submit(_chunk_task, kind, self._spec, self._token, i,
+                                   self._sub, self._rows[i], self._block, self._x[i],
+                                   self._y[i], self._sw[i], t, vf, scale, exact,
+                                   pure=False)
+                for i in range(self.n_chunks)]
+            try:
+                return self._gather(futures)
+            except _Lost:
+                self._theta_key = None
+                if attempt == RETRIES:
+                    raise ClusterError(
+                        f"the Dask cluster lost this evaluation's inputs {RETRIES + 1} "
+                        "times (workers keep dying); training stopped and the model keeps "
+                        "its best parameters so far") from None
 
     def _gather(self, futures):
         from distributed import wait
+        from distributed.client import FuturesCancelledError as CancelledError
         alone_since = None
         while True:
             try:
                 done = wait(futures, timeout=POLL, return_when="ALL_COMPLETED")
             except TimeoutError:
                 done = None
+            except CancelledError:  # scattered inputs died with their worker
+                raise _Lost from None
             except Exception as exc:  # the client lost its scheduler
-                raise ClusterError(f"the Dask cluster failed during training: {exc!r}") \
-                    from exc
+                raise ClusterError(
+                    f"the Dask cluster failed during training ({type(exc).__name__}: "
+                    f"{exc}); training stopped and the model keeps its best parameters "
+                    "so far") from exc
             if done is not None:
                 break
             try:
@@ -282,59 +356,68 @@ class DaskObjective:
                     f"the Dask cluster has had no workers for {WORKER_TIMEOUT:g} s; "
                     "training stopped and the model keeps its best parameters so far")
         failed = [f for f in futures if f.status != "finished"]
+        if any(f.status == "cancelled" for f in failed):
+            raise _Lost
         if failed:
             exc = failed[0].exception()
-            raise ClusterError(f"a Dask task failed ({failed[0].status}): {exc!r}")
+            raise ClusterError(
+                f"a Dask task failed on the cluster ({type(exc).__name__}: {exc}); "
+                "training stopped and the model keeps its best parameters so far")
         return self.client.gather(futures)
 
-    def _add(self, parts):
-        out = np.array(parts[0], dtype=np.float64)
-        for p in parts[1:]:
-            out += p
-        return out
+    def _scale(self):
+        return 1.0 / self.weight_sum if self.weight_sum > 0 else 0.0
+
+    @staticmethod
+    def _exact_sum(words):
+        total = np.zeros(3, dtype=np.int64)
+        for w in words:
+            _core.merge_accumulators(total, w)
+        return float(_core.words_value(total))
+
+    def _merge(self, parts):
+        total = np.zeros(_core.accumulator_size(self.net.n_params), dtype=np.int64)
+        tail = total[-len(parts[0]):]  # the loss-only parts are the last six words
+        for p in parts:
+            _core.merge_accumulators(tail, p)
+        return total
 
     def loss_grad(self, theta, grad):
-        """The loss at theta; the gradient into grad (network dtype) unless None."""
-        n_coef = self.net._b_off[0]
-        w = theta[:n_coef].astype(np.float64)
-        penalty = 0.5 * self.alpha / self.weight_sum * float(w @ w)
-        if grad is None:
-            return sum(self._map("loss", theta)) + penalty
-        parts = self._map("grad", theta)
-        loss = 0.0
-        for part_loss, _ in parts:
-            loss += part_loss
-        g = self._add([p for _, p in parts])
-        g[:n_coef] += self.l2 * w
-        grad[...] = g
-        return loss + penalty
+        """The loss at theta; the gradient into grad (network dtype) unless None.
+        Bitwise what ``Network._loss_grad`` gives on all the rows in one process."""
+        total = self._merge(self._map("grad" if grad is not None else "loss", theta))
+        dacc = np.empty(self.net._n_intercepts)
+        return float(_core.finish_loss_grad(total, theta, grad, dacc, self.net._sizes,
+                                            self.net._w_off, self.net._b_off,
+                                            self._scale(), self.alpha))
 
     def curvature(self, theta, v, exact, out):
-        """Gauss-Newton (or Hessian) times v into out: summed chunk products plus the
-        L2 term."""
-        n_coef = self.net._b_off[0]
-        prod = self._add(self._map("curvature", theta, v=v, exact=exact))
-        prod[:n_coef] += self.l2 * v[:n_coef]
-        out[...] = prod
+        """Gauss-Newton (or Hessian) times v into out, with the L2 term."""
+        total = self._merge(self._map("curvature", theta, v=v, exact=exact))
+        dacc = np.empty(self.net._n_intercepts)
+        _core.finish_product(total, v, out, dacc, self.net._sizes, self.net._w_off,
+                             self.net._b_off, self._scale(), self.l2 * self.weight_sum)
         return out
 
     def fisher(self, theta, out):
         """Diagonal of the empirical Fisher of the data term into out."""
-        out[...] = self._add(self._map("fisher", theta))
+        _core.finish_sums(self._merge(self._map("fisher", theta)), out)
         return out
 
-    def subsample(self, rows):
-        """The objective on the rows ``rows`` (sorted global indices): every chunk takes
-        its own rows; curvature and Fisher are then averaged over these rows."""
+    def subsample(self, rows, block=None):
+        """The objective on the rows ``rows`` (sorted global indices), in blocks of
+        ``block`` rows: every chunk takes its own rows; curvature and Fisher are then
+        averaged over these rows."""
         sub = DaskObjective(self.client, self.net, None, None, None, 0.0, _parent=self)
         sub._token, sub._x, sub._y, sub._sw = self._token, self._x, self._y, self._sw
         sub._offsets, sub.n_chunks = self._offsets, self.n_chunks
         sub.n_samples, sub.l2 = len(rows), self.l2
+        sub._block = block if block is not None else self.net._block_for(len(rows))
         cuts = np.searchsorted(rows, self._offsets)
         sub._rows = [rows[cuts[i]:cuts[i + 1]] - self._offsets[i]
                      for i in range(self.n_chunks)]
         sub._sub = uuid.uuid4().hex
-        sub.weight_sum = float(sum(sub._map("weight")))
+        sub.weight_sum = sub._exact_sum(sub._map("weight"))
         if not sub.weight_sum > 0:  # a draw of zero weights only: weigh rows equally
             sub._sw = [None] * self.n_chunks
             sub._sub = uuid.uuid4().hex

@@ -820,7 +820,7 @@ def test_workspaces_reused_and_clean():
     net = Network(sizes, "tanh", "logistic", block_size=16)
     first = net.loss_grad(theta, X, Y, sw, alpha=0.1)
     forward1 = net.forward(theta, X)
-    # One pooled buffer set per (block, threads, lanes), handed out again.
+    # One pooled buffer set per (block, threads, exact, kind), handed out again.
     lg_keys = [k for k in net._pool if k[0] == 16 and k[2] > 0]
     assert len(lg_keys) == 1 and len(net._pool[lg_keys[0]]) == 1
     key = lg_keys[0]
@@ -836,9 +836,9 @@ def test_workspaces_reused_and_clean():
     # Poison the pooled buffers: nothing may be read before it is written.
     for sets in net._pool.values():
         for bufs in sets:
-            for name in ("work", "lane_grad", "lane_dacc", "lane_loss"):
+            for name in ("work", "tgrad", "tdacc", "acc"):
                 if name in bufs:
-                    bufs[name].fill(np.nan)
+                    bufs[name].fill(-7 if name == "acc" else np.nan)
     poisoned = net.loss_grad(theta, X, Y, sw, alpha=0.1)
     assert poisoned[0] == first[0]
     np.testing.assert_array_equal(poisoned[1], first[1])

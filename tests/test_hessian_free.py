@@ -202,7 +202,8 @@ def test_curvature_subsample_is_used_and_reproducible():
             fit_hessian_free(LocalObjective(net, net.prepare(X, Y), 1e-4), theta, 8, 0.0,
                              False, curve, seed=3, curvature_rows=500)
         thetas.append(theta)
-    assert set(sizes) == {500}
+    # About 500 rows, the same number from every block of rows.
+    assert len(set(sizes)) == 1 and abs(sizes[0] - 500) <= 8
     np.testing.assert_array_equal(thetas[0], thetas[1])  # same seed, same fit
     assert curve[-1] < 0.75 * curve[0]
     assert all(b <= a for a, b in zip(curve, curve[1:]))  # every accepted step descends

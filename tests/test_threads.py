@@ -1,7 +1,8 @@
 """Full-batch work is bitwise identical for any number of threads.
 
-Blocks of rows are spread over a fixed number of lanes summed in a fixed order, so
-``n_jobs`` changes who computes a block, never how the sums are formed.
+Each block's sums are added exactly into fixed-point accumulators, so ``n_jobs`` changes
+who computes a block, never the result; and rows split into chunks at block boundaries
+(as on a Dask cluster) give bitwise the same sums.
 """
 import numpy as np
 import pytest
@@ -23,7 +24,7 @@ def _problem(n, sizes, dtype, seed=0):
 @pytest.mark.parametrize("sparse", [False, True])
 def test_loss_grad_and_forward_identical_for_any_thread_count(dtype, sparse):
     sizes = [12, 16, 8, 5]
-    X, Y, sw = _problem(5000, sizes, dtype)  # 10 blocks of 512 rows: more blocks than lanes
+    X, Y, sw = _problem(5000, sizes, dtype)  # 10 blocks of 512 rows
     if sparse:
         X = sp.random(5000, 12, density=0.3, format="csr", random_state=0, dtype=dtype)
     results = []
@@ -40,7 +41,7 @@ def test_loss_grad_and_forward_identical_for_any_thread_count(dtype, sparse):
 
 
 def test_threads_match_the_single_block_reference():
-    """Blocks and lanes change only rounding: compare with one big block."""
+    """Blocks change only rounding: compare with one big block."""
     sizes = [6, 10, 3]
     X, Y, sw = _problem(3000, sizes, np.float64, seed=3)
     one = Network(sizes, "relu", "softmax", block_size=10**6, n_jobs=1)
@@ -71,3 +72,68 @@ def test_bad_n_jobs_rejected():
         Network([2, 1], output="identity", n_jobs=0)
     with pytest.raises(ValueError, match="n_jobs"):
         fastbp.MLPRegressor(n_jobs=0).fit([[0.0], [1.0]], [0.0, 1.0])
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("kind", ["loss_grad", "gnvp", "hessp", "fisher"])
+def test_chunk_sums_merge_to_the_whole(dtype, kind):
+    """Chunks cut at block boundaries, summed exactly in any order, give bitwise the
+    result of one pass over all rows (what the Dask path relies on)."""
+    from fastbp import _core
+    sizes = [7, 9, 4]
+    X, Y, sw = _problem(2300, sizes, dtype, seed=5)
+    net = Network(sizes, activation="tanh", output="softmax", dtype=dtype, block_size=256)
+    theta = net.init_params(random_state=2)
+    v = np.random.default_rng(9).normal(size=net.n_params).astype(dtype)
+    whole = net.prepare(X, Y, sw)
+    scale = 1.0 / whole.weight_sum
+    p = net.n_params
+    size = _core.accumulator_size(p)
+
+    def run(d, acc=None, out=None):
+        out = np.empty(p, dtype=dtype) if out is None else out
+        if kind == "loss_grad":
+            loss = net._loss_grad(theta, d, 0.3, out, scale=scale, acc=acc)
+            return loss, out
+        if kind == "fisher":
+            return 0.0, net._fisher(theta, d, out, scale=scale, acc=acc)
+        net._curvature(theta, v, d, 0.3, kind == "hessp", out, scale=scale, acc=acc)
+        return 0.0, out
+    ref_loss, ref = run(whole)
+    total = np.zeros(size, dtype=np.int64)
+    cuts = [0, 512, 768, 2048, 2300]  # block boundaries (blocks of 256 rows)
+    for a, b in reversed(list(zip(cuts, cuts[1:]))):
+        part = np.empty(size, dtype=np.int64)
+        run(net.prepare(X[a:b], Y[a:b], sw[a:b]), acc=part)
+        _core.merge_accumulators(total, part)
+    out = np.empty(p, dtype=dtype)
+    dacc = np.empty(net._n_intercepts)
+    if kind == "loss_grad":
+        loss = _core.finish_loss_grad(total, theta, out, dacc, net._sizes, net._w_off,
+                                      net._b_off, scale, 0.3)
+        assert loss == ref_loss
+    elif kind == "fisher":
+        _core.finish_sums(total, out)
+    else:
+        _core.finish_product(total, v, out, dacc, net._sizes, net._w_off, net._b_off,
+                             scale, 0.3)
+    np.testing.assert_array_equal(out, ref)
+
+
+def test_exact_sums_are_accurate_and_refuse_non_finite():
+    from fastbp import _core
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=5000) * 10.0 ** rng.integers(-12, 12, 5000)
+    import math
+    assert _core.words_value(_core.sum_words(x)) == pytest.approx(math.fsum(x),
+                                                                  rel=1e-15)
+    assert _core.words_value(_core.sum_words(np.array([-2.5, 1.25]))) == -1.25
+    with pytest.raises(ValueError, match="finite"):
+        _core.sum_words(np.array([1.0, np.inf]))
+    # A non-finite block result poisons the whole result (the solvers then report
+    # divergence) instead of being dropped.
+    net = Network([2, 3, 1], activation="relu", output="identity", block_size=2)
+    theta = net.init_params(random_state=0)
+    theta[0] = 1e300
+    loss, grad = net.loss_grad(theta, np.ones((5, 2)), np.ones((5, 1)))
+    assert math.isnan(loss) and np.isnan(grad).all()
