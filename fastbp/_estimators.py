@@ -503,9 +503,9 @@ _COMMON_PARAMS_DOC = """
         Maximum number of loss evaluations for 'lbfgs'.
     n_jobs : int or None, default=None
         Threads for training and prediction (not in scikit-learn). None or -1: every CPU
-        this process may run on; -2: all but one, and so on. Full-batch work ('lbfgs',
-        predict) spreads blocks of 2048 rows over the threads and gives bitwise the same
-        result for any ``n_jobs``. 'sgd'/'adam' split each minibatch by rows across up
+        this process may run on; -2: all but one, and so on. Full-batch work (the
+        full-batch solvers, predict) spreads blocks of rows over the threads and sums
+        them exactly: bitwise the same result for any ``n_jobs``. 'sgd'/'adam' split each minibatch by rows across up
         to ``n_jobs`` threads (at least 16 rows each, so small batches use fewer); there
         the result depends on the number of threads through floating-point summation
         order only. BLAS runs single-threaded while fastbp's threads work.

@@ -241,6 +241,21 @@ def _plot(path, est, quiet):
         print(f"loss curve written to {path}")
 
 
+def _connect(address):
+    """A Dask client for ``--scheduler``, or a one-line error."""
+    try:
+        from distributed import Client
+    except ImportError:
+        raise CLIError("--scheduler needs dask.distributed: pip install "
+                       "\"fastbp[dask]\"") from None
+    try:
+        return Client(address, timeout="5s")
+    except (OSError, TimeoutError, ValueError) as exc:
+        raise CLIError(f"cannot connect to the Dask scheduler at {address}: "
+                       f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") \
+            from None
+
+
 def cmd_train(args):
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
@@ -250,6 +265,11 @@ def cmd_train(args):
     from . import MLPClassifier, MLPRegressor, save
 
     hidden = _parse_hidden(args.hidden)
+    if args.solver is None:  # a cluster trains full-batch
+        args.solver = "lbfgs" if args.scheduler else "adam"
+    if args.scheduler and args.solver in ("adam", "sgd"):
+        raise CLIError(f"--scheduler trains full-batch: --solver {args.solver} runs in one "
+                       "process; use lbfgs, tnc, newton-cg, trust-krylov or hessian-free")
     if not 0 < args.test_size < 1:
         raise CLIError(f"--test-size must be between 0 and 1, got {args.test_size}")
     if args.data is None:
@@ -271,9 +291,11 @@ def cmd_train(args):
     except ValueError as exc:
         raise CLIError(f"cannot split the data: {exc}") from None
     Est = MLPClassifier if task == "classification" else MLPRegressor
+    client = _connect(args.scheduler) if args.scheduler else None
     est = Est(hidden_layer_sizes=hidden, activation=args.activation, solver=args.solver,
               max_iter=args.max_iter, batch_size=args.batch_size, alpha=args.alpha,
-              random_state=args.random_state, early_stopping=args.early_stopping)
+              random_state=args.random_state, early_stopping=args.early_stopping,
+              backend="dask" if client is not None else None)
     scaler = StandardScaler(with_mean=not hasattr(X, "tocsr"))
     model = Pipeline([("scaler", scaler), ("mlp", est)])
     progress = _Progress(args.max_iter, not args.quiet)
@@ -292,9 +314,14 @@ def cmd_train(args):
     except ValueError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CLIError(f"training failed: {first}") from None
+    except RuntimeError as exc:  # the Dask cluster failed (ClusterError)
+        raise CLIError(f"training failed: {exc}") from None
     finally:
         progress.close()
         del est._progress_callback
+        if client is not None:
+            client.close()
+            est.backend = None  # the saved model predicts and refits locally
     seconds = time.perf_counter() - t0
     notes = sorted({str(w.message).split("\n")[0] for w in caught
                     if "converge" in str(w.message)})
@@ -436,7 +463,7 @@ def build_parser():
     t.add_argument("--hidden", default="100", help="hidden layer sizes, e.g. 100,50")
     t.add_argument("--activation", default="relu",
                    choices=["identity", "logistic", "tanh", "relu"])
-    t.add_argument("--solver", default="adam",
+    t.add_argument("--solver", default=None,
                    choices=["adam", "sgd", "lbfgs", "tnc", "newton-cg", "trust-krylov",
                             "hessian-free"])
     t.add_argument("--max-iter", type=int, default=200)
@@ -451,6 +478,9 @@ def build_parser():
     t.add_argument("--test-data-out", default=None, metavar="FILE",
                    help="also write the held-out test rows (CSV or .npz)")
     t.add_argument("--plot", default=None, metavar="PNG", help="write the loss curve")
+    t.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                   help="train data-parallel on this Dask scheduler (tcp://host:8786); "
+                        "the solver defaults to lbfgs")
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(func=cmd_train)
 

@@ -22,7 +22,8 @@ from . import _core
 from ._objective import ObjectiveFailure
 from ._network import Network
 
-__all__ = ["ClusterError", "DaskObjective", "is_dask_collection", "get_client"]
+__all__ = ["ClusterError", "DaskObjective", "is_dask_collection", "get_client",
+           "block_aligned_chunks"]
 
 # Seconds without any worker before an evaluation gives up (the cluster is unusable).
 WORKER_TIMEOUT = 60.0
@@ -30,6 +31,8 @@ WORKER_TIMEOUT = 60.0
 POLL = 1.0
 # Times an evaluation is resubmitted after its scattered inputs were lost.
 RETRIES = 3
+# With more chunks than this, chunk sums are merged pairwise on the workers first.
+TREE_FANIN = 4
 
 
 class _Lost(Exception):
@@ -43,6 +46,11 @@ class ClusterError(ObjectiveFailure):
     ``fastbp.distributed.WORKER_TIMEOUT`` seconds, or a task failed on every worker it
     was tried on. The model keeps the best parameters evaluated before the failure.
 
+    Attributes
+    ----------
+    args : tuple
+        The message: what failed, and that the model keeps its best parameters.
+
     Examples
     --------
     >>> from fastbp.distributed import ClusterError
@@ -53,6 +61,14 @@ class ClusterError(ObjectiveFailure):
 
 def is_dask_collection(x):
     """True for a Dask array (without importing Dask when it is not loaded).
+
+    Parameters
+    ----------
+    x : object
+
+    Returns
+    -------
+    bool
 
     Examples
     --------
@@ -67,6 +83,19 @@ def is_dask_collection(x):
 
 def get_client(client=None):
     """The client to use: the one given, else the active ``dask.distributed`` client.
+
+    Parameters
+    ----------
+    client : distributed.Client or None
+
+    Returns
+    -------
+    distributed.Client
+
+    Raises
+    ------
+    ValueError
+        When there is no client to use.
 
     Examples
     --------
@@ -166,6 +195,12 @@ def _chunk_task(kind, spec, token, index, sub, rows, block, x, y, sw, theta, v, 
     return acc
 
 
+def _merge_task(a, b):
+    out = np.array(a, copy=True)
+    _core.merge_accumulators(out, b)
+    return out
+
+
 def _forget(token):
     for key in [k for k in _PARTS if k[0] == token]:
         del _PARTS[key]
@@ -175,6 +210,17 @@ def _forget(token):
 
 def block_aligned_chunks(chunks, block):
     """Row chunk sizes near ``chunks`` whose boundaries fall on multiples of ``block``.
+
+    Parameters
+    ----------
+    chunks : tuple of int
+        A Dask array's row chunks.
+    block : int
+        Rows per block.
+
+    Returns
+    -------
+    tuple of int
 
     Examples
     --------
@@ -267,8 +313,9 @@ class DaskObjective:
     # Evaluations -------------------------------------------------------------------------
 
     def blas_guard(self):
+        """A do-nothing context: the driver does no heavy work (workers limit BLAS)."""
         import contextlib
-        return contextlib.nullcontext()  # the driver does no heavy work
+        return contextlib.nullcontext()
 
     def _scatter(self, arr):
         """Send arr to every worker. Scattering needs a worker: give up with a
@@ -314,6 +361,8 @@ class DaskObjective:
                                    self._y[i], self._sw[i], t, vf, scale, exact,
                                    pure=False)
                 for i in range(self.n_chunks)]
+            if kind != "weight":
+                futures = self._tree(futures)
             try:
                 return self._gather(futures)
             except _Lost:
@@ -323,6 +372,16 @@ class DaskObjective:
                         f"the Dask cluster lost this evaluation's inputs {RETRIES + 1} "
                         "times (workers keep dying); training stopped and the model keeps "
                         "its best parameters so far") from None
+
+    def _tree(self, futures):
+        """Merge chunk sums pairwise on the workers while more than TREE_FANIN remain:
+        the driver then receives at most TREE_FANIN accumulators, whatever the number of
+        chunks (exact sums merge in any order)."""
+        while len(futures) > TREE_FANIN:
+            pairs = [futures[i:i + 2] for i in range(0, len(futures), 2)]
+            futures = [self.client.submit(_merge_task, *p, pure=False) if len(p) == 2
+                       else p[0] for p in pairs]
+        return futures
 
     def _gather(self, futures):
         from distributed import wait

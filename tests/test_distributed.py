@@ -279,3 +279,73 @@ def test_dask_objective_is_bitwise_the_local_objective(client, digits):
                                       local_sub.curvature(theta, v, False, np.empty(p)))
     finally:
         obj.close()
+
+
+def test_cli_trains_on_a_scheduler(client, tmp_path, capsys, monkeypatch):
+    from fastbp.cli import main
+    monkeypatch.chdir(tmp_path)
+    address = client.scheduler.address
+    rc = main(["train", "--scheduler", address, "--hidden", "16", "--max-iter", "30",
+               "--quiet", "--output", "dask.fbp"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert float(out.split(":")[-1]) >= 0.9  # test accuracy on digits
+    model = fastbp.load(tmp_path / "dask.fbp")
+    assert model[-1].solver == "lbfgs" and model[-1].backend is None
+    # The same run in one process gives the same model.
+    rc = main(["train", "--solver", "lbfgs", "--hidden", "16", "--max-iter", "30",
+               "--quiet", "--output", "local.fbp"])
+    capsys.readouterr()
+    local = fastbp.load(tmp_path / "local.fbp")
+    np.testing.assert_array_equal(model[-1]._theta, local[-1]._theta)
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--scheduler", "tcp://127.0.0.1:9"], "cannot connect to the Dask scheduler"),
+    (["--scheduler", "tcp://127.0.0.1:9", "--solver", "adam"], "trains full-batch"),
+])
+def test_cli_scheduler_errors(tmp_path, capsys, monkeypatch, argv, needle):
+    from fastbp.cli import main
+    monkeypatch.chdir(tmp_path)
+    rc = main(["train", "--quiet", "--max-iter", "2"] + argv)
+    err = capsys.readouterr().err
+    assert rc == 2 and needle in err and len(err.strip().splitlines()) == 1
+
+
+def test_many_chunks_merge_on_the_workers(client, digits, monkeypatch):
+    X, y, w = digits
+    net = fastbp.Network([64, 8, 10], activation="relu", output="softmax")
+    theta = net.init_params(random_state=0)
+    Y = np.eye(10)[y]
+    local = fastbp._objective.LocalObjective(net, net.prepare(X, Y, w), 1e-2)
+    monkeypatch.setattr(fdist, "TREE_FANIN", 2)
+    obj = fdist.DaskObjective(client, net, _dask(X, 899), _dask(Y, 899), _dask(w, 899),
+                              alpha=1e-2)
+    try:
+        assert obj.n_chunks == 8
+        g, ref = np.empty(net.n_params), np.empty(net.n_params)
+        assert obj.loss_grad(theta, g) == local.loss_grad(theta, ref)
+        np.testing.assert_array_equal(g, ref)
+        # 8 chunk sums become 2 on the workers before the driver gathers them.
+        parts = [client.submit(np.full, 6, i, dtype=np.int64, pure=False)
+                 for i in range(8)]
+        merged = obj._tree(parts)
+        assert len(merged) == 2
+        assert sum(int(m.result()[0]) for m in merged) == sum(range(8))
+    finally:
+        obj.close()
+
+
+def test_readme_dask_example_runs(tmp_path):
+    import re
+    import subprocess
+    import sys
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+    section = readme[readme.index("## Training on a Dask cluster"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    script = tmp_path / "example.py"
+    script.write_text(code)
+    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         timeout=300, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.split() == ["1.0", "True", "True"]

@@ -5,8 +5,10 @@ import inspect
 import pytest
 
 import fastbp
+import fastbp.distributed
 
-PUBLIC = [getattr(fastbp, name) for name in fastbp.__all__]
+PUBLIC = ([getattr(fastbp, name) for name in fastbp.__all__]
+          + [getattr(fastbp.distributed, name) for name in fastbp.distributed.__all__])
 
 
 def _public_members(obj):
