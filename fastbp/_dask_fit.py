@@ -12,6 +12,7 @@ from sklearn.base import is_classifier
 from sklearn.preprocessing import LabelBinarizer
 from sklearn.utils.validation import _check_sample_weight
 
+from ._estimators import _check_two_classes
 from ._network import block_rows
 from .distributed import DaskObjective, get_client, is_dask_collection
 
@@ -147,6 +148,7 @@ def validate(est, X, y, sample_weight, client, first_pass, on_dask):
         est.n_features_in_ = n_features
     if classifier:
         classes = np.asarray(results["classes"])
+        _check_two_classes(classes)
         if first_pass:
             est._label_binarizer = LabelBinarizer().fit(classes)
             est.classes_ = est._label_binarizer.classes_

@@ -35,6 +35,15 @@ __all__ = ["MLPClassifier", "MLPRegressor"]
 _STOCHASTIC = ("sgd", "adam")
 
 
+def _check_two_classes(classes):
+    if len(classes) < 2:
+        label = classes[0].item() if hasattr(classes[0], "item") else classes[0]
+        raise ValueError(
+            "MLPClassifier needs samples of at least 2 classes in the data, but y holds "
+            f"a single class: {label!r}. A classifier has nothing to learn from one "
+            "class.")
+
+
 class _BaseMLP(BaseEstimator):
     """Shared fitting machinery. Do not use directly."""
 
@@ -309,9 +318,10 @@ class _BaseMLP(BaseEstimator):
             self._best_theta = theta.copy()
         self._best_theta[...] = theta
         n_threads = threads_for_batch(self.n_jobs, batch_size)
-        # While a team of threads splits the minibatches, BLAS runs single-threaded.
-        blas_limit = single_threaded_blas() if n_threads > 1 else contextlib.nullcontext()
-        with blas_limit:
+        # BLAS runs single-threaded: fastbp's team splits the minibatches, and a fit's
+        # GEMMs round the same way whatever else runs in the process (concurrent fits
+        # give the results of sequential ones).
+        with single_threaded_blas():
             self._run_epochs(opt, data, order, batch_size, n_threads, early_stopping,
                              X_val, y_val, sw_val, incremental, last_good)
 
@@ -628,6 +638,8 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
         if (not hasattr(self, "classes_")) or (not self.warm_start and not incremental):
             self._label_binarizer = LabelBinarizer()
             self._label_binarizer.fit(y)
+            if self._label_binarizer.y_type_ != "multilabel-indicator":
+                _check_two_classes(self._label_binarizer.classes_)
             self.classes_ = self._label_binarizer.classes_
         else:
             classes = unique_labels(y)
@@ -697,6 +709,7 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
             if type_of_target(y).startswith("multilabel"):
                 self._label_binarizer.fit(y)
             else:
+                _check_two_classes(np.unique(classes))
                 self._label_binarizer.fit(classes)
         return self._fit(X, y, sample_weight=sample_weight, incremental=True)
 

@@ -280,7 +280,13 @@ class Network:
             )
         if writable_view:
             return theta
-        return np.ascontiguousarray(theta, dtype=self.dtype)
+        if theta.dtype.kind not in "fiub":
+            raise TypeError(f"theta must hold numbers, got dtype {theta.dtype}")
+        theta = np.ascontiguousarray(theta, dtype=self.dtype)
+        if not np.isfinite(theta).all():
+            raise ValueError("theta contains NaN or infinity (or values too large for "
+                             f"{np.dtype(self.dtype).name})")
+        return theta
 
     def prepare(self, X, Y=None, sample_weight=None):
         """Convert data once into the form the kernels take (internal, for solvers).
@@ -299,6 +305,9 @@ class Network:
             X.check_format(full_check=True)
             d.X = None
             d.data = np.ascontiguousarray(X.data, dtype=self.dtype)
+            if not np.isfinite(d.data).all():
+                raise ValueError("X contains NaN or infinity (or values too large for "
+                                 f"{np.dtype(self.dtype).name})")
             d.indices = np.ascontiguousarray(X.indices, dtype=np.int32)
             d.indptr = np.ascontiguousarray(X.indptr, dtype=np.intp)
         else:
@@ -309,6 +318,9 @@ class Network:
                 raise ValueError(f"X must be 2-D (n_samples, n_features), got shape {X.shape}")
             if X.dtype != self.dtype or not (X.flags.c_contiguous or X.flags.f_contiguous):
                 X = np.ascontiguousarray(X, dtype=self.dtype)
+            if not np.isfinite(X).all():
+                raise ValueError("X contains NaN or infinity (or values too large for "
+                                 f"{np.dtype(self.dtype).name})")
             d.X = X
             d.data = d.indices = d.indptr = None
         if X.shape[1] != n_features:
@@ -332,6 +344,9 @@ class Network:
                     f"Y must have shape ({d.n_samples}, {n_outputs}), got {Y.shape}"
                 )
             d.Y = np.ascontiguousarray(Y, dtype=self.dtype)
+            if not np.isfinite(d.Y).all():
+                raise ValueError("Y contains NaN or infinity (or values too large for "
+                                 f"{np.dtype(self.dtype).name})")
         if sample_weight is not None:
             sw = np.asarray(sample_weight)
             if sw.dtype.kind not in "fiub":
@@ -500,6 +515,8 @@ class Network:
         if not np.isfinite(alpha) or alpha < 0:
             raise ValueError(f"alpha must be a non-negative finite number, got {alpha}")
         d = self.prepare(X, Y, sample_weight)
+        if d.n_samples == 0:
+            raise ValueError("X has no rows: the objective is a mean over samples")
         return self._curvature(theta, v, d, alpha, exact,
                                np.empty(self.n_params, dtype=self.dtype))
 
@@ -637,6 +654,8 @@ class Network:
         if not np.isfinite(alpha) or alpha < 0:
             raise ValueError(f"alpha must be a non-negative finite number, got {alpha}")
         d = self.prepare(X, Y, sample_weight)
+        if d.n_samples == 0:
+            raise ValueError("X has no rows: the objective is a mean over samples")
         if out is None:
             out = np.empty(self.n_params, dtype=self.dtype)
         elif (not isinstance(out, np.ndarray) or out.shape != (self.n_params,)
