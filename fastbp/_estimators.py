@@ -3,7 +3,6 @@
 Names, defaults and behaviour follow ``sklearn.neural_network``. The differences, each an
 improvement, are listed in the class docstrings under Notes.
 """
-import contextlib
 import math
 import warnings
 from numbers import Integral, Real

@@ -72,6 +72,10 @@ class _BestTracker:
             self.theta[...] = theta
 
 
+class _NonFinite(Exception):
+    """Raised from an evaluation whose loss or product is not finite."""
+
+
 class _StopSolver(Exception):
     """Raised from a callback to end a SciPy solver after max_iter iterations."""
 
@@ -119,6 +123,8 @@ def fit_full_batch(solver, objective, theta, max_iter, max_fun, tol, verbose,
     def fun(x):
         p = point(x)
         loss = objective.loss_grad(p, grad)
+        if not math.isfinite(loss):  # checked per evaluation: stop, keep the best
+            raise _NonFinite
         best.offer(loss, p)
         if solver == "tnc":  # only TNC's callback needs the loss at its x
             last["x"], last["loss"] = np.array(x, dtype=np.float64), loss
@@ -128,6 +134,8 @@ def fit_full_batch(solver, objective, theta, max_iter, max_fun, tol, verbose,
     def hessp(x, v):
         vec[...] = v
         objective.curvature(point(x), vec, curvature == "hessian", prod)
+        if not np.isfinite(prod).all():
+            raise _NonFinite
         return prod.astype(np.float64, copy=True)
 
     def record(x, loss):
@@ -173,6 +181,9 @@ def fit_full_batch(solver, objective, theta, max_iter, max_fun, tol, verbose,
     except ObjectiveFailure:
         theta[...] = best.theta
         raise
+    except _NonFinite:
+        theta[...] = best.theta
+        raise _diverged(f"during {solver} (iteration {n_iter + 1})") from None
     if res is None:  # stopped at max_iter from the callback: keep the last iterate
         x_final, loss_final = last["x"], last["loss"]
         status, message = 1, "maximum number of iterations reached"

@@ -1,0 +1,458 @@
+"""Hardening: bad input, numerics, concurrency, memory, interrupts.
+
+Compiled kernels turn a missed check into a crash, so every public entry point is fed
+the failure modes here, and each must end in a clear error or a safe recovery. The
+property-based fuzzing lives in test_fuzz.py; estimator input checks shared with
+scikit-learn are in test_estimators.py (``test_bad_input_raises_value_error``).
+"""
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from sklearn.exceptions import ConvergenceWarning
+
+import fastbp
+from fastbp import DivergenceError, MLPClassifier, MLPRegressor, Network
+
+ROOT = Path(__file__).resolve().parents[1]
+FULL_BATCH = ["lbfgs", "tnc", "newton-cg", "trust-krylov", "hessian-free"]
+ALL_SOLVERS = ["sgd", "adam"] + FULL_BATCH
+
+
+def _net_problem(n=30):
+    rng = np.random.default_rng(0)
+    net = Network([4, 5, 3], activation="tanh", output="softmax")
+    theta = net.init_params(random_state=0)
+    X = rng.normal(size=(n, 4))
+    Y = np.eye(3)[rng.integers(0, 3, n)]
+    return net, theta, X, Y
+
+
+def _with(a, index, value):
+    a = np.array(a, dtype=float)
+    a.flat[index] = value
+    return a
+
+
+# ---------------------------------------------------------------------------------------
+# Input: the low-level Network entry points
+
+
+def _network_cases():
+    net, theta, X, Y = _net_problem()
+    v = np.ones(net.n_params)
+    w = np.ones(len(X))
+    calls = {
+        "loss_grad": lambda t, X_, Y_, w_=None: net.loss_grad(t, X_, Y_, w_),
+        "gnvp": lambda t, X_, Y_, w_=None: net.gnvp(t, v, X_, Y_, w_),
+        "hessp": lambda t, X_, Y_, w_=None: net.hessp(t, v, X_, Y_, w_),
+    }
+    bad = [
+        ("nan-X", lambda: (theta, _with(X, 7, np.nan), Y, None), ValueError, "X contains NaN"),
+        ("inf-X", lambda: (theta, _with(X, 3, -np.inf), Y, None), ValueError, "X contains NaN"),
+        ("overflow-X32", lambda: (theta, _with(X, 3, 1e300), Y, None), None, None),
+        ("nan-Y", lambda: (theta, X, _with(Y, 0, np.nan), None), ValueError, "Y contains NaN"),
+        ("nan-sparse-X", lambda: (theta, sp.csr_matrix(_with(X, 5, np.nan)), Y, None),
+         ValueError, "X contains NaN"),
+        ("nan-theta", lambda: (_with(theta, 2, np.nan), X, Y, None), ValueError, "theta"),
+        ("short-theta", lambda: (theta[:-1], X, Y, None), ValueError, "theta must have"),
+        ("string-theta", lambda: (np.array(["a"] * net.n_params), X, Y, None), TypeError,
+         "theta must hold numbers"),
+        ("object-X", lambda: (theta, np.array([["a"] * 4] * 30, dtype=object), Y, None),
+         TypeError, "X must hold numbers"),
+        ("1-D-X", lambda: (theta, X[:, 0], Y, None), ValueError, "2-D"),
+        ("3-D-X", lambda: (theta, X[None], Y, None), ValueError, "2-D"),
+        ("features", lambda: (theta, X[:, :3], Y, None), ValueError, "3 features"),
+        ("Y-shape", lambda: (theta, X, Y[:, :2], None), ValueError, "Y must have shape"),
+        ("Y-rows", lambda: (theta, X, Y[:-1], None), ValueError, "Y must have shape"),
+        ("empty", lambda: (theta, X[:0], Y[:0], None), ValueError, "no rows"),
+        ("negative-weights", lambda: (theta, X, Y, -w), ValueError, "non-negative"),
+        ("zero-weights", lambda: (theta, X, Y, 0 * w), ValueError, "sums to zero"),
+        ("nan-weights", lambda: (theta, X, Y, _with(w, 1, np.nan)), ValueError, "NaN"),
+        ("short-weights", lambda: (theta, X, Y, w[:-2]), ValueError, "sample_weight"),
+        ("string-weights", lambda: (theta, X, Y, np.array(["1"] * 30)), TypeError,
+         "sample_weight"),
+    ]
+    return [(f"{name}-{kind}", call, make, exc, match)
+            for kind, call in calls.items() for name, make, exc, match in bad]
+
+
+@pytest.mark.parametrize("case", _network_cases(), ids=lambda c: c[0])
+def test_network_entry_points_refuse_bad_input(case):
+    _, call, make, exc, match = case
+    args = make()
+    if exc is None:
+        # 1e300 fits in float64: the result is defined, and it is finite or NaN as a
+        # whole (never a silently partial result).
+        loss_or_vec = call(*args)
+        value = loss_or_vec[0] if isinstance(loss_or_vec, tuple) else loss_or_vec
+        assert np.all(np.isfinite(value)) or np.all(np.isnan(value))
+        return
+    with pytest.raises(exc, match=match):
+        call(*args)
+
+
+def test_float32_network_refuses_values_it_cannot_hold():
+    net = Network([2, 1], output="identity", dtype=np.float32)
+    theta = net.init_params(random_state=0)
+    with pytest.raises(ValueError, match="too large for float32"):
+        net.loss_grad(theta, np.array([[1e300, 0.0]]), [[1.0]])
+    with pytest.raises(ValueError, match="theta"):
+        net.forward(np.array([1e300, 0.0, 0.0]), [[1.0, 1.0]])
+
+
+def test_forward_accepts_empty_input_and_refuses_nan():
+    net, theta, X, _ = _net_problem()
+    assert net.forward(theta, X[:0]).shape == (0, 3)
+    with pytest.raises(ValueError, match="NaN"):
+        net.forward(theta, _with(X, 0, np.inf))
+
+
+# ---------------------------------------------------------------------------------------
+# Input: the estimators (more cases in test_estimators.py)
+
+
+def _xy(n=40, seed=0):
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, 5))
+    return X, (X[:, 0] + X[:, 1] > 0).astype(int), X[:, 0] - X[:, 2]
+
+
+@pytest.mark.parametrize("case,make,match", [
+    ("inf-X", lambda X, y, yr: (MLPClassifier(), _with(X, 4, np.inf), y), "infinity"),
+    ("nan-sparse-X", lambda X, y, yr: (MLPClassifier(), sp.csr_matrix(_with(X, 4, np.nan)),
+                                       y), "NaN"),
+    ("nan-y-regressor", lambda X, y, yr: (MLPRegressor(), X, _with(yr, 3, np.nan)), "NaN"),
+    ("inf-y-regressor", lambda X, y, yr: (MLPRegressor(), X, _with(yr, 3, np.inf)),
+     "infinity"),
+    ("nan-label", lambda X, y, yr: (MLPClassifier(), X, _with(y, 3, np.nan)), "NaN"),
+    ("3-D-X", lambda X, y, yr: (MLPClassifier(), X[None], y), "dim"),
+    ("2-D-labels-wrong-rows", lambda X, y, yr: (MLPRegressor(), X, np.c_[yr, yr][:-1]),
+     "inconsistent numbers of samples"),
+])
+@pytest.mark.parametrize("solver", ["adam", "lbfgs", "hessian-free"])
+def test_estimators_refuse_non_finite_and_malformed_input(case, make, match, solver):
+    est, X, y = make(*_xy())
+    est.set_params(solver=solver)
+    with pytest.raises(ValueError, match=match):
+        est.fit(X, y)
+
+
+@pytest.mark.parametrize("solver", ["adam", "lbfgs", "hessian-free"])
+def test_predict_refuses_non_finite_input(solver):
+    X, y, _ = _xy()
+    clf = MLPClassifier((4,), solver=solver, max_iter=5, random_state=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        clf.fit(X, y)
+    for bad in (_with(X, 0, np.nan), _with(X, 0, np.inf), sp.csr_matrix(_with(X, 0, np.nan))):
+        for method in (clf.predict, clf.predict_proba, clf.decision_function):
+            with pytest.raises(ValueError, match="NaN|infinity"):
+                method(bad)
+
+
+def test_memory_mapped_input_trains_and_predicts_like_in_memory(tmp_path):
+    X, y, yr = _xy(200)
+    np.save(tmp_path / "X.npy", X)
+    np.save(tmp_path / "y.npy", yr)
+    Xm = np.load(tmp_path / "X.npy", mmap_mode="r")  # read-only memory map
+    ym = np.load(tmp_path / "y.npy", mmap_mode="r")
+    assert isinstance(Xm, np.memmap) and not Xm.flags.writeable
+    for solver in ("adam", "lbfgs"):
+        kw = dict(hidden_layer_sizes=(6,), solver=solver, max_iter=10, random_state=0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            a = MLPRegressor(**kw).fit(Xm, ym)
+            b = MLPRegressor(**kw).fit(X, yr)
+        np.testing.assert_array_equal(a._theta, b._theta)
+        np.testing.assert_array_equal(a.predict(Xm), b.predict(X))
+    net = Network([5, 3, 1], output="identity")
+    theta = net.init_params(random_state=0)
+    np.testing.assert_array_equal(net.loss_grad(theta, Xm, ym)[1],
+                                  net.loss_grad(theta, X, yr)[1])
+
+
+# ---------------------------------------------------------------------------------------
+# Numerics: divergence is detected and the model stays finite
+
+
+@pytest.mark.parametrize("solver", ALL_SOLVERS)
+def test_divergence_is_reported_and_weights_stay_finite(solver):
+    X, _, yr = _xy(60)
+    X = X * 1e200  # finite inputs whose products overflow
+    reg = MLPRegressor(hidden_layer_sizes=(4,), solver=solver, max_iter=5, random_state=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        with pytest.raises(DivergenceError, match="non-finite"):
+            reg.fit(X, yr)
+    assert np.isfinite(reg._theta).all()
+    assert all(np.isfinite(c).all() for c in reg.coefs_ + reg.intercepts_)
+    # Training again on sane data from there works.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        reg.set_params(warm_start=True).fit(X / 1e200, yr)
+    assert np.isfinite(reg.predict(X / 1e200)).all()
+
+
+@pytest.mark.parametrize("solver", ["sgd"])  # Adam's steps are bounded by the rate
+def test_divergence_from_a_huge_learning_rate(solver):
+    X, _, yr = _xy(60)
+    reg = MLPRegressor(hidden_layer_sizes=(8,), solver=solver, learning_rate_init=1e12,
+                       max_iter=20, random_state=0)
+    with pytest.raises(DivergenceError):
+        reg.fit(X, yr * 1e6)
+    assert np.isfinite(reg._theta).all()
+
+
+# ---------------------------------------------------------------------------------------
+# Concurrency
+
+
+def test_concurrent_fits_equal_sequential_fits():
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(3000, 8))
+    y = (X[:, 0] * X[:, 1] > 0).astype(int)
+    jobs = [dict(solver=s, random_state=r) for s in ("adam", "lbfgs", "hessian-free", "sgd")
+            for r in (0, 1)]
+
+    def fit(kw):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            est = MLPClassifier((16,), max_iter=8, batch_size=64, **kw).fit(X, y)
+        return est._theta.copy(), est.loss_
+
+    sequential = [fit(kw) for kw in jobs]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        concurrent = list(pool.map(fit, jobs))
+    for (t1, l1), (t2, l2) in zip(sequential, concurrent):
+        np.testing.assert_array_equal(t1, t2)
+        assert l1 == l2
+
+
+def test_kernels_release_the_gil():
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(400_000, 64))
+    Y = np.eye(10)[rng.integers(0, 10, 400_000)]
+    net = Network([64, 128, 10], n_jobs=1)
+    theta = net.init_params(random_state=0)
+    data = net.prepare(X, Y)
+    done = threading.Event()
+
+    def work():
+        for _ in range(3):
+            net._loss_grad(theta, data, 0.0, np.empty(net.n_params))
+        done.set()
+    t = threading.Thread(target=work)
+    start = time.perf_counter()
+    t.start()
+    ticks = 0
+    while not done.is_set():  # pure Python: runs only while the kernel has let go
+        ticks += 1
+    t.join()
+    elapsed = time.perf_counter() - start
+    assert elapsed > 0.1
+    # The Python loop ran for most of the kernel's time (thousands of iterations per ms),
+    # not once between GIL hand-offs.
+    assert ticks > 10_000 * elapsed
+
+
+# ---------------------------------------------------------------------------------------
+# Memory
+
+
+def _rss_mib():
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+@pytest.mark.parametrize("solver", ["adam", "lbfgs", "hessian-free"])
+def test_one_hundred_fits_do_not_grow_memory(solver):
+    X, y, _ = _xy(300)
+    rss = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        for i in range(100):
+            MLPClassifier((16,), solver=solver, max_iter=3, random_state=i).fit(X, y)
+            if i in (19, 99):
+                rss.append(_rss_mib())
+    assert rss[1] - rss[0] < 4.0, f"RSS grew from {rss[0]:.1f} to {rss[1]:.1f} MiB"
+
+
+VALGRIND_SCRIPT = """
+import warnings
+import numpy as np, scipy.sparse as sp
+import fastbp
+warnings.simplefilter("ignore")
+rng = np.random.default_rng(0)
+for dtype in (np.float64, np.float32):
+    for act in ("relu", "tanh"):
+        net = fastbp.Network([5, 7, 3], activation=act, output="softmax", dtype=dtype,
+                             block_size=8, n_jobs=2)
+        th = net.init_params(0)
+        X = rng.normal(size=(37, 5)).astype(dtype)
+        Y = np.eye(3, dtype=dtype)[rng.integers(0, 3, 37)]
+        sw = rng.uniform(0, 2, 37)
+        v = rng.normal(size=net.n_params)
+        for Xv in (X, np.asfortranarray(X), sp.csr_matrix(X)):
+            net.loss_grad(th, Xv, Y, sw, alpha=0.1)
+            net.forward(th, Xv)
+            net.gnvp(th, v, Xv, Y, sw, 0.1)
+            net.hessp(th, v, Xv, Y, sw, 0.1)
+            net._fisher(th, net.prepare(Xv, Y, sw), np.empty(net.n_params, dtype))
+Xf = rng.normal(size=(60, 4))
+yf = rng.integers(0, 3, 60)
+for solver in ("adam", "sgd", "lbfgs", "hessian-free"):
+    fastbp.MLPClassifier((6,), solver=solver, max_iter=2, batch_size=8,
+                         n_jobs=2).fit(Xf, yf)
+print("kernels ok")
+"""
+
+
+def _memcheck_errors_in(text, marker=("_core.cpython", "__pyx_", "fastbp_5_core",
+                                       "_core.c:"), depth=4):
+    """Memcheck error records with one of the top ``depth`` stack frames in fastbp's
+    extension (deeper frames are the interpreter calling into everything)."""
+    records, cur = [], None
+    for line in text.splitlines():
+        m = re.match(r"==\d+== (.*)$", line)
+        if not m:
+            continue
+        body = m.group(1)
+        if re.match(r"(Invalid (read|write|free)|Conditional jump|Use of uninitialised|"
+                    r"Syscall param|Mismatched free|Source and destination overlap)", body):
+            cur = [body]
+            records.append(cur)
+        elif cur is not None and body.strip():
+            cur.append(body)
+        else:
+            cur = None
+    return [r for r in records
+            if any(any(k in ln for k in marker) for ln in r[1:1 + depth])]
+
+
+def test_memcheck_parser_finds_errors_in_the_extension():
+    fake = "\n".join([
+        "==1== Invalid read of size 8",
+        "==1==    at 0x1: __pyx_f_6fastbp_5_core_block_pass (in /x/_core.so)",
+        "==1==    by 0x2: PyEval (ceval.c:1)",
+        "==1== ",
+        "==1== Use of uninitialised value of size 8",
+        "==1==    at 0x5: memcpy (string.c:1)",
+        "==1==    by 0x6: ??? (in /x/fastbp/_core.cpython-311-x86_64-linux-gnu.so)",
+        "==1== ",
+        "==1== Conditional jump or move depends on uninitialised value(s)",
+        "==1==    at 0x7: long_bitwise (longobject.c:5074)",
+        "==1==    by 0x8: do_call_core (ceval.c:7352)",
+        "==1== ",
+        "==1== Invalid read of size 8",
+        "==1==    at 0x3: strncmp (strcmp.S:160)",
+        "==1== ",
+    ])
+    found = _memcheck_errors_in(fake)
+    assert len(found) == 2 and "block_pass" in found[0][1] and "memcpy" in found[1][1]
+
+
+@pytest.mark.skipif(shutil.which("valgrind") is None,
+                    reason="valgrind is not installed (it is on CI machines)")
+def test_kernels_are_clean_under_valgrind_memcheck(tmp_path):
+    script = tmp_path / "kernels.py"
+    script.write_text(VALGRIND_SCRIPT)
+    python = os.path.realpath(sys.executable)  # not a shell shim: valgrind traces it
+    env = dict(os.environ, PYTHONMALLOC="malloc")
+    res = subprocess.run(["valgrind", "--tool=memcheck", "--leak-check=no",
+                          "--error-exitcode=0", python, str(script)],
+                         capture_output=True, text=True, timeout=900, env=env)
+    assert "kernels ok" in res.stdout, res.stderr[-3000:]
+    assert "Memcheck" in res.stderr  # valgrind really ran python
+    errors = _memcheck_errors_in(res.stderr)
+    assert errors == [], "\n\n".join("\n".join(r[:12]) for r in errors[:3])
+
+
+def test_debug_build_passes_the_kernel_tests(tmp_path):
+    """Build the extension with bounds checking (FASTBP_DEBUG=1) in a copy of the tree
+    and run the kernel-level tests against that build."""
+    src = tmp_path / "src"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
+        "build", "*.egg-info", "*.so", "_core.c", ".git", "__pycache__", "benchmarks"))
+    env = dict(os.environ, FASTBP_DEBUG="1")
+    build = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"],
+                           cwd=src, env=env, capture_output=True, text=True, timeout=900)
+    assert build.returncode == 0, build.stderr[-3000:]
+    c_source = (src / "fastbp" / "_core.c").read_text()
+    assert "__Pyx_RaiseBufferIndexError" in c_source or "IndexError" in c_source
+    env["PYTHONPATH"] = str(src)
+    probe = subprocess.run([sys.executable, "-c", "import fastbp; print(fastbp.__file__)"],
+                           cwd=src, env=env, capture_output=True, text=True)
+    assert probe.stdout.strip().startswith(str(src)), probe.stdout + probe.stderr
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+                          "tests/test_core.py", "tests/test_threads.py",
+                          "tests/test_curvature.py", "tests/test_hessian_free.py"],
+                         cwd=src, env=env, capture_output=True, text=True, timeout=1200)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+    assert re.search(r"\d+ passed", run.stdout)
+
+
+# ---------------------------------------------------------------------------------------
+# Interrupts
+
+
+SIGINT_SCRIPT = """
+import sys, warnings
+import numpy as np
+import fastbp
+solver = sys.argv[1]
+rng = np.random.default_rng(0)
+X = rng.normal(size=(20000, 20))
+y = (X[:, 0] * X[:, 1] + X[:, 2] > 0).astype(int)
+clf = fastbp.MLPClassifier((64,), solver=solver, max_iter=100000, tol=0.0,
+                           n_iter_no_change=100000, random_state=0)
+def progress(n_iter, loss):
+    print(f"iteration {n_iter} loss {loss}", flush=True)
+clf._progress_callback = progress
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    clf.fit(X, y)
+print("interrupted:", any("interrupted" in str(w.message) for w in caught), flush=True)
+del clf._progress_callback
+fastbp.save(clf, sys.argv[2])
+print("saved", clf.n_iter_, flush=True)
+"""
+
+
+@pytest.mark.parametrize("solver", ["adam", "lbfgs", "hessian-free"])
+def test_sigint_during_a_long_fit_leaves_a_usable_model(tmp_path, solver):
+    script = tmp_path / "fit.py"
+    script.write_text(SIGINT_SCRIPT)
+    model = tmp_path / "model.fbp"
+    proc = subprocess.Popen([sys.executable, str(script), solver, str(model)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("iteration 3 "):
+                proc.send_signal(signal.SIGINT)
+                break
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    lines += out.splitlines()
+    assert proc.returncode == 0, err[-2000:]
+    assert any(line.startswith("interrupted: True") for line in lines), lines[-5:]
+    clf = fastbp.load(model)
+    X = np.random.default_rng(1).normal(size=(100, 20))
+    proba = clf.predict_proba(X)
+    assert np.isfinite(proba).all() and np.isfinite(clf._theta).all()
+    assert clf.n_iter_ >= 3
