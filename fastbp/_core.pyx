@@ -765,6 +765,18 @@ cdef double _finish(const Spec* sp, const int64_t* acc, const floating* base, fl
     return 0.0
 
 
+cdef int _check_exact_buffers(Py_ssize_t n_params, Py_ssize_t n_int, int n_threads,
+                              floating[:, ::1] work, floating[:, ::1] tgrad,
+                              double[:, ::1] tdacc, int64_t[:, ::1] acc) except -1:
+    """The per-thread buffers of an exact full-batch pass fit the network and threads."""
+    if tgrad.shape[1] != n_params or tdacc.shape[1] != n_int \
+            or acc.shape[1] != 3 * (n_params + 2) or work.shape[0] < n_threads \
+            or tgrad.shape[0] < n_threads or tdacc.shape[0] < n_threads \
+            or acc.shape[0] < n_threads:
+        raise ValueError("thread buffers or accumulators do not match")
+    return 0
+
+
 def loss_grad(const floating[::1] theta, floating[::1] grad, const floating[:, :] X,
               const floating[::1] data, const int[::1] indices,
               const Py_ssize_t[::1] indptr, const floating[:, ::1] Y,
@@ -802,11 +814,7 @@ def loss_grad(const floating[::1] theta, floating[::1] grad, const floating[:, :
     cdef double part
     cdef bint ok
     cdef int tid
-    if tgrad.shape[1] != n_params or tdacc.shape[1] != n_params - n_coef \
-            or asz != 3 * (n_params + 2) or work.shape[0] < n_threads \
-            or tgrad.shape[0] < n_threads or tdacc.shape[0] < n_threads \
-            or acc.shape[0] < n_threads:
-        raise ValueError("thread buffers or accumulators do not match")
+    _check_exact_buffers(n_params, n_params - n_coef, n_threads, work, tgrad, tdacc, acc)
     _fill(&sp, &inp, sizes, w_off, b_off, act, out, block, X, data, indices, indptr, theta)
     if grad is not None:
         g = &grad[0]
@@ -1512,12 +1520,9 @@ def curvature_product(const floating[::1] theta, const floating[::1] v,
         per_block += block * sizes[i]
     if acts.shape[0] < n_blocks * per_block:
         raise ValueError("the activation cache is too small")
-    if v.shape[0] != n_params or out_arr.shape[0] != n_params \
-            or tgrad.shape[1] != n_params or tdacc.shape[1] != n_params - n_coef \
-            or asz != 3 * (n_params + 2) or work.shape[0] < n_threads \
-            or tgrad.shape[0] < n_threads or tdacc.shape[0] < n_threads \
-            or acc.shape[0] < n_threads:
-        raise ValueError("direction, output or buffers do not match")
+    if v.shape[0] != n_params or out_arr.shape[0] != n_params:
+        raise ValueError("direction or output does not match theta")
+    _check_exact_buffers(n_params, n_params - n_coef, n_threads, work, tgrad, tdacc, acc)
     _fill(&sp, &inp, sizes, w_off, b_off, act, out, block, X, data, indices, indptr, theta)
     if sample_weight is not None:
         sw = &sample_weight[0]
@@ -1666,11 +1671,9 @@ def fisher_diag(const floating[::1] theta, floating[::1] out_arr, const floating
     cdef int64_t* acc_p = &acc[0, 0]
     cdef int tid
     cdef Py_ssize_t b, start
-    if out_arr.shape[0] != n_params or tgrad.shape[1] != n_params \
-            or asz != 3 * (n_params + 2) or work.shape[0] < n_threads \
-            or tgrad.shape[0] < n_threads or tdacc.shape[0] < n_threads \
-            or acc.shape[0] < n_threads or ws < fisher_workspace_size(sizes, block):
-        raise ValueError("output or buffers do not match")
+    if out_arr.shape[0] != n_params or ws < fisher_workspace_size(sizes, block):
+        raise ValueError("output or workspace does not match")
+    _check_exact_buffers(n_params, n_int, n_threads, work, tgrad, tdacc, acc)
     _fill(&sp, &inp, sizes, w_off, b_off, act, out, block, X, data, indices, indptr, theta)
     if sample_weight is not None:
         sw = &sample_weight[0]

@@ -10,9 +10,8 @@ import numpy as np
 import scipy.sparse as sp
 from sklearn.base import is_classifier
 from sklearn.preprocessing import LabelBinarizer
-from sklearn.utils.validation import _check_sample_weight
 
-from ._estimators import _check_two_classes
+from ._estimators import _check_two_classes, _checked_sample_weight
 from ._network import block_rows
 from .distributed import DaskObjective, get_client, is_dask_collection
 
@@ -58,11 +57,7 @@ def _numpy_to_dask(est, X, y, sample_weight, client, first_pass):
         raise ValueError("backend='dask' takes dense X; sparse input trains locally "
                          "(backend=None)")
     X, Y = est._validate_input(X, y, False, reset=first_pass)
-    if sample_weight is not None:
-        sample_weight = _check_sample_weight(sample_weight, X, dtype=np.float64,
-                                             ensure_non_negative=True)
-        if sample_weight.sum() <= 0:
-            raise ValueError("sample_weight sums to zero: at least one must be positive.")
+    sample_weight = _checked_sample_weight(sample_weight, X)
     # One chunk per worker thread, in whole blocks of rows.
     n_threads = max(1, sum(client.nthreads().values()))
     block = block_rows(X.shape[0])

@@ -34,6 +34,17 @@ __all__ = ["MLPClassifier", "MLPRegressor"]
 _STOCHASTIC = ("sgd", "adam")
 
 
+def _checked_sample_weight(sample_weight, X):
+    """Validated float64 weights for X's rows (None stays None)."""
+    if sample_weight is None:
+        return None
+    sample_weight = _check_sample_weight(sample_weight, X, dtype=np.float64,
+                                         ensure_non_negative=True)
+    if sample_weight.sum() <= 0:
+        raise ValueError("sample_weight sums to zero: at least one must be positive.")
+    return sample_weight
+
+
 def _check_two_classes(classes):
     if len(classes) < 2:
         label = classes[0].item() if hasattr(classes[0], "item") else classes[0]
@@ -188,11 +199,7 @@ class _BaseMLP(BaseEstimator):
         else:
             client = data = None
             X, Y = self._validate_input(X, y, incremental, reset=first_pass)
-        if sample_weight is not None:
-            sample_weight = _check_sample_weight(sample_weight, X, dtype=np.float64,
-                                                 ensure_non_negative=True)
-            if sample_weight.sum() <= 0:
-                raise ValueError("sample_weight sums to zero: at least one must be positive.")
+        sample_weight = _checked_sample_weight(sample_weight, X)
         n_features, n_outputs = ((data.n_features, data.n_outputs) if data is not None
                                  else (X.shape[1], Y.shape[1]))
         dtype = data.dtype if data is not None else X.dtype
