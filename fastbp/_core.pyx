@@ -63,58 +63,78 @@ cdef extern from *:
         }
     }
 
-    /* Exact, order-independent sums. A real number is held as a 192-bit two's-complement
-       fixed-point value in three 64-bit words: w[0] (signed) in units of 2^28, w[1] in
-       units of 2^-36 and w[2] in units of 2^-100. fx_add truncates a double to that grid
-       (toward zero) and adds it exactly, so a sum of per-block values is the same for any
-       grouping and order of the blocks: across threads, processes and machines. */
+    /* Exact, order-independent sums. A real number is held as a 256-bit two's-complement
+       fixed-point value in four 64-bit words: w[0] (signed) in units of 2^64, w[1] in
+       units of 1, w[2] of 2^-64 and w[3] of 2^-128. fastbp_fx_add truncates a double to
+       that grid (toward zero; 2^-128 is below float32's smallest normal number) and adds
+       it exactly, so a sum of per-block values is the same for any grouping and order of
+       the blocks: across threads, processes and machines. Values of magnitude 2^116
+       (8.3e34) or more, and non-finite ones, are refused (the caller flags the sum). */
     #include <stdint.h>
     #include <math.h>
-    #define FASTBP_FX_LIMIT 1.2089258196146292e24 /* 2^80: larger values are refused */
+    #define FASTBP_FX_LIMIT 8.307674973655724e34 /* 2^116: leaves room for 2^10 such terms */
     #define FASTBP_TWO64 18446744073709551616.0
     static inline int fastbp_fx_add(int64_t* w, double v) {
         double a = fabs(v);
         if (!(a < FASTBP_FX_LIMIT)) return 0;  /* NaN, infinity or too large */
-        a = a * (1.0 / 268435456.0);  /* 2^-28, exact */
-        double h = floor(a);
-        double r1 = (a - h) * FASTBP_TWO64;  /* exact: the fraction's bits, shifted */
-        double m1 = floor(r1);
-        double r2 = (r1 - m1) * FASTBP_TWO64;
-        uint64_t u0 = (uint64_t) h, u1 = (uint64_t) m1, u2 = (uint64_t) r2;
+        uint64_t d[4];
+        double r = a / FASTBP_TWO64;  /* exact: a power of two */
+        double h = floor(r);
+        d[0] = (uint64_t) h;
+        for (int k = 1; k < 4; k++) {  /* the fraction's bits, 64 at a time: exact */
+            r = (r - h) * FASTBP_TWO64;
+            h = floor(r);
+            d[k] = (uint64_t) h;
+        }
         uint64_t* u = (uint64_t*) w;
         if (v >= 0) {
-            uint64_t s2 = u[2] + u2, c2 = s2 < u2;
-            uint64_t s1 = u[1] + u1, c1 = s1 < u1;
-            uint64_t t1 = s1 + c2;
-            c1 += t1 < s1;
-            u[2] = s2; u[1] = t1; u[0] = u[0] + u0 + c1;
+            uint64_t carry = 0;
+            for (int k = 3; k >= 0; k--) {
+                uint64_t s = u[k] + d[k];
+                uint64_t c = s < d[k];
+                uint64_t t = s + carry;
+                c += t < s;
+                u[k] = t;
+                carry = c;
+            }
         } else {
-            uint64_t b2 = u[2] < u2, s2 = u[2] - u2;
-            uint64_t b1 = u[1] < u1, s1 = u[1] - u1;
-            b1 += s1 < b2;
-            s1 -= b2;
-            u[2] = s2; u[1] = s1; u[0] = u[0] - u0 - b1;
+            uint64_t borrow = 0;
+            for (int k = 3; k >= 0; k--) {
+                uint64_t s = u[k] - d[k];
+                uint64_t b = u[k] < d[k];
+                b += s < borrow;
+                u[k] = s - borrow;
+                borrow = b;
+            }
         }
         return 1;
     }
-    static inline void fastbp_fx_merge(int64_t* d, const int64_t* s) {
-        uint64_t* a = (uint64_t*) d;
-        const uint64_t* b = (const uint64_t*) s;
-        uint64_t s2 = a[2] + b[2], c2 = s2 < b[2];
-        uint64_t s1 = a[1] + b[1], c1 = s1 < b[1];
-        uint64_t t1 = s1 + c2;
-        c1 += t1 < s1;
-        a[2] = s2; a[1] = t1; a[0] = a[0] + b[0] + c1;
+    static inline void fastbp_fx_merge(int64_t* dst, const int64_t* src) {
+        uint64_t* a = (uint64_t*) dst;
+        const uint64_t* b = (const uint64_t*) src;
+        uint64_t carry = 0;
+        for (int k = 3; k >= 0; k--) {
+            uint64_t s = a[k] + b[k];
+            uint64_t c = s < b[k];
+            uint64_t t = s + carry;
+            c += t < s;
+            a[k] = t;
+            carry = c;
+        }
     }
     static inline double fastbp_fx_value(const int64_t* w) {
-        uint64_t u0 = (uint64_t) w[0], u1 = (uint64_t) w[1], u2 = (uint64_t) w[2];
+        uint64_t u[4];
+        for (int k = 0; k < 4; k++) u[k] = (uint64_t) w[k];
         int neg = w[0] < 0;
         if (neg) {  /* the magnitude: invert and add one */
-            u0 = ~u0; u1 = ~u1; u2 = ~u2 + 1;
-            if (u2 == 0) { u1 += 1; if (u1 == 0) u0 += 1; }
+            uint64_t carry = 1;
+            for (int k = 3; k >= 0; k--) {
+                u[k] = ~u[k] + carry;
+                carry = carry && u[k] == 0;
+            }
         }
-        double m = ((double) u0 + ((double) u1 + (double) u2 / FASTBP_TWO64) / FASTBP_TWO64)
-                   * 268435456.0;
+        double m = (((double) u[3] / FASTBP_TWO64 + (double) u[2]) / FASTBP_TWO64
+                    + (double) u[1]) + (double) u[0] * FASTBP_TWO64;
         return neg ? -m : m;
     }
     """
@@ -692,12 +712,19 @@ cdef int _fill(Spec* sp, Input* inp, const Py_ssize_t[::1] sizes,
 # fixed-point accumulator, and the accumulators are merged exactly. So the result is
 # bitwise the same for any number of threads, and for any split of the rows into chunks at
 # block boundaries (Dask's chunks: each returns its accumulator, merged on the driver).
-# An accumulator holds n_params + 2 entries of 3 words: the parameters, then the loss,
-# then a count of values that could not be added (non-finite or beyond 2^80).
+# An accumulator holds n_params + 2 entries of FXW words: the parameters, then the loss,
+# then a count of values that could not be added (non-finite or beyond 2^116).
+
+cdef enum:
+    FXW = 4  # int64 words per exact value
+
+
+ACC_WORDS = FXW
+
 
 def accumulator_size(Py_ssize_t n_params):
     """int64 words of one exact accumulator for n_params parameters."""
-    return 3 * (n_params + 2)
+    return FXW * (n_params + 2)
 
 
 cdef bint _fx_block(int64_t* acc, const floating* vals, Py_ssize_t n,
@@ -706,7 +733,7 @@ cdef bint _fx_block(int64_t* acc, const floating* vals, Py_ssize_t n,
     cdef Py_ssize_t i
     cdef bint ok = True
     for i in range(n):
-        if not fx_add(acc + 3 * (first + i), <double> vals[i]):
+        if not fx_add(acc + FXW * (first + i), <double> vals[i]):
             ok = False
     return ok
 
@@ -716,7 +743,7 @@ cdef bint _fx_block64(int64_t* acc, const double* vals, Py_ssize_t n,
     cdef Py_ssize_t i
     cdef bint ok = True
     for i in range(n):
-        if not fx_add(acc + 3 * (first + i), vals[i]):
+        if not fx_add(acc + FXW * (first + i), vals[i]):
             ok = False
     return ok
 
@@ -724,10 +751,10 @@ cdef bint _fx_block64(int64_t* acc, const double* vals, Py_ssize_t n,
 cdef void _fx_merge_threads(int64_t* acc, Py_ssize_t n_threads,
                             Py_ssize_t size) noexcept nogil:
     """Merge the accumulators of threads 1.. into thread 0's."""
-    cdef Py_ssize_t t, i
+    cdef Py_ssize_t t, e
     for t in range(1, n_threads):
-        for i in range(0, size, 3):
-            fx_merge(acc + i, acc + t * size + i)
+        for e in range(size // FXW):
+            fx_merge(acc + e * FXW, acc + t * size + e * FXW)
 
 
 cdef bint _fx_unpack(const int64_t* acc, floating* out, double* dacc, Py_ssize_t n_coef,
@@ -735,13 +762,13 @@ cdef bint _fx_unpack(const int64_t* acc, floating* out, double* dacc, Py_ssize_t
     """Coefficient sums into out[:n_coef] (if out), intercept sums into dacc[:n_int];
     False when the accumulator saw a value it could not add."""
     cdef Py_ssize_t i, n_params = n_coef + n_int
-    if acc[3 * (n_params + 1)] != 0:
+    if acc[FXW * (n_params + 1)] != 0:
         return False
     if out != NULL:
         for i in range(n_coef):
-            out[i] = <floating> fx_value(acc + 3 * i)
+            out[i] = <floating> fx_value(acc + FXW * i)
     for i in range(n_int):
-        dacc[i] = fx_value(acc + 3 * (n_coef + i))
+        dacc[i] = fx_value(acc + FXW * (n_coef + i))
     return True
 
 
@@ -761,7 +788,7 @@ cdef double _finish(const Spec* sp, const int64_t* acc, const floating* base, fl
         return NAN
     penalty = finish_gradient(sp, base, out, dacc, scale, alpha)
     if with_loss:
-        return fx_value(acc + 3 * n_params) * scale + penalty
+        return fx_value(acc + FXW * n_params) * scale + penalty
     return 0.0
 
 
@@ -770,7 +797,7 @@ cdef int _check_exact_buffers(Py_ssize_t n_params, Py_ssize_t n_int, int n_threa
                               double[:, ::1] tdacc, int64_t[:, ::1] acc) except -1:
     """The per-thread buffers of an exact full-batch pass fit the network and threads."""
     if tgrad.shape[1] != n_params or tdacc.shape[1] != n_int \
-            or acc.shape[1] != 3 * (n_params + 2) or work.shape[0] < n_threads \
+            or acc.shape[1] != FXW * (n_params + 2) or work.shape[0] < n_threads \
             or tgrad.shape[0] < n_threads or tdacc.shape[0] < n_threads \
             or acc.shape[0] < n_threads:
         raise ValueError("thread buffers or accumulators do not match")
@@ -832,12 +859,12 @@ def loss_grad(const floating[::1] theta, floating[::1] grad, const floating[:, :
             part = block_pass(&sp, &inp, NULL, start, nb, Y_p, sw, scale, theta_p,
                               (tg + tid * n_params) if g != NULL else NULL,
                               td + tid * n_int, work_p + tid * ws, False, NULL)
-            ok = fx_add(acc_p + tid * asz + 3 * n_params, part)
+            ok = fx_add(acc_p + tid * asz + FXW * n_params, part)
             if g != NULL:
                 ok = _fx_block(acc_p + tid * asz, tg + tid * n_params, n_coef, 0) and ok
                 ok = _fx_block64(acc_p + tid * asz, td + tid * n_int, n_int, n_coef) and ok
             if not ok:
-                acc_p[tid * asz + 3 * (n_params + 1)] += 1
+                acc_p[tid * asz + FXW * (n_params + 1)] += 1
     with nogil:
         _fx_merge_threads(acc_p, n_threads, asz)
         if finish:
@@ -848,11 +875,11 @@ def loss_grad(const floating[::1] theta, floating[::1] grad, const floating[:, :
 def merge_accumulators(int64_t[::1] total, const int64_t[::1] part):
     """total += part, exactly (accumulators of the same size)."""
     cdef Py_ssize_t i
-    if total.shape[0] != part.shape[0] or total.shape[0] % 3:
+    if total.shape[0] != part.shape[0] or total.shape[0] % FXW:
         raise ValueError("accumulators differ in size")
     with nogil:
-        for i in range(0, total.shape[0], 3):
-            fx_merge(&total[i], &part[i])
+        for i in range(total.shape[0] // FXW):
+            fx_merge(&total[i * FXW], &part[i * FXW])
 
 
 def finish_loss_grad(const int64_t[::1] acc, const floating[::1] theta, floating[::1] grad,
@@ -864,7 +891,7 @@ def finish_loss_grad(const int64_t[::1] acc, const floating[::1] theta, floating
     cdef Spec sp
     cdef Py_ssize_t n_params = theta.shape[0]
     cdef floating* g = NULL
-    if acc.shape[0] != 3 * (n_params + 2) or dacc.shape[0] < n_params - b_off[0]:
+    if acc.shape[0] != FXW * (n_params + 2) or dacc.shape[0] < n_params - b_off[0]:
         raise ValueError("accumulator or scratch does not match theta")
     _fill_spec(&sp, sizes, w_off, b_off, 0, 0, 1)
     if grad is not None:
@@ -880,7 +907,7 @@ def finish_product(const int64_t[::1] acc, const floating[::1] v, floating[::1] 
     ``curvature_product`` finishes it (with the L2 term alpha * scale * v)."""
     cdef Spec sp
     cdef Py_ssize_t n_params = v.shape[0]
-    if acc.shape[0] != 3 * (n_params + 2) or out_arr.shape[0] != n_params \
+    if acc.shape[0] != FXW * (n_params + 2) or out_arr.shape[0] != n_params \
             or dacc.shape[0] < n_params - b_off[0]:
         raise ValueError("accumulator, output or scratch does not match v")
     _fill_spec(&sp, sizes, w_off, b_off, 0, 0, 1)
@@ -890,15 +917,15 @@ def finish_product(const int64_t[::1] acc, const floating[::1] v, floating[::1] 
 def finish_sums(const int64_t[::1] acc, floating[::1] out_arr):
     """Plain sums (the Fisher diagonal) into out_arr from merged exact sums."""
     cdef Py_ssize_t i, n_params = out_arr.shape[0]
-    if acc.shape[0] != 3 * (n_params + 2):
+    if acc.shape[0] != FXW * (n_params + 2):
         raise ValueError("accumulator does not match the output")
     with nogil:
-        if acc[3 * (n_params + 1)] != 0:
+        if acc[FXW * (n_params + 1)] != 0:
             for i in range(n_params):
                 out_arr[i] = <floating> NAN
         else:
             for i in range(n_params):
-                out_arr[i] = <floating> fx_value(&acc[3 * i])
+                out_arr[i] = <floating> fx_value(&acc[FXW * i])
 
 
 def forward(const floating[::1] theta, floating[:, ::1] out_arr, const floating[:, :] X,
@@ -1540,7 +1567,7 @@ def curvature_product(const floating[::1] theta, const floating[::1] v,
             ok = _fx_block(acc_p + tid * asz, tg + tid * n_params, n_coef, 0)
             ok = _fx_block64(acc_p + tid * asz, td + tid * n_int, n_int, n_coef) and ok
             if not ok:
-                acc_p[tid * asz + 3 * (n_params + 1)] += 1
+                acc_p[tid * asz + FXW * (n_params + 1)] += 1
     with nogil:
         _fx_merge_threads(acc_p, n_threads, asz)
         if finish:
@@ -1690,7 +1717,7 @@ def fisher_diag(const floating[::1] theta, floating[::1] out_arr, const floating
                          theta_p, tg + tid * n_params, td + tid * n_int,
                          work_p + tid * ws)
             if not _fx_block(acc_p + tid * asz, tg + tid * n_params, n_params, 0):
-                acc_p[tid * asz + 3 * (n_params + 1)] += 1
+                acc_p[tid * asz + FXW * (n_params + 1)] += 1
     with nogil:
         _fx_merge_threads(acc_p, n_threads, asz)
     if finish:
@@ -1698,12 +1725,12 @@ def fisher_diag(const floating[::1] theta, floating[::1] out_arr, const floating
 
 
 def sum_words(const double[::1] x):
-    """The exact sum of x as accumulator words (int64[3]); see ``words_value``.
+    """The exact sum of x as accumulator words (int64[4]); see ``words_value``.
 
     Sums of parts merge exactly (``merge_accumulators``), so a sum over chunks equals the
     sum over all values, bitwise.
     """
-    out = np.zeros(3, dtype=np.int64)
+    out = np.zeros(FXW, dtype=np.int64)
     cdef int64_t[::1] w = out
     cdef Py_ssize_t i
     cdef bint ok = True
@@ -1712,12 +1739,12 @@ def sum_words(const double[::1] x):
             if not fx_add(&w[0], x[i]):
                 ok = False
     if not ok:
-        raise ValueError("values must be finite and below 2**80 in magnitude")
+        raise ValueError("values must be finite and below 2**116 in magnitude")
     return out
 
 
 def words_value(const int64_t[::1] w):
     """The float nearest (to rounding) the exact sum held in accumulator words."""
-    if w.shape[0] != 3:
-        raise ValueError("an exact sum has three words")
+    if w.shape[0] != FXW:
+        raise ValueError(f"an exact sum has {FXW} words")
     return fx_value(&w[0])

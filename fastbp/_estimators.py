@@ -26,7 +26,7 @@ from ._network import Network
 from .distributed import is_dask_collection
 from ._objective import LocalObjective
 from ._hessian_free import HessianFreeState, fit_hessian_free
-from ._solvers import StochasticOptimizer, _diverged, fit_full_batch
+from ._solvers import DivergenceError, StochasticOptimizer, _diverged, fit_full_batch
 from ._threads import single_threaded_blas, threads_for_batch
 
 __all__ = ["MLPClassifier", "MLPRegressor"]
@@ -327,9 +327,21 @@ class _BaseMLP(BaseEstimator):
         # BLAS runs single-threaded: fastbp's team splits the minibatches, and a fit's
         # GEMMs round the same way whatever else runs in the process (concurrent fits
         # give the results of sequential ones).
+        start = None if incremental else theta.copy()
         with single_threaded_blas():
             self._run_epochs(opt, data, order, batch_size, n_threads, early_stopping,
                              X_val, y_val, sw_val, incremental, last_good)
+            # Each epoch's loss is measured on the way, before its updates: the final
+            # parameters are checked once more on all the training rows.
+            if start is not None and not math.isfinite(
+                    net._loss_grad(theta, data, self.alpha, None)):
+                theta[...] = start
+                self._optimizer = None
+                raise DivergenceError(
+                    "Training diverged: the final parameters give a non-finite loss on "
+                    "the training data. The model keeps the parameters it had before "
+                    "this fit. Scale the inputs (for example with StandardScaler) or "
+                    "lower learning_rate_init.")
 
     def _run_epochs(self, opt, data, order, batch_size, n_threads, early_stopping, X_val,
                     y_val, sw_val, incremental, last_good):

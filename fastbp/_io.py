@@ -28,6 +28,7 @@ metadata, and refuses anything else with a ``ValueError`` naming the problem.
 """
 import json
 import zipfile
+import zlib
 
 import numpy as np
 from sklearn.pipeline import Pipeline
@@ -180,7 +181,9 @@ def _read(path):
             return {k: npz[k] for k in npz.files}
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: no such model file") from None
-    except (zipfile.BadZipFile, EOFError, OSError, KeyError) as exc:
+    except (zipfile.BadZipFile, EOFError, OSError, KeyError, RuntimeError,
+            NotImplementedError, zlib.error) as exc:
+        # RuntimeError/NotImplementedError: zipfile on encrypted or unknown members.
         raise _bad(path, f"unreadable or truncated ({exc})") from None
     except ValueError as exc:
         if "not a valid fastbp" in str(exc):
@@ -284,10 +287,21 @@ def _build(meta, arrays):
     if dtype not in (np.float32, np.float64):
         raise ValueError(f"dtype {dtype}")
     attrs = meta["attributes"]
-    sizes = [int(s) for s in meta["layer_sizes"]]
+    raw_sizes = meta["layer_sizes"]
+    if (not isinstance(raw_sizes, list) or len(raw_sizes) < 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0
+                       for v in raw_sizes)):
+        raise ValueError(f"layer sizes {raw_sizes!r} are not a list of at least two "
+                         "positive integers")
+    sizes = list(raw_sizes)
     expected = [sizes[0]] + est._hidden_sizes() + [sizes[-1]]
     if sizes != expected or sizes[0] != attrs["n_features_in_"]:
         raise ValueError(f"layer sizes {sizes} do not match the parameters")
+    missing = [k for k in _SCALAR_ATTRS if k not in attrs]
+    if missing:
+        raise ValueError(f"attributes {missing} are missing")
+    if attrs["n_outputs_"] != sizes[-1] or attrs["n_layers_"] != len(sizes):
+        raise ValueError("n_outputs_/n_layers_ do not match the layer sizes")
     allowed = (("softmax", "logistic") if cls is MLPClassifier
                else ("exp",) if est.loss == "poisson" else ("identity",))
     if attrs.get("out_activation_") not in allowed:
@@ -327,10 +341,12 @@ def _build(meta, arrays):
         if not ok.get(y_type, False):
             raise ValueError(f"{len(classes)} classes do not fit a {y_type!r} model with "
                              f"{n_out} outputs")
-        lb = LabelBinarizer(neg_label=int(lbm["neg_label"]), pos_label=int(lbm["pos_label"]))
+        if (lbm["neg_label"], lbm["pos_label"], lbm["sparse_input_"]) != (0, 1, False):
+            raise ValueError("the label binarizer is not the one fastbp's classifier uses")
+        lb = LabelBinarizer()
         lb.classes_ = classes
         lb.y_type_ = y_type
-        lb.sparse_input_ = bool(lbm["sparse_input_"])
+        lb.sparse_input_ = False
         est._label_binarizer = lb
         est.classes_ = classes
     if not meta.get("scaler"):

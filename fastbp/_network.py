@@ -70,7 +70,7 @@ class Network:
     n_jobs : int or None, default=None
         Threads for full-batch passes (``loss_grad``, ``forward``). None or -1: every CPU
         this process may run on; -2: all but one, and so on. Threads take blocks of
-        rows; each block's sums are added exactly into fixed-point accumulators (24
+        rows; each block's sums are added exactly into fixed-point accumulators (32
         bytes per parameter and thread), so the results are bitwise identical for any
         ``n_jobs``, and for any split of the rows at block boundaries (Dask chunks).
         While more than one block is processed,

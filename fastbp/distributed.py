@@ -4,7 +4,7 @@ The rows stay on the workers, in the chunks of a Dask array, rechunked so that e
 chunk holds whole blocks of rows (2048 by default). Every evaluation the solver asks for
 (loss and gradient, a curvature product, the Fisher diagonal) scatters theta to the
 workers once, runs fastbp's kernels on every chunk, and brings back one exact sum per
-chunk: the same fixed-point accumulator the kernels use between threads (24 bytes per
+chunk: the same fixed-point accumulator the kernels use between threads (32 bytes per
 parameter). The driver merges them exactly and finishes them with the same compiled code
 as a local evaluation, so the result is bitwise the one process would compute: same
 losses, same gradients, same fit. Chunks are produced by tasks, so a worker that dies
@@ -185,7 +185,7 @@ def _chunk_task(kind, spec, token, index, sub, rows, block, x, y, sw, theta, v, 
     out = np.empty(net.n_params, dtype=net.dtype)
     if kind == "loss":
         net._loss_grad(theta, d, 0.0, None, scale=scale, acc=acc)
-        return acc[-6:]  # the loss and the failure count only
+        return acc[-2 * _core.ACC_WORDS:]  # the loss and the failure count only
     if kind == "grad":
         net._loss_grad(theta, d, 0.0, out, scale=scale, acc=acc)
     elif kind == "curvature":
@@ -429,14 +429,14 @@ class DaskObjective:
 
     @staticmethod
     def _exact_sum(words):
-        total = np.zeros(3, dtype=np.int64)
+        total = np.zeros(_core.ACC_WORDS, dtype=np.int64)
         for w in words:
             _core.merge_accumulators(total, w)
         return float(_core.words_value(total))
 
     def _merge(self, parts):
         total = np.zeros(_core.accumulator_size(self.net.n_params), dtype=np.int64)
-        tail = total[-len(parts[0]):]  # the loss-only parts are the last six words
+        tail = total[-len(parts[0]):]  # loss-only parts: the last two entries
         for p in parts:
             _core.merge_accumulators(tail, p)
         return total

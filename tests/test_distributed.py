@@ -327,7 +327,7 @@ def test_many_chunks_merge_on_the_workers(client, digits, monkeypatch):
         assert obj.loss_grad(theta, g) == local.loss_grad(theta, ref)
         np.testing.assert_array_equal(g, ref)
         # 8 chunk sums become 2 on the workers before the driver gathers them.
-        parts = [client.submit(np.full, 6, i, dtype=np.int64, pure=False)
+        parts = [client.submit(np.full, 8, i, dtype=np.int64, pure=False)
                  for i in range(8)]
         merged = obj._tree(parts)
         assert len(merged) == 2
