@@ -122,6 +122,11 @@ def fit_full_batch(solver, objective, theta, max_iter, max_fun, tol, verbose,
 
     def fun(x):
         p = point(x)
+        if not np.isfinite(p).all():
+            # SciPy's own breakdown (a NaN step from trust-krylov's Lanczos): answer NaN
+            # and let it reject the point, as it does.
+            grad.fill(np.nan)
+            return math.nan, grad.astype(np.float64, copy=True)
         loss = objective.loss_grad(p, grad)
         if not math.isfinite(loss):  # checked per evaluation: stop, keep the best
             raise _NonFinite
@@ -134,7 +139,10 @@ def fit_full_batch(solver, objective, theta, max_iter, max_fun, tol, verbose,
     def hessp(x, v):
         vec[...] = v
         objective.curvature(point(x), vec, curvature == "hessian", prod)
-        if not np.isfinite(prod).all():
+        # A non-finite direction is SciPy's own (trust-krylov's Lanczos can break down
+        # near convergence) and it copes with the NaN it gets back; a non-finite product
+        # of a finite direction means the model diverged.
+        if not np.isfinite(prod).all() and np.isfinite(v).all():
             raise _NonFinite
         return prod.astype(np.float64, copy=True)
 
