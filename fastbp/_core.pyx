@@ -473,6 +473,19 @@ def workspace_size(const Py_ssize_t[::1] sizes, Py_ssize_t block, bint gather=Tr
     return block * (total + 2 * hidden + (sizes[0] if gather else 0))
 
 
+cdef void _input_product(const Spec* sp, const Input* inp, const Py_ssize_t* rows,
+                         Py_ssize_t start, Py_ssize_t n, const floating* A0, bint trans0,
+                         Py_ssize_t lda0, const floating* W, floating* Z) noexcept nogil:
+    """Z (n, s_1) = X_block W for the first layer: CSR rows are multiplied directly
+    (rows as for sparse_forward), a dense block A0 (transposed when F-ordered) by GEMM."""
+    if inp.X == NULL:
+        sparse_forward(<const floating*> inp.data, inp.indices, inp.indptr, rows, start, n,
+                       W, Z, sp.sizes[1])
+    else:
+        gemm(trans0, False, <int> n, <int> sp.sizes[1], <int> sp.sizes[0], <floating> 1.0,
+             A0, <int> lda0, W, <int> sp.sizes[1], <floating> 0.0, Z, <int> sp.sizes[1])
+
+
 # ---------------------------------------------------------------------------------------
 # One block: forward, and optionally loss + backward.
 
@@ -529,13 +542,8 @@ cdef double block_pass(const Spec* sp, const Input* inp, const Py_ssize_t* rows,
     for l in range(1, L + 1):
         Z = work + _act_offset(sp, l)
         if l == 1:
-            if is_sparse:
-                sparse_forward(<const floating*> inp.data, inp.indices, inp.indptr, rows,
-                               start, n, theta + sp.w_off[0], Z, s[1])
-            else:
-                gemm(trans0, False, <int> n, <int> s[1], <int> s0, <floating> 1.0,
-                     A0, <int> lda0, theta + sp.w_off[0], <int> s[1], <floating> 0.0,
-                     Z, <int> s[1])
+            _input_product(sp, inp, rows, start, n, A0, trans0, lda0,
+                           theta + sp.w_off[0], Z)
         else:
             gemm(False, False, <int> n, <int> s[l], <int> s[l - 1], <floating> 1.0,
                  work + _act_offset(sp, l - 1), <int> s[l - 1], theta + sp.w_off[l - 1],
@@ -1421,13 +1429,8 @@ cdef void block_rop(const Spec* sp, const Input* inp, Py_ssize_t start, Py_ssize
         for l in range(1, L + 1):
             Z = acts + _act_offset(sp, l)
             if l == 1:
-                if is_sparse:
-                    sparse_forward(<const floating*> inp.data, inp.indices, inp.indptr, NULL,
-                                   start, n, theta + sp.w_off[0], Z, s[1])
-                else:
-                    gemm(trans0, False, <int> n, <int> s[1], <int> s0, <floating> 1.0, A0,
-                         <int> lda0, theta + sp.w_off[0], <int> s[1], <floating> 0.0, Z,
-                         <int> s[1])
+                _input_product(sp, inp, NULL, start, n, A0, trans0, lda0,
+                               theta + sp.w_off[0], Z)
             else:
                 gemm(False, False, <int> n, <int> s[l], <int> s[l - 1], <floating> 1.0,
                      acts + _act_offset(sp, l - 1), <int> s[l - 1], theta + sp.w_off[l - 1],
@@ -1441,13 +1444,7 @@ cdef void block_rop(const Spec* sp, const Input* inp, Py_ssize_t start, Py_ssize
     for l in range(1, L + 1):
         RZ = work + _rop_ra(sp, l)
         if l == 1:
-            if is_sparse:
-                sparse_forward(<const floating*> inp.data, inp.indices, inp.indptr, NULL,
-                               start, n, v + sp.w_off[0], RZ, s[1])
-            else:
-                gemm(trans0, False, <int> n, <int> s[1], <int> s0, <floating> 1.0, A0,
-                     <int> lda0, v + sp.w_off[0], <int> s[1], <floating> 0.0, RZ,
-                     <int> s[1])
+            _input_product(sp, inp, NULL, start, n, A0, trans0, lda0, v + sp.w_off[0], RZ)
         else:
             gemm(False, False, <int> n, <int> s[l], <int> s[l - 1], <floating> 1.0,
                  work + _rop_ra(sp, l - 1), <int> s[l - 1], theta + sp.w_off[l - 1],
