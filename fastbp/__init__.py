@@ -1,13 +1,15 @@
 """fastbp: a Cython backpropagation core for multilayer perceptrons.
 
 Public names: :class:`Network` (the low-level core), :class:`MLPClassifier` and
-:class:`MLPRegressor` (scikit-learn estimators), :class:`DivergenceError`, and
-:func:`save`/:func:`load` for pickle-free model files.
+:class:`MLPRegressor` (scikit-learn estimators), :class:`DivergenceError`,
+:func:`save`/:func:`load` for pickle-free model files, and :func:`show_config`.
 """
 from ._estimators import MLPClassifier, MLPRegressor
+from ._config import show_config
 from ._io import load, save
 from ._network import Network
 from ._solvers import DivergenceError
+from ._version import __version__
 
-__all__ = ["Network", "MLPClassifier", "MLPRegressor", "DivergenceError", "save", "load"]
-__version__ = "0.1.0"
+__all__ = ["Network", "MLPClassifier", "MLPRegressor", "DivergenceError", "save", "load",
+           "show_config"]

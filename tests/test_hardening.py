@@ -384,12 +384,14 @@ def test_debug_build_passes_the_kernel_tests(tmp_path):
     and run the kernel-level tests against that build."""
     src = tmp_path / "src"
     shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
-        "build", "*.egg-info", "*.so", "_core.c", ".git", "__pycache__", "benchmarks"))
+        "build", "*.egg-info", "*.so", "*.c", ".git", "__pycache__", "benchmarks"))
     env = dict(os.environ, FASTBP_DEBUG="1")
     build = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"],
                            cwd=src, env=env, capture_output=True, text=True, timeout=900)
     assert build.returncode == 0, build.stderr[-3000:]
-    c_source = (src / "fastbp" / "_core.c").read_text()
+    # A debug build holds the baseline kernels only, with bounds checks compiled in.
+    assert not list((src / "fastbp").glob("_kernels_avx*.c"))
+    c_source = (src / "fastbp" / "_kernels_baseline.c").read_text()
     assert "__Pyx_RaiseBufferIndexError" in c_source or "IndexError" in c_source
     env["PYTHONPATH"] = str(src)
     probe = subprocess.run([sys.executable, "-c", "import fastbp; print(fastbp.__file__)"],

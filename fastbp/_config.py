@@ -1,0 +1,104 @@
+"""``fastbp.show_config()``: which kernels, BLAS and thread counts this process uses."""
+import json
+import os
+import platform
+import sys
+
+from threadpoolctl import threadpool_info
+
+from . import _core
+from ._threads import effective_n_jobs
+from ._version import __version__
+
+__all__ = ["show_config"]
+
+
+def _config():
+    build = _core.build_info()
+    blas = [{k: lib.get(k) for k in ("internal_api", "version", "num_threads",
+                                     "threading_layer", "architecture", "filepath")}
+            for lib in threadpool_info() if lib.get("user_api") == "blas"]
+    openmp = [{k: lib.get(k) for k in ("internal_api", "version", "num_threads", "filepath")}
+              for lib in threadpool_info() if lib.get("user_api") == "openmp"]
+    return {
+        "fastbp": {"version": __version__, "python": sys.version.split()[0],
+                   "platform": platform.platform(), "machine": platform.machine()},
+        "kernels": {"variant": _core.VARIANT, "compiled_isa": build["isa"],
+                    "forced": os.environ.get("FASTBP_KERNELS") or None,
+                    "built": list(_core.built_variants()),
+                    "cpu_features": list(_core.cpu_features()),
+                    "openmp_version": build["openmp"]},
+        "threads": {"n_jobs_default": effective_n_jobs(None),
+                    "openmp_max_threads": _core.openmp_max_threads(),
+                    "cpus_usable": _usable_cpus()},
+        "blas": blas,
+        "openmp": openmp,
+    }
+
+
+def _usable_cpus():
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _text(cfg):
+    k, t = cfg["kernels"], cfg["threads"]
+    lines = [f"fastbp {cfg['fastbp']['version']} on Python {cfg['fastbp']['python']}, "
+             f"{cfg['fastbp']['platform']}",
+             f"kernels: {k['variant']}" + (" (forced by FASTBP_KERNELS)" if k["forced"]
+                                            else " (best this CPU runs)")
+             + f"; built: {', '.join(k['built'])}; "
+             f"CPU: {', '.join(k['cpu_features']) or 'no AVX'}",
+             f"OpenMP: {'version ' + str(k['openmp_version']) if k['openmp_version'] else 'none (one thread)'}",
+             f"threads: n_jobs=None uses {t['n_jobs_default']}; OpenMP max "
+             f"{t['openmp_max_threads']}; usable CPUs {t['cpus_usable']}"]
+    for lib in cfg["blas"]:
+        lines.append(f"BLAS: {lib['internal_api']} {lib['version']} "
+                     f"({lib['architecture'] or lib['threading_layer']}), "
+                     f"{lib['num_threads']} threads, {lib['filepath']}")
+    if not cfg["blas"]:
+        lines.append("BLAS: none found by threadpoolctl")
+    return "\n".join(lines)
+
+
+def show_config(mode="stdout"):
+    """Show the kernel variant, the BLAS and the thread counts fastbp uses here.
+
+    Worth including in a bug report or a benchmark: fastbp picks its kernels for the
+    running CPU at import (see ``FASTBP_KERNELS`` in the README), and its speed depends
+    on the BLAS library SciPy ships and on the thread limits of the process.
+
+    Parameters
+    ----------
+    mode : {'stdout', 'dicts', 'json'}, default='stdout'
+        ``'stdout'`` prints a short summary and returns None; ``'dicts'`` returns the
+        configuration as nested dicts; ``'json'`` returns it as a JSON string.
+
+    Returns
+    -------
+    None, dict or str
+        Sections ``fastbp``, ``kernels`` (``variant``, ``compiled_isa``, ``forced``,
+        ``built``, ``cpu_features``, ``openmp_version``), ``threads``
+        (``n_jobs_default``, ``openmp_max_threads``, ``cpus_usable``), ``blas`` and
+        ``openmp`` (threadpoolctl's view of the loaded libraries).
+
+    Examples
+    --------
+    >>> import fastbp
+    >>> cfg = fastbp.show_config(mode="dicts")
+    >>> cfg["kernels"]["variant"] in cfg["kernels"]["built"]
+    True
+    >>> cfg["threads"]["n_jobs_default"] >= 1
+    True
+    """
+    if mode not in ("stdout", "dicts", "json"):
+        raise ValueError(f"mode must be 'stdout', 'dicts' or 'json', got {mode!r}")
+    cfg = _config()
+    if mode == "dicts":
+        return cfg
+    if mode == "json":
+        return json.dumps(cfg, indent=2)
+    print(_text(cfg))
+    return None

@@ -1,0 +1,160 @@
+"""The portable build: kernel variants chosen at import, all computing the same numbers.
+
+Each variant is run in its own process (``FASTBP_KERNELS=...``), on every path that has
+an elementwise or update loop: full-batch loss/gradient, curvature products, the Fisher
+diagonal, the forward pass, and whole minibatch epochs (SGD with Nesterov momentum, Adam)
+on one and on two threads, dense and sparse, float32 and float64. No variant fuses
+multiply-adds, the reductions keep their order, and all call the same BLAS, so their
+results must agree bit for bit: a vector path that computed anything else would show.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import fastbp
+from fastbp import _core
+
+PROBE = r"""
+import hashlib, json, sys
+import numpy as np
+import scipy.sparse as sp
+import fastbp
+from fastbp import _core
+
+def digest(*arrays):
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+out = {"variant": _core.VARIANT, "isa": _core.build_info()["isa"]}
+rng = np.random.default_rng(0)
+X = rng.normal(size=(700, 13))
+y = (X[:, 0] * X[:, 1] + np.sin(X[:, 2]) > 0).astype(int) + (X[:, 3] > 1)
+Xs = sp.random(700, 13, density=0.3, random_state=1, format="csr")
+for dtype in (np.float32, np.float64):
+    for act, output, k in (("relu", "softmax", 3), ("tanh", "logistic", 2),
+                           ("logistic", "identity", 2), ("identity", "exp", 1)):
+        net = fastbp.Network((13, 17, 9, k), activation=act, output=output, dtype=dtype)
+        theta = net.init_params(0)
+        Y = np.eye(3)[y][:, :k] if output != "exp" else np.abs(X[:, :1])
+        v = rng.normal(size=theta.size).astype(dtype)
+        for name, data in (("dense", X), ("sparse", Xs)):
+            data = data.astype(dtype)
+            Yd = Y.astype(dtype)
+            loss, grad = net.loss_grad(theta, data, Yd, alpha=1e-3)
+            key = f"{np.dtype(dtype).name}-{act}-{output}-{name}"
+            out[key] = digest(np.array([loss]), grad,
+                              net.gnvp(theta, v, data, Yd, alpha=1e-3),
+                              net.hessp(theta, v, data, Yd, alpha=1e-3),
+                              net.forward(theta, data))
+    for solver, extra in (("sgd", {"momentum": 0.9, "nesterovs_momentum": True}),
+                          ("adam", {})):
+        for n_jobs in (1, 2):
+            clf = fastbp.MLPClassifier((32, 16), solver=solver, batch_size=64,
+                                       max_iter=4, tol=0.0, random_state=0,
+                                       n_jobs=n_jobs, **extra)
+            clf.fit(X.astype(dtype), y)
+            out[f"{np.dtype(dtype).name}-{solver}-{n_jobs}"] = digest(
+                clf._theta, np.array(clf.loss_curve_))
+print(json.dumps(out))
+"""
+
+
+def _probe(variant):
+    env = dict(os.environ, FASTBP_KERNELS=variant)
+    run = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def _runnable():
+    have = set(_core.cpu_features())
+    return [v for v in _core.built_variants()
+            if all(f in have for f in _core.VARIANTS[v])]
+
+
+def test_the_best_runnable_variant_is_chosen():
+    runnable = _runnable()
+    assert "baseline" in runnable
+    order = list(_core.VARIANTS)
+    assert _core.VARIANT == min(runnable, key=order.index)
+    if os.environ.get("FASTBP_KERNELS"):
+        pytest.skip("FASTBP_KERNELS forces the variant in this run")
+
+
+def test_each_variant_is_compiled_for_the_isa_it_claims():
+    import importlib
+    for variant in _core.built_variants():
+        module = importlib.import_module(f"fastbp._kernels_{variant}")
+        assert module.build_info()["isa"] == variant
+        # Every variant holds the same kernels.
+        assert set(dir(module)) == set(dir(importlib.import_module("fastbp._kernels_baseline")))
+
+
+def test_every_runnable_variant_computes_bitwise_the_same_numbers():
+    runnable = _runnable()
+    results = {v: _probe(v) for v in runnable}
+    reference = results.pop("baseline")
+    assert reference["variant"] == reference["isa"] == "baseline"
+    assert len(reference) == 2 + 2 * 4 * 2 + 2 * 2 * 2  # every case ran
+    for variant, got in results.items():
+        assert got.pop("variant") == got.pop("isa") == variant
+        ref = {k: val for k, val in reference.items() if k not in ("variant", "isa")}
+        differing = sorted(k for k in ref if got.get(k) != ref[k])
+        assert differing == [], f"{variant} differs from baseline on {differing}"
+
+
+@pytest.mark.parametrize("value, needle", [
+    ("sse9", "is not a kernel variant"),
+    ("Baseline ", None),
+])
+def test_forcing_a_variant(value, needle):
+    env = dict(os.environ, FASTBP_KERNELS=value)
+    run = subprocess.run([sys.executable, "-c",
+                          "from fastbp import _core; print(_core.VARIANT)"],
+                         env=env, capture_output=True, text=True, timeout=120)
+    if needle is None:
+        assert run.returncode == 0, run.stderr
+        assert run.stdout.strip() == "baseline"
+    else:
+        assert run.returncode != 0
+        assert needle in run.stderr and "FASTBP_KERNELS" in run.stderr
+
+
+def test_forcing_a_variant_the_cpu_lacks_is_refused(monkeypatch):
+    monkeypatch.setenv("FASTBP_KERNELS", "avx512")
+    monkeypatch.setattr(_core, "cpu_features", lambda: ("avx", "avx2", "fma"))
+    with pytest.raises(RuntimeError, match="lacks avx512f"):
+        _core._choose()
+    monkeypatch.setenv("FASTBP_KERNELS", "")
+    name, module = _core._choose()
+    assert name in ("avx2", "baseline") and module.build_info()["isa"] == name
+
+
+def test_a_cpu_without_vector_extensions_gets_the_baseline(monkeypatch):
+    monkeypatch.delenv("FASTBP_KERNELS", raising=False)
+    monkeypatch.setattr(_core, "cpu_features", lambda: ())
+    name, module = _core._choose()
+    assert name == "baseline" and module.build_info()["isa"] == "baseline"
+
+
+def test_show_config_reports_the_variant_blas_and_threads(capsys):
+    assert fastbp.show_config() is None
+    printed = capsys.readouterr().out
+    info = fastbp.show_config(mode="dicts")
+    assert info["kernels"]["variant"] == _core.VARIANT
+    assert info["kernels"]["cpu_features"] == list(_core.cpu_features())
+    assert info["kernels"]["built"] == list(_core.built_variants())
+    assert info["threads"]["openmp_max_threads"] >= 1
+    assert info["threads"]["n_jobs_default"] >= 1
+    assert any(lib["internal_api"] in ("openblas", "mkl", "blis", "flexiblas")
+               for lib in info["blas"])
+    assert _core.VARIANT in printed and "BLAS" in printed
+    assert json.loads(fastbp.show_config(mode="json")) == info  # plain data
+    with pytest.raises(ValueError, match="mode must be"):
+        fastbp.show_config(mode="yaml")
