@@ -285,6 +285,7 @@ def run(quick=False, rounds=None, settle=0.5, log=print, workloads=None, with_to
     return {"date": time.strftime("%Y-%m-%d"), "machine": _machine(),
             "versions": versions, "blas": [(i["internal_api"], i["num_threads"])
                                            for i in threadpool_info()],
+            "config": fastbp.show_config(mode="dicts"),
             "gemm_peak_gflops": peak, "quick": quick, "rounds": rounds,
             "results": results}
 
@@ -308,7 +309,9 @@ def markdown(report):
     lines = [f"Measured {report['date']} on {report['machine']}; "
              + ", ".join(f"{k} {v}" for k, v in report["versions"].items())
              + f"; GEMM peak sgemm {report['gemm_peak_gflops']['sgemm']:.1f}, dgemm "
-             f"{report['gemm_peak_gflops']['dgemm']:.1f} GFLOP/s.", "",
+             f"{report['gemm_peak_gflops']['dgemm']:.1f} GFLOP/s"
+             + (f"; fastbp kernels {report['config']['kernels']['variant']}"
+                if "config" in report else "") + ".", "",
              "| workload | fastbp s | scikit-learn s | PyTorch s | speed-up vs sklearn | "
              "speed-up vs PyTorch | fastbp GFLOP/s (% peak) | accuracy fastbp / sklearn / "
              "PyTorch | target |",
@@ -365,7 +368,11 @@ def plot(report, path):
 
 
 def main_quick(log=print):
-    """``fastbp bench``: the quick subset, printed as a table."""
+    """``fastbp bench``: the quick subset, printed as a table under the configuration
+    (kernel variant, BLAS, threads) it ran with."""
+    import fastbp
+    fastbp.show_config()
+    print()
     report = run(quick=True, log=log)
     print(markdown(report))
     return report

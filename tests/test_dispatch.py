@@ -158,3 +158,17 @@ def test_show_config_reports_the_variant_blas_and_threads(capsys):
     assert json.loads(fastbp.show_config(mode="json")) == info  # plain data
     with pytest.raises(ValueError, match="mode must be"):
         fastbp.show_config(mode="yaml")
+
+
+def test_fastbp_bench_prints_the_configuration_in_its_header(monkeypatch, capsys):
+    from fastbp import _bench
+    from fastbp.cli import main
+    fake = {"date": "2026-12-02", "machine": "a CPU", "versions": {"fastbp": "0"},
+            "config": fastbp.show_config(mode="dicts"),
+            "gemm_peak_gflops": {"sgemm": 1.0, "dgemm": 0.5}, "results": []}
+    monkeypatch.setattr(_bench, "run", lambda quick, log: fake)
+    assert main(["bench"]) == 0
+    header = capsys.readouterr().out.splitlines()
+    assert header[1].startswith(f"kernels: {_core.VARIANT}")
+    assert any(line.startswith("BLAS: ") for line in header)
+    assert f"fastbp kernels {_core.VARIANT}." in _bench.markdown(fake)
