@@ -29,8 +29,9 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 WORKER = r"""
-import json, sys, time
+import json, sys, time, warnings
 import numpy as np
+warnings.simplefilter("ignore")  # 3 epochs do not converge, by design
 import fastbp
 from fastbp import _bench, _core
 

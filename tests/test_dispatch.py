@@ -64,10 +64,12 @@ print(json.dumps(out))
 """
 
 
-def _probe(variant):
+def _probe(variant, cwd):
+    # cwd: not the checkout, whose fastbp/ (sources, maybe no kernels) would shadow the
+    # installed package for `python -c`.
     env = dict(os.environ, FASTBP_KERNELS=variant)
     run = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True,
-                         text=True, timeout=600)
+                         text=True, timeout=600, cwd=cwd)
     assert run.returncode == 0, run.stderr[-3000:]
     return json.loads(run.stdout.strip().splitlines()[-1])
 
@@ -96,9 +98,9 @@ def test_each_variant_is_compiled_for_the_isa_it_claims():
         assert set(dir(module)) == set(dir(importlib.import_module("fastbp._kernels_baseline")))
 
 
-def test_every_runnable_variant_computes_bitwise_the_same_numbers():
+def test_every_runnable_variant_computes_bitwise_the_same_numbers(tmp_path):
     runnable = _runnable()
-    results = {v: _probe(v) for v in runnable}
+    results = {v: _probe(v, tmp_path) for v in runnable}
     reference = results.pop("baseline")
     assert reference["variant"] == reference["isa"] == "baseline"
     assert len(reference) == 2 + 2 * 4 * 2 + 2 * 2 * 2  # every case ran
@@ -113,11 +115,11 @@ def test_every_runnable_variant_computes_bitwise_the_same_numbers():
     ("sse9", "is not a kernel variant"),
     ("Baseline ", None),
 ])
-def test_forcing_a_variant(value, needle):
+def test_forcing_a_variant(value, needle, tmp_path):
     env = dict(os.environ, FASTBP_KERNELS=value)
     run = subprocess.run([sys.executable, "-c",
                           "from fastbp import _core; print(_core.VARIANT)"],
-                         env=env, capture_output=True, text=True, timeout=120)
+                         env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
     if needle is None:
         assert run.returncode == 0, run.stderr
         assert run.stdout.strip() == "baseline"
