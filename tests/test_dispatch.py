@@ -9,6 +9,7 @@ results must agree bit for bit: a vector path that computed anything else would 
 """
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -64,10 +65,15 @@ print(json.dumps(out))
 """
 
 
+def _env(variant):
+    """The environment of a child that imports the very fastbp this test imported (run
+    from outside the checkout, whose sources would shadow an installed package)."""
+    return dict(os.environ, FASTBP_KERNELS=variant,
+                PYTHONPATH=str(pathlib.Path(fastbp.__file__).resolve().parents[1]))
+
+
 def _probe(variant, cwd):
-    # cwd: not the checkout, whose fastbp/ (sources, maybe no kernels) would shadow the
-    # installed package for `python -c`.
-    env = dict(os.environ, FASTBP_KERNELS=variant)
+    env = _env(variant)
     run = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True,
                          text=True, timeout=600, cwd=cwd)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -116,7 +122,7 @@ def test_every_runnable_variant_computes_bitwise_the_same_numbers(tmp_path):
     ("Baseline ", None),
 ])
 def test_forcing_a_variant(value, needle, tmp_path):
-    env = dict(os.environ, FASTBP_KERNELS=value)
+    env = _env(value)
     run = subprocess.run([sys.executable, "-c",
                           "from fastbp import _core; print(_core.VARIANT)"],
                          env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
