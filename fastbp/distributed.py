@@ -336,9 +336,11 @@ class DaskObjective:
             # for Dask's whole connect timeout: give up at once instead.
             self._check_scheduler()
             try:
-                self.client.wait_for_workers(
-                    1, timeout=max(0.01, deadline - time.monotonic()))
-                return self.client.scatter(arr, broadcast=True, hash=False)
+                # The scheduler waits for a worker up to the timeout (Dask's default is
+                # the client's connect timeout, not WORKER_TIMEOUT).
+                return self.client.scatter(
+                    arr, broadcast=True, hash=False,
+                    timeout=max(0.01, deadline - time.monotonic()))
             except Exception as exc:  # no worker yet, or one left while we sent
                 self._check_scheduler(exc)
                 if time.monotonic() >= deadline:
