@@ -1,5 +1,8 @@
 """Data-parallel training on a Dask cluster (LocalCluster with worker processes)."""
+import collections
 import os
+import signal
+import time
 import warnings
 
 import numpy as np
@@ -68,6 +71,44 @@ def _assert_same_fit(local, remote):
     assert remote.loss_curve_ == local.loss_curve_
 
 
+def _wait_until(condition, what, timeout=60.0):
+    """Poll condition() until it holds; fail saying what did not happen. The timeout only
+    bounds a hang: nothing asserts how long it took."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} did not happen within {timeout:g} s"
+        time.sleep(0.05)
+
+
+def _workers(client):
+    return set(client.scheduler_info()["workers"])
+
+
+class _TaskLog(distributed.SchedulerPlugin):
+    """On the scheduler: how many times each task finished computing
+    (processing -> memory), and which workers left. Read it with ``_TaskLog.read``."""
+    name = "fastbp-test-task-log"
+
+    def __init__(self):
+        self.computed = collections.Counter()
+        self.removed = []
+
+    def transition(self, key, start, finish, *args, **kwargs):
+        if start == "processing" and finish == "memory":
+            self.computed[key] += 1
+
+    def remove_worker(self, scheduler, worker, **kwargs):
+        self.removed.append(worker)
+
+    @classmethod
+    def read(cls, client):
+        """(computed, removed) as they are now on the scheduler."""
+        def get(dask_scheduler):
+            log = dask_scheduler.plugins[cls.name]
+            return dict(log.computed), list(log.removed)
+        return client.run_on_scheduler(get)
+
+
 @pytest.mark.parametrize("solver,max_iter", [("lbfgs", 15), ("tnc", 15), ("newton-cg", 5),
                                              ("trust-krylov", 3), ("hessian-free", 4)])
 def test_classifier_matches_the_local_fit(client, digits, solver, max_iter):
@@ -127,29 +168,65 @@ def test_numpy_input_with_backend_dask(client, digits):
     assert len(seen) == 1 and seen[0].chunks[0] == (3596, 3592)
 
 
-def test_a_killed_worker_costs_a_recomputation_not_the_fit(client, digits):
+def test_a_killed_worker_costs_a_recomputation_not_the_fit(client, digits, monkeypatch):
     X, y, w = digits
     kw = dict(hidden_layer_sizes=(16,), solver="lbfgs", max_iter=20, random_state=0)
-    args = (_dask(X, 2048), _dask(y, 2048))
-    undisturbed = _quiet_fit(MLPClassifier(**kw), *args, sample_weight=_dask(w, 2048))
-    est = MLPClassifier(**kw)
-    killed = []
+    local = _quiet_fit(MLPClassifier(**kw), X, y, sample_weight=w)
+    objectives = []
+    original = fdist.DaskObjective.__init__
+
+    def spy(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        objectives.append(self)
+    monkeypatch.setattr(fdist.DaskObjective, "__init__", spy)
+    fault = {}
 
     def kill_one_worker(n_iter, loss):
-        if n_iter == 3:
-            victim = sorted(client.scheduler_info()["workers"])[0]
-            try:
-                client.run(os._exit, 1, workers=[victim])
-            except Exception:
-                pass  # the worker died before it could answer
-            killed.append(victim)
-    est._progress_callback = kill_one_worker
-    _quiet_fit(est, *args, sample_weight=_dask(w, 2048))
-    assert killed
-    assert est.n_iter_ == undisturbed.n_iter_
-    np.testing.assert_array_equal(est._theta, undisturbed._theta)  # bitwise
-    assert est.loss_ == undisturbed.loss_
-    client.wait_for_workers(2, timeout=60)
+        if n_iter != 3:
+            return
+        obj, = objectives
+        chunks = obj._x + obj._y + obj._sw
+        # Chunk tasks copy chunks between workers; keep one copy of each, so that the
+        # victim's chunks exist nowhere else and have to be rebuilt from the graph.
+        client.replicate(chunks, n=1)
+        holders = client.who_has(chunks)
+        assert all(len(holders[f.key]) == 1 for f in chunks)
+        held = collections.defaultdict(set)
+        for f in chunks:
+            held[holders[f.key][0]].add(f.key)
+        victim = max(sorted(held), key=lambda a: len(held[a]))
+        fault["victim"], fault["lost"] = victim, held[victim]
+        fault["chunks"] = [f.key for f in chunks]
+        fault["computed"], removed = _TaskLog.read(client)
+        assert victim not in removed
+        pid = client.run(os.getpid, workers=[victim])[victim]
+        os.kill(pid, signal.SIGKILL)
+        # The scheduler notices before the next evaluation is submitted.
+        _wait_until(lambda: victim not in _workers(client), "the victim's removal")
+
+    client.register_plugin(_TaskLog())
+    try:
+        est = MLPClassifier(**kw)
+        est._progress_callback = kill_one_worker
+        _quiet_fit(est, _dask(X, 2048), _dask(y, 2048), sample_weight=_dask(w, 2048))
+        computed, removed = _TaskLog.read(client)
+    finally:
+        client.unregister_scheduler_plugin(_TaskLog.name)
+        client.wait_for_workers(2, timeout=60)  # the nanny starts a new worker
+    assert fault, "the fit ended before iteration 3"
+    # The fault happened: the victim left the cluster (its nanny restarted it under a
+    # new address) ...
+    victim, lost = fault["victim"], fault["lost"]
+    assert removed == [victim] and victim not in _workers(client)
+    # ... with chunks that lived only there (4 chunks of X, y and w on 2 workers) ...
+    assert len(lost) >= 6
+    # ... and exactly those were computed again, once.
+    before = fault["computed"]
+    again = {k: computed.get(k, 0) - before.get(k, 0) for k in fault["chunks"]}
+    assert {k for k, n in again.items() if n} == lost
+    assert all(again[k] == 1 for k in lost)
+    # The fit did not notice: bitwise the fit in one process.
+    _assert_same_fit(local, est)
 
 
 def test_an_unusable_cluster_raises_and_keeps_the_best_parameters(digits, monkeypatch):
