@@ -11,6 +11,7 @@ from sklearn.datasets import load_diabetes, load_digits
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.preprocessing import StandardScaler
 
+dask = pytest.importorskip("dask")
 da = pytest.importorskip("dask.array")
 distributed = pytest.importorskip("distributed")
 
@@ -227,6 +228,89 @@ def test_a_killed_worker_costs_a_recomputation_not_the_fit(client, digits, monke
     assert all(again[k] == 1 for k in lost)
     # The fit did not notice: bitwise the fit in one process.
     _assert_same_fit(local, est)
+
+
+def test_inputs_lost_with_their_last_worker_are_sent_again(digits, monkeypatch, tmp_path):
+    # The retry path of DaskObjective._map: an evaluation whose scattered theta died with
+    # the only worker holding it is resubmitted with theta scattered again, up to
+    # fdist.RETRIES times.
+    X, y, w = digits
+    net = fastbp.Network([64, 12, 10], activation="tanh", output="softmax")
+    theta = net.init_params(random_state=0)
+    Y = np.eye(10)[y]
+    local = fastbp._objective.LocalObjective(net, net.prepare(X, Y, w), 1e-3)
+    ref_g = np.empty(net.n_params)
+    ref = local.loss_grad(theta, ref_g)
+    attempts, armed, victims = [], [], []
+    original = fdist.DaskObjective._gather
+
+    def gather(self, futures):
+        attempts.append((list(futures), self._theta_key[1].key))
+        if armed:  # the chunk tasks are submitted, theta is on the worker: kill it
+            c, victim, pid = armed.pop()
+            os.kill(pid, signal.SIGKILL)
+            _wait_until(lambda: victim not in _workers(c), "the victim's removal")
+            victims.append(victim)
+        return original(self, futures)
+
+    def lose_the_next_evaluation(c):
+        """Occupy the only worker's only thread (so that the next evaluation's chunk
+        tasks cannot run), and kill that worker once they are submitted."""
+        (victim, pid), = c.run(os.getpid).items()
+        flag = tmp_path / f"holding-{pid}"
+
+        def hold_the_thread():
+            if os.getpid() == pid:  # not again in the worker the nanny starts next
+                flag.touch()
+                time.sleep(600)
+        blocker = c.submit(hold_the_thread, pure=False)
+        _wait_until(flag.exists, "the start of the task holding the thread")
+        armed.append((c, victim, pid))
+        del attempts[:]
+        return victim, blocker
+
+    def lost_scattered(c, victim):
+        events = [e for _, e in c.get_events(victim) if e.get("action") == "remove-worker"]
+        return set().union(*(e["lost-scattered-tasks"] for e in events))
+
+    # Set here, not assumed: the scheduler retries the tasks that were on a dying
+    # worker (allowed-failures > 0) instead of marking them failed.
+    with dask.config.set({"distributed.scheduler.allowed-failures": 3}), \
+            distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
+                                     dashboard_address=":0") as cluster, \
+            distributed.Client(cluster) as c:
+        obj = fdist.DaskObjective(c, net, _dask(X, 2500), _dask(Y, 2500), _dask(w, 2500),
+                                  alpha=1e-3)
+        monkeypatch.setattr(fdist.DaskObjective, "_gather", gather)
+        try:
+            victim, blocker = lose_the_next_evaluation(c)
+            g = np.empty(net.n_params)
+            loss = obj.loss_grad(theta, g)
+            # The fault happened: the worker left (its nanny started a new one), taking
+            # the only copy of the first attempt's theta, and that attempt's chunk
+            # tasks were cancelled ...
+            assert victims == [victim] and victim not in _workers(c)
+            (first, first_theta), (second, second_theta) = attempts
+            assert first_theta in lost_scattered(c, victim)
+            assert [f.status for f in first] == ["cancelled"] * obj.n_chunks
+            # ... so the evaluation was submitted again, with theta scattered again ...
+            assert second_theta != first_theta
+            assert [f.status for f in second] == ["finished"] * obj.n_chunks
+            # ... and its result is bitwise the one-process evaluation.
+            assert loss == ref
+            np.testing.assert_array_equal(g, ref_g)
+            del blocker
+
+            # With no retries left, the same fault is a ClusterError saying so.
+            monkeypatch.setattr(fdist, "RETRIES", 0)
+            victim, blocker = lose_the_next_evaluation(c)
+            with pytest.raises(fdist.ClusterError,
+                               match="lost this evaluation's inputs once"):
+                obj.loss_grad(theta, np.empty(net.n_params))
+            assert victims[-1] == victim and len(attempts) == 1
+            assert attempts[0][1] in lost_scattered(c, victim)
+        finally:
+            obj.close()
 
 
 def test_an_unusable_cluster_raises_and_keeps_the_best_parameters(digits, monkeypatch):
