@@ -1,7 +1,12 @@
 """Data-parallel training on a Dask cluster (LocalCluster with worker processes)."""
 import collections
+import contextlib
 import os
+import select
 import signal
+import subprocess
+import sys
+import threading
 import time
 import warnings
 
@@ -336,6 +341,92 @@ def test_an_unusable_cluster_raises_and_keeps_the_best_parameters(digits, monkey
     kept = est._net._loss_grad(est._theta, d, est.alpha, None)
     assert kept <= min(losses) * (1 + 1e-9)
     assert est.predict(X).shape == (len(y),)
+
+
+# A scheduler (with one worker thread) in a process of its own, so that a test can kill it.
+_SCHEDULER = """
+import sys
+import distributed
+with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
+                              protocol="tcp", host="127.0.0.1",
+                              dashboard_address=None) as cluster:
+    print(cluster.scheduler_address, flush=True)
+    sys.stdin.read()  # until the test closes stdin or kills this process
+"""
+
+
+@contextlib.contextmanager
+def _scheduler_process():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(fastbp.__file__)))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    proc = subprocess.Popen([sys.executable, "-c", _SCHEDULER], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        ready, _, _ = select.select([proc.stdout], [], [], 120)
+        address = proc.stdout.readline().strip() if ready else ""
+        assert address.startswith("tcp://127.0.0.1:"), "the scheduler did not start"
+        yield proc, address
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=60)
+
+
+@pytest.mark.parametrize("when", ["between evaluations", "during an evaluation"])
+def test_a_lost_scheduler_is_a_clear_error_not_a_hang(digits, monkeypatch, when):
+    X, y, _ = digits
+    est = MLPClassifier((8,), solver="lbfgs", max_iter=50, random_state=0)
+    losses, killed, outcome = [], [], []
+    with _scheduler_process() as (proc, address), \
+            distributed.Client(address, timeout="5s") as c:
+        # timeout: set here, not assumed, how long the client tries to reach a
+        # scheduler; a request sent before the client noticed the loss waits that long.
+
+        def kill_the_scheduler():
+            proc.kill()
+            killed.append(proc.wait(timeout=60))
+
+        def progress(n_iter, loss):
+            losses.append(loss)
+            if when == "between evaluations" and n_iter == 3:
+                kill_the_scheduler()
+        est._progress_callback = progress
+        if when == "during an evaluation":
+            original, calls = fdist.DaskObjective._gather, []
+
+            def gather(self, futures):
+                calls.append(futures)
+                if len(calls) == 6:  # the 5th evaluation is submitted, not yet gathered
+                    kill_the_scheduler()
+                return original(self, futures)
+            monkeypatch.setattr(fdist.DaskObjective, "_gather", gather)
+
+        def fit():
+            try:
+                est.fit(_dask(X, 2048), _dask(y, 2048), client=c)
+            except BaseException as exc:
+                outcome.append(exc)
+            else:
+                outcome.append(None)
+        thread = threading.Thread(target=fit, daemon=True)
+        thread.start()
+        thread.join(timeout=120)  # bounds a hang; the fit normally ends in seconds
+        assert not thread.is_alive(), "the fit hangs after losing its scheduler"
+    # The fault happened: the scheduler process was killed, mid-fit.
+    assert killed == [-signal.SIGKILL] and len(losses) >= 3
+    exc, = outcome
+    assert isinstance(exc, fdist.ClusterError), repr(exc)
+    message = str(exc)
+    assert "lost the Dask scheduler" in message and "\n" not in message
+    assert "keeps its best parameters" in message
+    if when == "during an evaluation":
+        # Stopped by the cancellation of the evaluation in flight, not resubmitted.
+        assert isinstance(exc.__cause__, distributed.client.FuturesCancelledError)
+        assert "scheduler-connection-lost" in message
+    # The model holds the best parameters evaluated before the failure.
+    d = est._net.prepare(X, est._label_binarizer.transform(y))
+    assert est._net._loss_grad(est._theta, d, est.alpha, None) <= min(losses) * (1 + 1e-9)
 
 
 def test_workers_use_their_cores(digits):
