@@ -429,17 +429,22 @@ def test_a_lost_scheduler_is_a_clear_error_not_a_hang(digits, monkeypatch, when)
     assert est._net._loss_grad(est._theta, d, est.alpha, None) <= min(losses) * (1 + 1e-9)
 
 
-def test_workers_use_their_cores(digits):
-    # The nanny limits OpenMP/BLAS to one thread in its workers; fastbp's kernels still
-    # use as many threads as the worker was given.
+def test_workers_use_their_cores():
+    # The nanny limits OpenMP/BLAS to one thread in its workers (Dask's default, set
+    # here explicitly rather than assumed); fastbp's kernels still use as many threads
+    # as the worker was given.
+    limits = {f"distributed.nanny.pre-spawn-environ.{name}": 1
+              for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
+
     def probe():
         net = fdist._worker_net(((4, 3, 2), "relu", "softmax", "float64"))
         return os.environ.get("OMP_NUM_THREADS"), net._threads(1000)
-    with distributed.LocalCluster(n_workers=1, threads_per_worker=2, processes=True,
-                                  dashboard_address=":0") as cluster, \
+    with dask.config.set(limits), \
+            distributed.LocalCluster(n_workers=1, threads_per_worker=2, processes=True,
+                                     dashboard_address=":0") as cluster, \
             distributed.Client(cluster) as c:
         (omp, threads), = c.run(probe).values()
-    assert omp == "1"
+    assert omp == "1"  # the limit reached the worker
     assert threads == 2
 
 
