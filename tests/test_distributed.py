@@ -432,20 +432,22 @@ def test_a_lost_scheduler_is_a_clear_error_not_a_hang(digits, monkeypatch, when)
 def test_workers_use_their_cores():
     # The nanny limits OpenMP/BLAS to one thread in its workers (Dask's default, set
     # here explicitly rather than assumed); fastbp's kernels still use as many threads
-    # as the worker was given.
+    # as the worker was given. One more than this machine's CPUs, so that the count
+    # cannot come from the CPUs (what n_jobs=None would give).
+    given = fastbp._threads.effective_n_jobs(None) + 1
     limits = {f"distributed.nanny.pre-spawn-environ.{name}": 1
               for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
 
-    def probe():
+    def probe():  # as the chunk tasks do, in a task
         net = fdist._worker_net(((4, 3, 2), "relu", "softmax", "float64"))
-        return os.environ.get("OMP_NUM_THREADS"), net._threads(1000)
+        return os.environ.get("OMP_NUM_THREADS"), net.n_jobs, net._threads(1000)
     with dask.config.set(limits), \
-            distributed.LocalCluster(n_workers=1, threads_per_worker=2, processes=True,
-                                     dashboard_address=":0") as cluster, \
+            distributed.LocalCluster(n_workers=1, threads_per_worker=given,
+                                     processes=True, dashboard_address=":0") as cluster, \
             distributed.Client(cluster) as c:
-        (omp, threads), = c.run(probe).values()
+        omp, n_jobs, threads = c.submit(probe, pure=False).result()
     assert omp == "1"  # the limit reached the worker
-    assert threads == 2
+    assert n_jobs == threads == given
 
 
 @pytest.mark.parametrize("solver", ["adam", "sgd"])
