@@ -39,6 +39,15 @@ class _Lost(Exception):
     """An evaluation's scattered inputs died with their last worker: resubmit."""
 
 
+def _describe(exc):
+    """An exception in one line: its type, and its first line or, for cancelled
+    futures, why they were cancelled (Dask's own text lists every future)."""
+    reasons = sorted({str(g.reason) for g in getattr(exc, "error_groups", ())})
+    text = (f"futures cancelled ({', '.join(reasons)})" if reasons
+            else (str(exc).splitlines() or [""])[0])
+    return f"{type(exc).__name__}: {text}"
+
+
 class ClusterError(ObjectiveFailure):
     """The Dask cluster could not finish an evaluation.
 
@@ -323,22 +332,33 @@ class DaskObjective:
         arr = np.ascontiguousarray(arr)
         deadline = time.monotonic() + WORKER_TIMEOUT
         while True:
+            # A client that knows its scheduler is gone would still try to reach it
+            # for Dask's whole connect timeout: give up at once instead.
+            self._check_scheduler()
             try:
-                self.client.wait_for_workers(
-                    1, timeout=max(0.01, deadline - time.monotonic()))
-                return self.client.scatter(arr, broadcast=True, hash=False)
+                # The scheduler waits for a worker up to the timeout (Dask's default is
+                # the client's connect timeout, not WORKER_TIMEOUT).
+                return self.client.scatter(
+                    arr, broadcast=True, hash=False,
+                    timeout=max(0.01, deadline - time.monotonic()))
             except Exception as exc:  # no worker yet, or one left while we sent
-                if self.client.status != "running":
-                    raise ClusterError(
-                        f"lost the Dask scheduler during training ({type(exc).__name__}: "
-                        f"{exc}); training stopped and the model keeps its best "
-                        "parameters so far") from exc
+                self._check_scheduler(exc)
                 if time.monotonic() >= deadline:
                     raise ClusterError(
                         f"the Dask cluster has had no workers for {WORKER_TIMEOUT:g} s; "
                         "training stopped and the model keeps its best parameters so "
                         "far") from None
                 time.sleep(POLL)
+
+    def _check_scheduler(self, exc=None):
+        """Raise ClusterError when the client has lost its scheduler (an O(1) check of
+        the client's state). Dask then cancels every future of the fit, the data chunks
+        too, so resubmitting cannot help."""
+        if self.client.status != "running":
+            cause = f" ({_describe(exc)})" if exc is not None else ""
+            raise ClusterError(
+                f"lost the Dask scheduler during training{cause}; training stopped and "
+                "the model keeps its best parameters so far") from exc
 
     def _theta(self, theta):
         # theta is scattered once per point: repeated products at one point reuse it.
@@ -368,10 +388,11 @@ class DaskObjective:
             except _Lost:
                 self._theta_key = None
                 if attempt == RETRIES:
+                    times = "once" if RETRIES == 0 else f"{RETRIES + 1} times"
                     raise ClusterError(
-                        f"the Dask cluster lost this evaluation's inputs {RETRIES + 1} "
-                        "times (workers keep dying); training stopped and the model keeps "
-                        "its best parameters so far") from None
+                        f"the Dask cluster lost this evaluation's inputs {times} (workers "
+                        "keep dying); training stopped and the model keeps its best "
+                        "parameters so far") from None
 
     def _tree(self, futures):
         """Merge chunk sums pairwise on the workers while more than TREE_FANIN remain:
@@ -392,19 +413,25 @@ class DaskObjective:
                 done = wait(futures, timeout=POLL, return_when="ALL_COMPLETED")
             except TimeoutError:
                 done = None
-            except CancelledError:  # scattered inputs died with their worker
+            except CancelledError as exc:
+                # Cancelled by the client because it lost its scheduler, or by the
+                # scheduler because scattered inputs died with their last worker.
+                self._check_scheduler(exc)
                 raise _Lost from None
             except Exception as exc:  # the client lost its scheduler
                 raise ClusterError(
-                    f"the Dask cluster failed during training ({type(exc).__name__}: "
-                    f"{exc}); training stopped and the model keeps its best parameters "
-                    "so far") from exc
+                    f"the Dask cluster failed during training ({_describe(exc)}); "
+                    "training stopped and the model keeps its best parameters so far") \
+                    from exc
             if done is not None:
                 break
+            self._check_scheduler()
             try:
                 workers = self.client.scheduler_info().get("workers", {})
             except Exception as exc:
-                raise ClusterError(f"lost the Dask scheduler during training: {exc!r}") \
+                raise ClusterError(
+                    f"lost the Dask scheduler during training ({_describe(exc)}); "
+                    "training stopped and the model keeps its best parameters so far") \
                     from exc
             if workers:
                 alone_since = None
@@ -416,11 +443,12 @@ class DaskObjective:
                     "training stopped and the model keeps its best parameters so far")
         failed = [f for f in futures if f.status != "finished"]
         if any(f.status == "cancelled" for f in failed):
+            self._check_scheduler()
             raise _Lost
         if failed:
             exc = failed[0].exception()
             raise ClusterError(
-                f"a Dask task failed on the cluster ({type(exc).__name__}: {exc}); "
+                f"a Dask task failed on the cluster ({_describe(exc)}); "
                 "training stopped and the model keeps its best parameters so far")
         return self.client.gather(futures)
 
@@ -485,9 +513,12 @@ class DaskObjective:
 
     def close(self):
         """Drop the cached chunks on the workers and release the data."""
-        try:
-            self.client.run(_forget, self._token)
-        except Exception:  # the cluster may already be gone
-            pass
+        # Without its scheduler the client would try to reach it for Dask's whole
+        # connect timeout; the workers' caches are then gone or unreachable anyway.
+        if self.client.status == "running":
+            try:
+                self.client.run(_forget, self._token)
+            except Exception:  # the cluster may already be gone
+                pass
         self._x = self._y = self._sw = []
         self._theta_key = None

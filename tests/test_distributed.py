@@ -1,5 +1,13 @@
 """Data-parallel training on a Dask cluster (LocalCluster with worker processes)."""
+import collections
+import contextlib
 import os
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
 import warnings
 
 import numpy as np
@@ -8,6 +16,7 @@ from sklearn.datasets import load_diabetes, load_digits
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.preprocessing import StandardScaler
 
+dask = pytest.importorskip("dask")
 da = pytest.importorskip("dask.array")
 distributed = pytest.importorskip("distributed")
 
@@ -66,6 +75,44 @@ def _assert_same_fit(local, remote):
     assert remote.n_iter_ == local.n_iter_
     np.testing.assert_array_equal(remote._theta, local._theta)
     assert remote.loss_curve_ == local.loss_curve_
+
+
+def _wait_until(condition, what, timeout=60.0):
+    """Poll condition() until it holds; fail saying what did not happen. The timeout only
+    bounds a hang: nothing asserts how long it took."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} did not happen within {timeout:g} s"
+        time.sleep(0.05)
+
+
+def _workers(client):
+    return set(client.scheduler_info()["workers"])
+
+
+class _TaskLog(distributed.SchedulerPlugin):
+    """On the scheduler: how many times each task finished computing
+    (processing -> memory), and which workers left. Read it with ``_TaskLog.read``."""
+    name = "fastbp-test-task-log"
+
+    def __init__(self):
+        self.computed = collections.Counter()
+        self.removed = []
+
+    def transition(self, key, start, finish, *args, **kwargs):
+        if start == "processing" and finish == "memory":
+            self.computed[key] += 1
+
+    def remove_worker(self, scheduler, worker, **kwargs):
+        self.removed.append(worker)
+
+    @classmethod
+    def read(cls, client):
+        """(computed, removed) as they are now on the scheduler."""
+        def get(dask_scheduler):
+            log = dask_scheduler.plugins[cls.name]
+            return dict(log.computed), list(log.removed)
+        return client.run_on_scheduler(get)
 
 
 @pytest.mark.parametrize("solver,max_iter", [("lbfgs", 15), ("tnc", 15), ("newton-cg", 5),
@@ -127,29 +174,148 @@ def test_numpy_input_with_backend_dask(client, digits):
     assert len(seen) == 1 and seen[0].chunks[0] == (3596, 3592)
 
 
-def test_a_killed_worker_costs_a_recomputation_not_the_fit(client, digits):
+def test_a_killed_worker_costs_a_recomputation_not_the_fit(client, digits, monkeypatch):
     X, y, w = digits
     kw = dict(hidden_layer_sizes=(16,), solver="lbfgs", max_iter=20, random_state=0)
-    args = (_dask(X, 2048), _dask(y, 2048))
-    undisturbed = _quiet_fit(MLPClassifier(**kw), *args, sample_weight=_dask(w, 2048))
-    est = MLPClassifier(**kw)
-    killed = []
+    local = _quiet_fit(MLPClassifier(**kw), X, y, sample_weight=w)
+    objectives = []
+    original = fdist.DaskObjective.__init__
+
+    def spy(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        objectives.append(self)
+    monkeypatch.setattr(fdist.DaskObjective, "__init__", spy)
+    fault = {}
 
     def kill_one_worker(n_iter, loss):
-        if n_iter == 3:
-            victim = sorted(client.scheduler_info()["workers"])[0]
-            try:
-                client.run(os._exit, 1, workers=[victim])
-            except Exception:
-                pass  # the worker died before it could answer
-            killed.append(victim)
-    est._progress_callback = kill_one_worker
-    _quiet_fit(est, *args, sample_weight=_dask(w, 2048))
-    assert killed
-    assert est.n_iter_ == undisturbed.n_iter_
-    np.testing.assert_array_equal(est._theta, undisturbed._theta)  # bitwise
-    assert est.loss_ == undisturbed.loss_
-    client.wait_for_workers(2, timeout=60)
+        if n_iter != 3:
+            return
+        obj, = objectives
+        chunks = obj._x + obj._y + obj._sw
+        # Chunk tasks copy chunks between workers; keep one copy of each, so that the
+        # victim's chunks exist nowhere else and have to be rebuilt from the graph.
+        client.replicate(chunks, n=1)
+        holders = client.who_has(chunks)
+        assert all(len(holders[f.key]) == 1 for f in chunks)
+        held = collections.defaultdict(set)
+        for f in chunks:
+            held[holders[f.key][0]].add(f.key)
+        victim = max(sorted(held), key=lambda a: len(held[a]))
+        fault["victim"], fault["lost"] = victim, held[victim]
+        fault["chunks"] = [f.key for f in chunks]
+        fault["computed"], removed = _TaskLog.read(client)
+        assert victim not in removed
+        pid = client.run(os.getpid, workers=[victim])[victim]
+        os.kill(pid, signal.SIGKILL)
+        # The scheduler notices before the next evaluation is submitted.
+        _wait_until(lambda: victim not in _workers(client), "the victim's removal")
+
+    client.register_plugin(_TaskLog())
+    try:
+        est = MLPClassifier(**kw)
+        est._progress_callback = kill_one_worker
+        _quiet_fit(est, _dask(X, 2048), _dask(y, 2048), sample_weight=_dask(w, 2048))
+        computed, removed = _TaskLog.read(client)
+    finally:
+        client.unregister_scheduler_plugin(_TaskLog.name)
+        client.wait_for_workers(2, timeout=60)  # the nanny starts a new worker
+    assert fault, "the fit ended before iteration 3"
+    # The fault happened: the victim left the cluster (its nanny restarted it under a
+    # new address) ...
+    victim, lost = fault["victim"], fault["lost"]
+    assert removed == [victim] and victim not in _workers(client)
+    # ... with chunks that lived only there (4 chunks of X, y and w on 2 workers) ...
+    assert len(lost) >= 6
+    # ... and exactly those were computed again, once.
+    before = fault["computed"]
+    again = {k: computed.get(k, 0) - before.get(k, 0) for k in fault["chunks"]}
+    assert {k for k, n in again.items() if n} == lost
+    assert all(again[k] == 1 for k in lost)
+    # The fit did not notice: bitwise the fit in one process.
+    _assert_same_fit(local, est)
+
+
+def test_inputs_lost_with_their_last_worker_are_sent_again(digits, monkeypatch, tmp_path):
+    # The retry path of DaskObjective._map: an evaluation whose scattered theta died with
+    # the only worker holding it is resubmitted with theta scattered again, up to
+    # fdist.RETRIES times.
+    X, y, w = digits
+    net = fastbp.Network([64, 12, 10], activation="tanh", output="softmax")
+    theta = net.init_params(random_state=0)
+    Y = np.eye(10)[y]
+    local = fastbp._objective.LocalObjective(net, net.prepare(X, Y, w), 1e-3)
+    ref_g = np.empty(net.n_params)
+    ref = local.loss_grad(theta, ref_g)
+    attempts, armed, victims = [], [], []
+    original = fdist.DaskObjective._gather
+
+    def gather(self, futures):
+        attempts.append((list(futures), self._theta_key[1].key))
+        if armed:  # the chunk tasks are submitted, theta is on the worker: kill it
+            c, victim, pid = armed.pop()
+            os.kill(pid, signal.SIGKILL)
+            _wait_until(lambda: victim not in _workers(c), "the victim's removal")
+            victims.append(victim)
+        return original(self, futures)
+
+    def lose_the_next_evaluation(c):
+        """Occupy the only worker's only thread (so that the next evaluation's chunk
+        tasks cannot run), and kill that worker once they are submitted."""
+        (victim, pid), = c.run(os.getpid).items()
+        flag = tmp_path / f"holding-{pid}"
+
+        def hold_the_thread():
+            if os.getpid() == pid:  # not again in the worker the nanny starts next
+                flag.touch()
+                time.sleep(600)
+        blocker = c.submit(hold_the_thread, pure=False)
+        _wait_until(flag.exists, "the start of the task holding the thread")
+        armed.append((c, victim, pid))
+        del attempts[:]
+        return victim, blocker
+
+    def lost_scattered(c, victim):
+        events = [e for _, e in c.get_events(victim) if e.get("action") == "remove-worker"]
+        return set().union(*(e["lost-scattered-tasks"] for e in events))
+
+    # Set here, not assumed: the scheduler retries the tasks that were on a dying
+    # worker (allowed-failures > 0) instead of marking them failed.
+    with dask.config.set({"distributed.scheduler.allowed-failures": 3}), \
+            distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
+                                     dashboard_address=":0") as cluster, \
+            distributed.Client(cluster) as c:
+        obj = fdist.DaskObjective(c, net, _dask(X, 2500), _dask(Y, 2500), _dask(w, 2500),
+                                  alpha=1e-3)
+        monkeypatch.setattr(fdist.DaskObjective, "_gather", gather)
+        try:
+            victim, blocker = lose_the_next_evaluation(c)
+            g = np.empty(net.n_params)
+            loss = obj.loss_grad(theta, g)
+            # The fault happened: the worker left (its nanny started a new one), taking
+            # the only copy of the first attempt's theta, and that attempt's chunk
+            # tasks were cancelled ...
+            assert victims == [victim] and victim not in _workers(c)
+            (first, first_theta), (second, second_theta) = attempts
+            assert first_theta in lost_scattered(c, victim)
+            assert [f.status for f in first] == ["cancelled"] * obj.n_chunks
+            # ... so the evaluation was submitted again, with theta scattered again ...
+            assert second_theta != first_theta
+            assert [f.status for f in second] == ["finished"] * obj.n_chunks
+            # ... and its result is bitwise the one-process evaluation.
+            assert loss == ref
+            np.testing.assert_array_equal(g, ref_g)
+            del blocker
+
+            # With no retries left, the same fault is a ClusterError saying so.
+            monkeypatch.setattr(fdist, "RETRIES", 0)
+            victim, blocker = lose_the_next_evaluation(c)
+            with pytest.raises(fdist.ClusterError,
+                               match="lost this evaluation's inputs once"):
+                obj.loss_grad(theta, np.empty(net.n_params))
+            assert victims[-1] == victim and len(attempts) == 1
+            assert attempts[0][1] in lost_scattered(c, victim)
+        finally:
+            obj.close()
 
 
 def test_an_unusable_cluster_raises_and_keeps_the_best_parameters(digits, monkeypatch):
@@ -177,18 +343,111 @@ def test_an_unusable_cluster_raises_and_keeps_the_best_parameters(digits, monkey
     assert est.predict(X).shape == (len(y),)
 
 
-def test_workers_use_their_cores(digits):
-    # The nanny limits OpenMP/BLAS to one thread in its workers; fastbp's kernels still
-    # use as many threads as the worker was given.
-    def probe():
+# A scheduler (with one worker thread) in a process of its own, so that a test can kill it.
+_SCHEDULER = """
+import sys
+import distributed
+with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
+                              protocol="tcp", host="127.0.0.1",
+                              dashboard_address=None) as cluster:
+    print(cluster.scheduler_address, flush=True)
+    sys.stdin.read()  # until the test closes stdin or kills this process
+"""
+
+
+@contextlib.contextmanager
+def _scheduler_process():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(fastbp.__file__)))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    proc = subprocess.Popen([sys.executable, "-c", _SCHEDULER], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        ready, _, _ = select.select([proc.stdout], [], [], 120)
+        address = proc.stdout.readline().strip() if ready else ""
+        assert address.startswith("tcp://127.0.0.1:"), "the scheduler did not start"
+        yield proc, address
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=60)
+
+
+@pytest.mark.parametrize("when", ["between evaluations", "during an evaluation"])
+def test_a_lost_scheduler_is_a_clear_error_not_a_hang(digits, monkeypatch, when):
+    X, y, _ = digits
+    est = MLPClassifier((8,), solver="lbfgs", max_iter=50, random_state=0)
+    losses, killed, outcome = [], [], []
+    with _scheduler_process() as (proc, address), \
+            distributed.Client(address, timeout="5s") as c:
+        # timeout: set here, not assumed, how long the client tries to reach a
+        # scheduler; a request sent before the client noticed the loss waits that long.
+
+        def kill_the_scheduler():
+            proc.kill()
+            killed.append(proc.wait(timeout=60))
+
+        def progress(n_iter, loss):
+            losses.append(loss)
+            if when == "between evaluations" and n_iter == 3:
+                kill_the_scheduler()
+        est._progress_callback = progress
+        if when == "during an evaluation":
+            original, calls = fdist.DaskObjective._gather, []
+
+            def gather(self, futures):
+                calls.append(futures)
+                if len(calls) == 6:  # the 5th evaluation is submitted, not yet gathered
+                    kill_the_scheduler()
+                return original(self, futures)
+            monkeypatch.setattr(fdist.DaskObjective, "_gather", gather)
+
+        def fit():
+            try:
+                est.fit(_dask(X, 2048), _dask(y, 2048), client=c)
+            except BaseException as exc:
+                outcome.append(exc)
+            else:
+                outcome.append(None)
+        thread = threading.Thread(target=fit, daemon=True)
+        thread.start()
+        thread.join(timeout=120)  # bounds a hang; the fit normally ends in seconds
+        assert not thread.is_alive(), "the fit hangs after losing its scheduler"
+    # The fault happened: the scheduler process was killed, mid-fit.
+    assert killed == [-signal.SIGKILL] and len(losses) >= 3
+    exc, = outcome
+    assert isinstance(exc, fdist.ClusterError), repr(exc)
+    message = str(exc)
+    assert "lost the Dask scheduler" in message and "\n" not in message
+    assert "keeps its best parameters" in message
+    if when == "during an evaluation":
+        # Stopped by the cancellation of the evaluation in flight, not resubmitted.
+        assert isinstance(exc.__cause__, distributed.client.FuturesCancelledError)
+        assert "scheduler-connection-lost" in message
+    # The model holds the best parameters evaluated before the failure.
+    d = est._net.prepare(X, est._label_binarizer.transform(y))
+    assert est._net._loss_grad(est._theta, d, est.alpha, None) <= min(losses) * (1 + 1e-9)
+
+
+def test_workers_use_their_cores():
+    # The nanny limits OpenMP/BLAS to one thread in its workers (Dask's default, set
+    # here explicitly rather than assumed); fastbp's kernels still use as many threads
+    # as the worker was given. One more than this machine's CPUs, so that the count
+    # cannot come from the CPUs (what n_jobs=None would give).
+    given = fastbp._threads.effective_n_jobs(None) + 1
+    limits = {f"distributed.nanny.pre-spawn-environ.{name}": 1
+              for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
+
+    def probe():  # as the chunk tasks do, in a task
         net = fdist._worker_net(((4, 3, 2), "relu", "softmax", "float64"))
-        return os.environ.get("OMP_NUM_THREADS"), net._threads(1000)
-    with distributed.LocalCluster(n_workers=1, threads_per_worker=2, processes=True,
-                                  dashboard_address=":0") as cluster, \
+        return os.environ.get("OMP_NUM_THREADS"), net.n_jobs, net._threads(1000)
+    with dask.config.set(limits), \
+            distributed.LocalCluster(n_workers=1, threads_per_worker=given,
+                                     processes=True, dashboard_address=":0") as cluster, \
             distributed.Client(cluster) as c:
-        (omp, threads), = c.run(probe).values()
-    assert omp == "1"
-    assert threads == 2
+        omp, n_jobs, threads = c.submit(probe, pure=False).result()
+    assert omp == "1"  # the limit reached the worker
+    assert n_jobs == threads == given
 
 
 @pytest.mark.parametrize("solver", ["adam", "sgd"])
