@@ -408,15 +408,23 @@ def test_debug_build_passes_the_kernel_tests(tmp_path):
 
 
 SIGINT_SCRIPT = """
+import signal
+# Python installs its SIGINT handler only when SIGINT is not ignored at start-up, and a
+# child of a non-interactive background job (or of `trap '' INT`) inherits it ignored:
+# restore the interpreter's default handler first, and say what was inherited.
+inherited = signal.getsignal(signal.SIGINT)
+signal.signal(signal.SIGINT, signal.default_int_handler)
+print("inherited SIGINT:", "ignored" if inherited == signal.SIG_IGN else "default",
+      flush=True)
 import sys, warnings
 import numpy as np
 import fastbp
-solver = sys.argv[1]
+solver, max_iter = sys.argv[1], int(sys.argv[3])
 rng = np.random.default_rng(0)
 X = rng.normal(size=(20000, 20))
 y = (X[:, 0] * X[:, 1] + X[:, 2] > 0).astype(int)
-clf = fastbp.MLPClassifier((64,), solver=solver, max_iter=100000, tol=0.0,
-                           n_iter_no_change=100000, random_state=0)
+clf = fastbp.MLPClassifier((64,), solver=solver, max_iter=max_iter, tol=0.0,
+                           n_iter_no_change=max_iter, random_state=0)
 def progress(n_iter, loss):
     print(f"iteration {n_iter} loss {loss}", flush=True)
 clf._progress_callback = progress
@@ -426,32 +434,58 @@ with warnings.catch_warnings(record=True) as caught:
 print("interrupted:", any("interrupted" in str(w.message) for w in caught), flush=True)
 del clf._progress_callback
 fastbp.save(clf, sys.argv[2])
-print("saved", clf.n_iter_, flush=True)
+print("saved after", clf.n_iter_, "iterations", flush=True)
 """
+# Far more iterations than a fit runs before the signal: Adam (tol=0) would run for
+# hours and hit the timeout below; L-BFGS and Hessian-free may stop on their own
+# criteria, which the 'interrupted' warning (issued only on KeyboardInterrupt) tells apart.
+SIGINT_MAX_ITER = 100_000
 
 
+@pytest.mark.parametrize("inherited", ["default", "ignored"])
 @pytest.mark.parametrize("solver", ["adam", "lbfgs", "hessian-free"])
-def test_sigint_during_a_long_fit_leaves_a_usable_model(tmp_path, solver):
+def test_sigint_during_a_long_fit_leaves_a_usable_model(tmp_path, solver, inherited):
+    # The child starts with SIGINT at its default or ignored (as under a background job),
+    # whatever the disposition of this process: both launch contexts are tested anywhere.
+    disposition = signal.SIG_IGN if inherited == "ignored" else signal.SIG_DFL
     script = tmp_path / "fit.py"
     script.write_text(SIGINT_SCRIPT)
     model = tmp_path / "model.fbp"
-    proc = subprocess.Popen([sys.executable, str(script), solver, str(model)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    lines = []
+    proc = subprocess.Popen(
+        [sys.executable, str(script), solver, str(model), str(SIGINT_MAX_ITER)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, disposition))
+    lines, sent = [], False
     try:
         for line in proc.stdout:
             lines.append(line)
             if line.startswith("iteration 3 "):
                 proc.send_signal(signal.SIGINT)
+                sent = True
                 break
-        out, err = proc.communicate(timeout=120)
+        try:
+            out, err = proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the child still ran {solver} 120 s after SIGINT: the signal was "
+                        f"not delivered or not handled (inherited {inherited})")
     finally:
         if proc.poll() is None:
             proc.kill()
+            proc.communicate()
     lines += out.splitlines()
+    assert sent, "".join(lines[-5:]) + err[-2000:]
     assert proc.returncode == 0, err[-2000:]
+    # The child really started in the launch context under test ...
+    assert lines[0].strip() == f"inherited SIGINT: {inherited}", lines[:2]
+    # ... the signal reached fit as a KeyboardInterrupt, which stopped it early ...
     assert any(line.startswith("interrupted: True") for line in lines), lines[-5:]
+    saved = [m for m in map(re.compile(r"saved after (\d+) iterations").match, lines) if m]
+    assert len(saved) == 1, lines[-5:]
+    n_iter = int(saved[0].group(1))
+    assert 3 <= n_iter < SIGINT_MAX_ITER
+    # ... and the saved model is the usable one it stopped with.
     clf = fastbp.load(model)
+    assert clf.n_iter_ == n_iter
     X = np.random.default_rng(1).normal(size=(100, 20))
     proba = clf.predict_proba(X)
     assert np.isfinite(proba).all() and np.isfinite(clf._theta).all()
