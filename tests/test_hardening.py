@@ -162,6 +162,19 @@ def test_predict_refuses_non_finite_input(solver):
                 method(bad)
 
 
+def _copy_aligned_like(a, like, page=4096):
+    """An in-memory, writeable copy of ``a`` whose address has the same offset into a
+    page as ``like``'s. Kernels are read in place, and a BLAS may round differently at
+    different alignments (MKL does): equal alignment leaves file-backed vs in-memory and
+    read-only vs writeable as the only differences, which must change nothing."""
+    buf = np.empty(a.nbytes + page, dtype=np.uint8)
+    start = (like.ctypes.data - buf.ctypes.data) % page
+    out = buf[start:start + a.nbytes].view(a.dtype).reshape(a.shape)
+    out[...] = a
+    assert out.ctypes.data % page == like.ctypes.data % page and out.flags.writeable
+    return out
+
+
 def test_memory_mapped_input_trains_and_predicts_like_in_memory(tmp_path):
     X, y, yr = _xy(200)
     np.save(tmp_path / "X.npy", X)
@@ -169,6 +182,7 @@ def test_memory_mapped_input_trains_and_predicts_like_in_memory(tmp_path):
     Xm = np.load(tmp_path / "X.npy", mmap_mode="r")  # read-only memory map
     ym = np.load(tmp_path / "y.npy", mmap_mode="r")
     assert isinstance(Xm, np.memmap) and not Xm.flags.writeable
+    X, yr = _copy_aligned_like(Xm, Xm), _copy_aligned_like(ym, ym)
     for solver in ("adam", "lbfgs"):
         kw = dict(hidden_layer_sizes=(6,), solver=solver, max_iter=10, random_state=0)
         with warnings.catch_warnings():
