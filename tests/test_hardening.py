@@ -5,6 +5,9 @@ the failure modes here, and each must end in a clear error or a safe recovery. T
 property-based fuzzing lives in test_fuzz.py; estimator input checks shared with
 scikit-learn are in test_estimators.py (``test_bad_input_raises_value_error``).
 """
+import ctypes
+import dis
+import gc
 import os
 import re
 import shutil
@@ -23,7 +26,8 @@ import scipy.sparse as sp
 from sklearn.exceptions import ConvergenceWarning
 
 import fastbp
-from fastbp import DivergenceError, MLPClassifier, MLPRegressor, Network
+from fastbp import DivergenceError, MLPClassifier, MLPRegressor, Network, _core
+from fastbp._solvers import StochasticOptimizer
 
 ROOT = Path(__file__).resolve().parents[1]
 FULL_BATCH = ["lbfgs", "tnc", "newton-cg", "trust-krylov", "hessian-free"]
@@ -254,31 +258,97 @@ def test_concurrent_fits_equal_sequential_fits():
         assert l1 == l2
 
 
-def test_kernels_release_the_gil():
-    rng = np.random.default_rng(0)
-    X = rng.normal(size=(400_000, 64))
-    Y = np.eye(10)[rng.integers(0, 10, 400_000)]
-    net = Network([64, 128, 10], n_jobs=1)
-    theta = net.init_params(random_state=0)
-    data = net.prepare(X, Y)
-    done = threading.Event()
+# The GIL probe. A worker thread calls a kernel through a thin Python wrapper while this
+# thread waits for the GIL. With the switch interval made longer than any probe runs, the
+# interpreter never makes a thread hand the GIL over: this thread runs only when the
+# worker lets go of the GIL of its own accord (a kernel's `with nogil:`, a blocking
+# call). So if this thread, running, finds the worker parked on the wrapper's call
+# instruction, the call released the GIL; if the call held it, this thread could not run
+# until it returned. Only the order of events counts, never a clock: a loaded machine
+# or a single core changes how long the probe takes, not its answer.
+GIL_PROBE_SWITCH_INTERVAL = 1000.0  # seconds
 
-    def work():
-        for _ in range(3):
-            net._loss_grad(theta, data, 0.0, np.empty(net.n_params))
-        done.set()
-    t = threading.Thread(target=work)
-    start = time.perf_counter()
-    t.start()
-    ticks = 0
-    while not done.is_set():  # pure Python: runs only while the kernel has let go
-        ticks += 1
-    t.join()
-    elapsed = time.perf_counter() - start
-    assert elapsed > 0.1
-    # The Python loop ran for most of the kernel's time (thousands of iterations per ms),
-    # not once between GIL hand-offs.
-    assert ticks > 10_000 * elapsed
+
+def _traced(function):
+    def traced(*args, **kwargs):
+        return function(*args, **kwargs)
+    return traced
+
+
+def _released_gil_during(traced, work, max_calls):
+    """Run ``work`` (which calls ``traced``) up to ``max_calls`` times in a thread; True
+    when this thread ran Python while that thread was inside ``traced``'s call."""
+    call_offsets = {i.offset for i in dis.get_instructions(traced)
+                    if i.opname.startswith("CALL")}
+    stop, errors = threading.Event(), []
+
+    def worker():
+        try:
+            for _ in range(max_calls):
+                if stop.is_set():
+                    return
+                work()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the test's thread
+            errors.append(exc)
+
+    thread = threading.Thread(target=worker, daemon=True)
+    old_interval = sys.getswitchinterval()
+    sys.setswitchinterval(GIL_PROBE_SWITCH_INTERVAL)
+    seen = False
+    try:
+        thread.start()  # returns once the worker has let go of the GIL
+        while thread.is_alive() and not seen:
+            frame = sys._current_frames().get(thread.ident)
+            seen = (frame is not None and frame.f_code is traced.__code__
+                    and frame.f_lasti in call_offsets)
+            if not seen:
+                # The worker let go elsewhere (NumPy on big arrays, a ctypes call in
+                # threadpoolctl): block, so that it takes the GIL back and goes on.
+                time.sleep(1e-3)
+    finally:
+        stop.set()
+        sys.setswitchinterval(old_interval)
+    thread.join()
+    if errors:
+        raise errors[0]
+    return seen
+
+
+def test_gil_probe_tells_a_released_gil_from_a_held_one():
+    sleep = _traced(time.sleep)  # releases the GIL while it waits
+    assert _released_gil_during(sleep, lambda: sleep(0.01), max_calls=100)
+    add = _traced(sum)  # one C loop over a range: holds the GIL throughout
+    assert not _released_gil_during(add, lambda: add(range(300_000)), max_calls=5)
+
+
+def _kernel_calls():
+    """One call of each kernel entry point, the way the library makes it; each takes
+    some tens of milliseconds (0.5 GFLOP for the full-batch passes)."""
+    rng = np.random.default_rng(0)
+    n = 8000
+    net = Network([64, 128, 10], activation="tanh", n_jobs=1)
+    theta = net.init_params(random_state=0)
+    d = net.prepare(rng.normal(size=(n, 64)), np.eye(10)[rng.integers(0, 10, n)])
+    v = rng.normal(size=net.n_params)
+    out = np.empty(net.n_params)
+    opt = StochasticOptimizer("adam", net.n_params, np.float64, 1e-3)
+    theta_adam, order = theta.copy(), np.arange(n, dtype=np.intp)
+    return {
+        "loss_grad": lambda: net._loss_grad(theta, d, 1e-4, out),
+        "forward": lambda: net._forward(theta, d),
+        "curvature_product": lambda: net._curvature(theta, v, d, 1e-4, True, out),
+        "fisher_diag": lambda: net._fisher(theta, d, out),
+        "run_epoch": lambda: opt.epoch(net, theta_adam, d, order, True, 0, 64, 1e-4, 1),
+    }
+
+
+@pytest.mark.parametrize("kernel", ["loss_grad", "forward", "curvature_product",
+                                    "fisher_diag", "run_epoch"])
+def test_kernels_release_the_gil(kernel, monkeypatch):
+    work = _kernel_calls()[kernel]
+    traced = _traced(getattr(_core, kernel))
+    monkeypatch.setattr(_core, kernel, traced)  # the library looks kernels up on _core
+    assert _released_gil_during(traced, work, max_calls=200)
 
 
 # ---------------------------------------------------------------------------------------
