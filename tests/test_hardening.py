@@ -507,7 +507,13 @@ def test_kernels_are_clean_under_valgrind_memcheck(tmp_path):
                     "kernels runs on CI only (install valgrind to run it here)")
     script = tmp_path / "kernels.py"
     script.write_text(VALGRIND_SCRIPT)
-    python = os.path.realpath(sys.executable)  # not a shell shim: valgrind traces it
+    # The interpreter as invoked: a virtual environment's python is a symlink, and the
+    # environment is found from that path (its pyvenv.cfg), so resolving it would run
+    # Python without the environment's packages. It must be the binary itself, not a
+    # script that starts it (valgrind would trace the shell).
+    python = sys.executable
+    with open(python, "rb") as fh:
+        assert fh.read(2) != b"#!", f"{python} is a script, not the interpreter"
     env = dict(os.environ, PYTHONMALLOC="malloc")
     res = subprocess.run(["valgrind", "--tool=memcheck", "--leak-check=no",
                           "--error-exitcode=0", python, str(script)],
