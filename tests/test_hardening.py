@@ -523,7 +523,8 @@ def test_kernels_are_clean_under_valgrind_memcheck(tmp_path):
     assert "unhandled instruction bytes" not in res.stderr, (
         "valgrind cannot decode an instruction of the build (built with -march=native? "
         "build portably, e.g. FASTBP_PORTABLE=1):\n" + res.stderr[-3000:])
-    assert "kernels ok" in res.stdout, res.stderr[-3000:]
+    python_stderr = "\n".join(ln for ln in res.stderr.splitlines() if not ln.startswith("=="))
+    assert "kernels ok" in res.stdout, python_stderr[-3000:] or res.stderr[-3000:]
     assert "Memcheck" in res.stderr  # valgrind really ran python
     errors = _memcheck_errors_in(res.stderr)
     assert errors == [], "\n\n".join("\n".join(r[:12]) for r in errors[:3])
