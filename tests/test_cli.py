@@ -50,6 +50,8 @@ def _console_script():
 
 
 def _command(args, script=False):
+    if script:
+        assert _console_script(), "the fastbp console script is not on PATH: pip install ."
     head = [_console_script()] if script else [sys.executable, "-m", "fastbp.cli"]
     return head + [str(a) for a in args]
 
