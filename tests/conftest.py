@@ -1,5 +1,21 @@
-import os
+"""Session set-up: SciPy runs in its default mode, the one users run.
 
-# scikit-learn's array-API estimator check runs only when SciPy was imported with this
-# set; it must be set before anything imports SciPy.
-os.environ.setdefault("SCIPY_ARRAY_API", "1")
+SciPy fixes its array-API mode from ``SCIPY_ARRAY_API`` when it is first imported. The
+variable is taken out of the environment here, before any test module imports SciPy, so
+that neither the launcher's environment nor the subprocesses the tests start (they inherit
+``os.environ``) switch that mode on. scikit-learn's array-API estimator check needs the
+mode: test_sklearn_checks.py runs it in a subprocess of its own that sets the variable.
+"""
+import os
+import sys
+
+import pytest
+
+os.environ.pop("SCIPY_ARRAY_API", None)
+
+# A plugin may have imported SciPy before this file ran: its mode is then fixed.
+_scipy_array_api = sys.modules.get("scipy._lib._array_api")
+if _scipy_array_api is not None and getattr(_scipy_array_api, "SCIPY_ARRAY_API", False):
+    raise pytest.UsageError(
+        "SciPy was imported in array-API mode (SCIPY_ARRAY_API=1) before the tests' "
+        "conftest.py ran; run the suite without SCIPY_ARRAY_API set.")

@@ -50,6 +50,8 @@ def _console_script():
 
 
 def _command(args, script=False):
+    if script:
+        assert _console_script(), "the fastbp console script is not on PATH: pip install ."
     head = [_console_script()] if script else [sys.executable, "-m", "fastbp.cli"]
     return head + [str(a) for a in args]
 
@@ -357,6 +359,10 @@ def test_default_training_on_digits(runs):
     assert train.stderr == ""  # stderr is not a terminal: no progress bar
     out = train.stdout
     assert "digits" in out and "classification" in out
+    # The default (Adam, 100 relu units, 200 epochs) scores 0.972 to 0.983 on this split
+    # over random_state 0 to 8, and 0.972 with every thread count from 1 to 12 (the
+    # default n_jobs follows the CPU count; it changes rounding only): 0.95 leaves 8 of
+    # the 360 test rows below the worst of those.
     assert float(reported(out, "test accuracy")) >= 0.95
     assert float(reported(out, "training accuracy")) >= 0.95
     assert re.search(r"^training time:\s+[0-9.]+ s\b", out, re.M), out
@@ -752,6 +758,8 @@ def test_train_with_hessian_free_in_process(tmp_path, capsys, monkeypatch):
     out = capsys.readouterr().out
     assert rc == 0, out
     acc = float(re.search(r"test accuracy\D*([0-9.]+)", out, re.I).group(1))
+    # 0.964 to 0.972 over random_state 0 to 4 (full-batch exact sums: the same for any
+    # thread count): 0.9 leaves 23 of the 360 test rows.
     assert acc >= 0.9
     model = fastbp.load(tmp_path / "hf.fbp")
     assert model[-1].solver == "hessian-free"

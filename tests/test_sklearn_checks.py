@@ -4,11 +4,27 @@ The instances are configured the way scikit-learn configures its own MLPs for th
 checks: a short run (``max_iter=100``), and the deterministic full-batch solver, so that
 the sample-weight equivalence checks (weights of 2 == repeated rows) hold exactly, as
 they do for scikit-learn's own MLPs. Every other check runs as scikit-learn defines it.
-"""
-import warnings
 
+The suite runs SciPy in its default mode (see conftest.py). scikit-learn's array-API
+checks (for estimators that do not declare array-API support, as ours: with
+``array_api_dispatch`` on, NumPy input must still fit and predict) need SciPy's array-API
+mode, which SciPy fixes at import from ``SCIPY_ARRAY_API``; in default mode scikit-learn
+skips them. So they run, for every estimator, in one subprocess started with
+``SCIPY_ARRAY_API=1``, and each one's test item asserts that it passed there. A check
+that scikit-learn skips (``SkipTest``) fails its item: nothing is skipped silently.
+"""
+import functools
+import json
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+from unittest import SkipTest
+
+import pytest
 from sklearn.exceptions import ConvergenceWarning
-from sklearn.utils.estimator_checks import parametrize_with_checks
+from sklearn.utils.estimator_checks import estimator_checks_generator, parametrize_with_checks
 
 from fastbp import MLPClassifier, MLPRegressor
 
@@ -20,8 +36,89 @@ ESTIMATORS = [
 ]
 
 
-@parametrize_with_checks(ESTIMATORS)
-def test_sklearn_compatible_estimator(estimator, check):
+def _check_name(check):
+    """'check_x(key=value, ...)': the check function and its keyword arguments."""
+    keywords = {}
+    while isinstance(check, functools.partial):
+        keywords = {**check.keywords, **keywords}
+        check = check.func
+    args = ", ".join(f"{k}={v!r}" for k, v in sorted(keywords.items()))
+    return f"{check.__name__}({args})"
+
+
+def _key(estimator, check):
+    """Names one (estimator, check) pair the same way in this process and the child."""
+    return f"{estimator!r} {_check_name(check)}"
+
+
+def _needs_scipy_array_api(check):
+    return _check_name(check).startswith("check_array_api")
+
+
+def _run(estimator, check):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         check(estimator)
+
+
+ARRAY_API_SCRIPT = """
+import importlib.util, json, sys, traceback
+from unittest import SkipTest
+from sklearn.utils.estimator_checks import estimator_checks_generator
+spec = importlib.util.spec_from_file_location("checks", sys.argv[1])
+checks = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(checks)
+outcomes = {}
+for estimator in checks.ESTIMATORS:
+    for est, check in estimator_checks_generator(estimator, legacy=True, mark=None):
+        if not checks._needs_scipy_array_api(check):
+            continue
+        try:
+            checks._run(est, check)
+        except SkipTest as exc:
+            outcome = f"skipped: {exc}"
+        except Exception:
+            outcome = "failed:\\n" + traceback.format_exc()
+        else:
+            outcome = "passed"
+        outcomes[checks._key(est, check)] = outcome
+print(json.dumps(outcomes))
+"""
+
+
+@pytest.fixture(scope="module")
+def array_api_outcomes(tmp_path_factory):
+    """Outcome of every array-API check, run in a child with SCIPY_ARRAY_API=1."""
+    script = tmp_path_factory.mktemp("array_api") / "run_checks.py"
+    script.write_text(ARRAY_API_SCRIPT)
+    res = subprocess.run([sys.executable, str(script), str(Path(__file__).resolve())],
+                         env=dict(os.environ, SCIPY_ARRAY_API="1"), capture_output=True,
+                         text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(res.stdout.splitlines()[-1])
+
+
+def test_array_api_checks_exist_and_scipy_runs_in_default_mode_here():
+    # The split above only means something if scikit-learn yields array-API checks for
+    # our estimators, and if this process really is in SciPy's default mode.
+    keys = [_key(e, c) for est in ESTIMATORS
+            for e, c in estimator_checks_generator(est, legacy=True, mark=None)
+            if _needs_scipy_array_api(c)]
+    assert len(keys) >= len(ESTIMATORS) and len(set(keys)) == len(keys)
+    assert "SCIPY_ARRAY_API" not in os.environ
+    import scipy._lib._array_api as scipy_array_api  # where SciPy keeps its mode
+    assert not scipy_array_api.SCIPY_ARRAY_API
+
+
+@parametrize_with_checks(ESTIMATORS)
+def test_sklearn_compatible_estimator(estimator, check, request):
+    if _needs_scipy_array_api(check):
+        outcomes = request.getfixturevalue("array_api_outcomes")
+        key = _key(estimator, check)
+        assert key in outcomes, f"the SCIPY_ARRAY_API=1 run did not run {key}"
+        assert outcomes[key] == "passed", outcomes[key]
+        return
+    try:
+        _run(estimator, check)
+    except SkipTest as exc:
+        pytest.fail(f"scikit-learn skipped this check: {exc}")
