@@ -455,9 +455,11 @@ print("kernels ok")
 
 
 def _memcheck_errors_in(text, marker=("_core.cpython", "__pyx_", "fastbp_5_core",
-                                       "_core.c:"), depth=4):
+                                       "_core.c:", "_kernels_", "_kernels.pxi:"),
+                        depth=4):
     """Memcheck error records with one of the top ``depth`` stack frames in fastbp's
-    extension (deeper frames are the interpreter calling into everything)."""
+    extensions: the dispatcher ``_core`` or a kernel variant ``_kernels_<isa>`` (deeper
+    frames are the interpreter calling into everything)."""
     records, cur = [], None
     for line in text.splitlines():
         m = re.match(r"==\d+== (.*)$", line)
@@ -486,6 +488,9 @@ def test_memcheck_parser_finds_errors_in_the_extension():
         "==1==    at 0x5: memcpy (string.c:1)",
         "==1==    by 0x6: ??? (in /x/fastbp/_core.cpython-311-x86_64-linux-gnu.so)",
         "==1== ",
+        "==1== Invalid write of size 4",
+        "==1==    at 0x9: ??? (in /x/fastbp/_kernels_avx2.cpython-311-x86_64-linux-gnu.so)",
+        "==1== ",
         "==1== Conditional jump or move depends on uninitialised value(s)",
         "==1==    at 0x7: long_bitwise (longobject.c:5074)",
         "==1==    by 0x8: do_call_core (ceval.c:7352)",
@@ -495,7 +500,8 @@ def test_memcheck_parser_finds_errors_in_the_extension():
         "==1== ",
     ])
     found = _memcheck_errors_in(fake)
-    assert len(found) == 2 and "block_pass" in found[0][1] and "memcpy" in found[1][1]
+    assert len(found) == 3 and "block_pass" in found[0][1] and "memcpy" in found[1][1]
+    assert "_kernels_avx2" in found[2][1]
 
 
 def test_kernels_are_clean_under_valgrind_memcheck(tmp_path):
