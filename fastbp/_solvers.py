@@ -128,7 +128,9 @@ def fit_full_batch(solver, objective, theta, max_iter, max_fun, tol, verbose,
             grad.fill(np.nan)
             return math.nan, grad.astype(np.float64, copy=True)
         loss = objective.loss_grad(p, grad)
-        if not math.isfinite(loss):  # checked per evaluation: stop, keep the best
+        # Checked per evaluation: stop, keep the best. The gradient too: a float32
+        # gradient can overflow where the float64 loss does not.
+        if not (math.isfinite(loss) and np.isfinite(grad).all()):
             raise _NonFinite
         best.offer(loss, p)
         if solver == "tnc":  # only TNC's callback needs the loss at its x

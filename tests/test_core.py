@@ -673,49 +673,80 @@ def test_init_params_glorot_like_sklearn(activation, dtype):
     assert not np.array_equal(net.init_params(0), net.init_params(1))
 
 
+def sklearn_one_step(Est, sizes, activation, X, y, sample_weight, alpha,
+                     learning_rate_init, seed, **params):
+    """scikit-learn's own MLP, through its public API only, after one plain gradient
+    step from its initial parameters: SGD without momentum on one unshuffled batch of
+    all rows, for one epoch. Returns (parameters after the step, in the flat layout;
+    loss_curve_[0], which scikit-learn computes at the initial parameters, before the
+    step). The step is theta_1 = theta_0 - learning_rate_init * gradient(theta_0),
+    rounded once per entry (momentum 0: the velocity 0 * 0 - lr * g is exact)."""
+    from sklearn.exceptions import ConvergenceWarning
+    est = Est(hidden_layer_sizes=tuple(sizes[1:-1]), activation=activation, alpha=alpha,
+              solver="sgd", learning_rate_init=learning_rate_init, momentum=0.0,
+              nesterovs_momentum=False, batch_size=len(X), shuffle=False, max_iter=1,
+              random_state=seed, **params)
+    with pytest.warns(ConvergenceWarning):  # one epoch is max_iter
+        est.fit(X, y, sample_weight=sample_weight)
+    return np.hstack([a.ravel() for a in est.coefs_ + est.intercepts_]), est.loss_curve_[0]
+
+
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_init_params_equals_sklearn_mlp(activation):
-    # Cross-check against scikit-learn's own initialisation (private API: skip if moved).
+    # Cross-check against scikit-learn's own initialisation, read off a fitted model
+    # (public API): one gradient step of 1e-300 leaves every parameter as it was drawn.
+    # fl(theta - d) == theta whenever |d| < ulp(theta) / 2, i.e. below |theta| * 2**-54;
+    # with |gradient| < 1e10 and |theta| > 1e-270 (both asserted) the step d is at most
+    # 1e-290, far below that. So the equality below is exact by construction.
     from sklearn.neural_network import MLPRegressor
     sizes = [4, 6, 3, 2]
-    est = MLPRegressor(hidden_layer_sizes=sizes[1:-1], activation=activation)
-    est._random_state = np.random.RandomState(17)
-    try:
-        est._initialize(np.zeros((1, sizes[-1])), sizes, np.float64)
-    except (AttributeError, TypeError) as exc:  # pragma: no cover
-        pytest.skip(f"scikit-learn's private initialisation changed: {exc}")
-    theta = Network(sizes, activation=activation, output="identity").init_params(17)
-    expected = np.hstack([c.ravel() for c in est.coefs_ + est.intercepts_])
-    np.testing.assert_array_equal(theta, expected)
+    rng = np.random.default_rng(17)
+    X, Y = rng.normal(size=(10, 4)), rng.normal(size=(10, 2))
+    sk_theta, _ = sklearn_one_step(MLPRegressor, sizes, activation, X, Y, None, 1e-4,
+                                   1e-300, seed=17)
+    net = Network(sizes, activation=activation, output="identity")
+    theta = net.init_params(17)
+    assert np.abs(theta).min() > 1e-270
+    assert np.abs(net.loss_grad(theta, X, Y, alpha=1e-4)[1]).max() < 1e10
+    np.testing.assert_array_equal(theta, sk_theta)
 
 
 @pytest.mark.parametrize("output", OUTPUTS)
 def test_objective_equals_sklearn_backprop(output):
-    # Cross-check with scikit-learn's _backprop (private API: skip if moved). sklearn
+    # Cross-check of the loss and the gradient with scikit-learn's MLPs, through their
+    # public API (sklearn_one_step): sklearn reports its loss at its initial parameters
+    # theta_0 in loss_curve_[0], and one plain gradient step of 1.0 gives
+    # theta_1 = fl(theta_0 - g), so g = theta_0 - theta_1 up to two roundings. sklearn
     # averages squared error over outputs, so identity/exp use a single output here.
     from sklearn.neural_network import MLPClassifier, MLPRegressor
     sizes = [3, 5, 4] if output in ("softmax", "logistic") else [3, 5, 1]
-    theta, X, Y, sw = make_problem(sizes, output, n=20, seed=9)
-    if output in ("softmax", "logistic"):
-        est = MLPClassifier(hidden_layer_sizes=(5,), activation="tanh", alpha=0.3)
+    _, X, Y, sw = make_problem(sizes, output, n=20, seed=9)
+    if output == "softmax":  # class labels 0..3, all present: sklearn's one-hot is Y
+        Est, y, params = MLPClassifier, Y.argmax(axis=1), {}
+        assert set(y) == {0, 1, 2, 3}
+    elif output == "logistic":  # a multilabel indicator: a logistic output per column
+        Est, y, params = MLPClassifier, Y.astype(int), {}
     else:
-        est = MLPRegressor(hidden_layer_sizes=(5,), activation="tanh", alpha=0.3,
-                           loss="poisson" if output == "exp" else "squared_error")
-    coefs, intercepts = ref_unpack(sizes, theta)
-    est.coefs_ = [c.copy() for c in coefs]
-    est.intercepts_ = [b.copy() for b in intercepts]
-    est.n_layers_ = len(sizes)
-    est.out_activation_ = output
-    cg = [np.empty_like(c) for c in coefs]
-    ig = [np.empty_like(b) for b in intercepts]
-    try:
-        sk_loss, cg, ig = est._backprop(X, Y, sw, [X, None, None], [None, None], cg, ig)
-    except (AttributeError, TypeError) as exc:  # pragma: no cover
-        pytest.skip(f"scikit-learn's private backprop changed: {exc}")
-    sk_grad = np.hstack([g.ravel() for g in cg + ig])
-    loss, grad = Network(sizes, "tanh", output).loss_grad(theta, X, Y, sw, alpha=0.3)
+        Est, y = MLPRegressor, Y[:, 0]
+        params = {"loss": "poisson" if output == "exp" else "squared_error"}
+    args = (Est, sizes, "tanh", X, y, sw, 0.3)
+    theta_0, sk_loss = sklearn_one_step(*args, learning_rate_init=1e-300, seed=5,
+                                        **params)  # theta_0 exactly (see above)
+    theta_1, sk_loss_1 = sklearn_one_step(*args, learning_rate_init=1.0, seed=5, **params)
+    assert sk_loss_1 == sk_loss  # the same theta_0, and the same loss there
+    sk_grad = theta_0 - theta_1
+    loss, grad = Network(sizes, "tanh", output).loss_grad(theta_0, X, Y, sw, alpha=0.3)
+    # The loss: the same float64 formula summed in another order (fastbp exactly,
+    # sklearn over 20 rows), a few transcendental functions per row, and sklearn's
+    # batch_loss * 20 / 20: a few tens of ulps, 1e-12 leaves a margin of over 1000.
     assert loss == pytest.approx(sk_loss, rel=1e-12)
-    assert_grad_close(grad, sk_grad, 1e-12)
+    # The gradient: the same 1e-12 (times the largest entry: the reference's own
+    # summation differences), plus the read-off's two roundings, fl(theta_0 - g) and
+    # then theta_0 - theta_1: at most eps * (|theta_1| + |g|) per entry.
+    eps = np.finfo(np.float64).eps
+    atol = 1e-12 * np.abs(sk_grad).max() + eps * (np.abs(theta_1) + np.abs(sk_grad))
+    assert np.abs(sk_grad).max() > 1e-2  # a meaningful step
+    assert (np.abs(grad - sk_grad) <= atol).all(), np.abs(grad - sk_grad) / atol
 
 
 # ---------------------------------------------------------------------------------------

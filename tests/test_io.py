@@ -177,11 +177,19 @@ def test_loaded_converged_model_continues_training(how, tmp_path):
     # A model saved after it stopped improving (here: a learning rate so small that
     # nothing changes): its next epoch improves by less than tol, which the
     # no-improvement counter must handle after a load as well.
-    # With early stopping: a perfect validation score, which no epoch can beat.
+    # With early stopping: a validation score that stopped improving. The validation
+    # rows are ceil(0.1 * 80) = 8, so the accuracy moves in steps of 1/8 > tol: after
+    # the first epoch it can improve at most 8 times, and n_iter_no_change + 1 = 11
+    # epochs without improvement stop the run: at most 9 improving epochs, each followed
+    # by at most 11 others, 9 * 12 = 108 < 500 epochs, whatever the rounding.
     if how == "early_stopping":
         est, X, y = _fitted("binary-int", "adam", max_iter=500, learning_rate_init=0.01,
                             early_stopping=True)
-        assert est.best_validation_score_ == 1.0
+        assert est.best_validation_score_ == max(est.validation_scores_)
+        # It learned: better than the majority class, 5 of the 8 validation rows (47 of
+        # the 80 labels are 1, and the split is stratified).
+        assert np.bincount(y).tolist() == [33, 47]
+        assert est.best_validation_score_ > 5 / 8
     else:
         est, X, y = _fitted("multiclass-int", "adam", max_iter=200,
                             learning_rate_init=1e-7)
@@ -194,6 +202,12 @@ def test_loaded_converged_model_continues_training(how, tmp_path):
         loaded.set_params(warm_start=True, max_iter=5).fit(X, y)
         assert 1 <= loaded.n_iter_ <= 5
     assert np.isfinite(loaded._theta).all()
+    if how == "early_stopping":
+        # The loaded model carries the saved scores on: the best never gets worse.
+        assert loaded.validation_scores_[:len(est.validation_scores_)] == \
+            est.validation_scores_
+        assert loaded.best_validation_score_ == max(loaded.validation_scores_)
+        assert loaded.best_validation_score_ >= est.best_validation_score_
 
 
 @pytest.mark.parametrize("solver", ["sgd", "adam"])
