@@ -360,8 +360,10 @@ def _scheduler_process():
     root = os.path.dirname(os.path.dirname(os.path.abspath(fastbp.__file__)))
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    # cwd: where the fastbp under test lives. From a checkout's root, `python -c` would
+    # import the checkout's sources (without compiled kernels when fastbp is installed).
     proc = subprocess.Popen([sys.executable, "-c", _SCHEDULER], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True, env=env)
+                            stdout=subprocess.PIPE, text=True, env=env, cwd=root)
     try:
         ready, _, _ = select.select([proc.stdout], [], [], 120)
         address = proc.stdout.readline().strip() if ready else ""
