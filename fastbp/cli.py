@@ -9,6 +9,7 @@ included). ``fastbp predict MODEL DATA`` writes predictions as CSV.
 Bad input ends with one line on stderr and exit status 2, never a traceback.
 """
 import argparse
+import asyncio
 import csv
 import os
 import sys
@@ -250,7 +251,7 @@ def _connect(address):
                        "\"fastbp[dask]\"") from None
     try:
         return Client(address, timeout="5s")
-    except (OSError, TimeoutError, ValueError) as exc:
+    except (OSError, TimeoutError, asyncio.TimeoutError, ValueError) as exc:
         raise CLIError(f"cannot connect to the Dask scheduler at {address}: "
                        f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") \
             from None

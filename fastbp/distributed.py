@@ -13,6 +13,7 @@ costs their recomputation from the task graph, not the fit.
 Estimators use this module when ``X`` is a Dask array or ``backend='dask'``; see
 :class:`DaskObjective` for direct use.
 """
+import asyncio
 import time
 import uuid
 
@@ -411,7 +412,7 @@ class DaskObjective:
         while True:
             try:
                 done = wait(futures, timeout=POLL, return_when="ALL_COMPLETED")
-            except TimeoutError:
+            except asyncio.TimeoutError:  # the builtin TimeoutError from Python 3.11 on
                 done = None
             except CancelledError as exc:
                 # Cancelled by the client because it lost its scheduler, or by the
