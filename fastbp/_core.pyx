@@ -93,9 +93,14 @@ def cpu_features():
 
 
 def _built(variant):
+    """The variant's module, or None when this build lacks it. A variant that is there
+    but fails to load is an error, not a reason to fall back silently."""
+    name = "fastbp._kernels_" + variant
     try:
-        return importlib.import_module("fastbp._kernels_" + variant)
-    except ImportError:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        if exc.name != name:
+            raise
         return None
 
 
