@@ -69,6 +69,13 @@ class ClusterError(ObjectiveFailure):
     """
 
 
+def _stopped(what):
+    """The ClusterError for ``what`` went wrong: training stops, the model keeps its best
+    parameters (the estimators restore them)."""
+    return ClusterError(f"{what}; training stopped and the model keeps its best parameters "
+                        "so far")
+
+
 def is_dask_collection(x):
     """True for a Dask array (without importing Dask when it is not loaded).
 
@@ -345,10 +352,8 @@ class DaskObjective:
             except Exception as exc:  # no worker yet, or one left while we sent
                 self._check_scheduler(exc)
                 if time.monotonic() >= deadline:
-                    raise ClusterError(
-                        f"the Dask cluster has had no workers for {WORKER_TIMEOUT:g} s; "
-                        "training stopped and the model keeps its best parameters so "
-                        "far") from None
+                    raise _stopped(f"the Dask cluster has had no workers for "
+                                   f"{WORKER_TIMEOUT:g} s") from None
                 time.sleep(POLL)
 
     def _check_scheduler(self, exc=None):
@@ -357,9 +362,7 @@ class DaskObjective:
         too, so resubmitting cannot help."""
         if self.client.status != "running":
             cause = f" ({_describe(exc)})" if exc is not None else ""
-            raise ClusterError(
-                f"lost the Dask scheduler during training{cause}; training stopped and "
-                "the model keeps its best parameters so far") from exc
+            raise _stopped(f"lost the Dask scheduler during training{cause}") from exc
 
     def _theta(self, theta):
         # theta is scattered once per point: repeated products at one point reuse it.
@@ -390,10 +393,8 @@ class DaskObjective:
                 self._theta_key = None
                 if attempt == RETRIES:
                     times = "once" if RETRIES == 0 else f"{RETRIES + 1} times"
-                    raise ClusterError(
-                        f"the Dask cluster lost this evaluation's inputs {times} (workers "
-                        "keep dying); training stopped and the model keeps its best "
-                        "parameters so far") from None
+                    raise _stopped(f"the Dask cluster lost this evaluation's inputs "
+                                   f"{times} (workers keep dying)") from None
 
     def _tree(self, futures):
         """Merge chunk sums pairwise on the workers while more than TREE_FANIN remain:
@@ -420,37 +421,30 @@ class DaskObjective:
                 self._check_scheduler(exc)
                 raise _Lost from None
             except Exception as exc:  # the client lost its scheduler
-                raise ClusterError(
-                    f"the Dask cluster failed during training ({_describe(exc)}); "
-                    "training stopped and the model keeps its best parameters so far") \
-                    from exc
+                raise _stopped(f"the Dask cluster failed during training "
+                               f"({_describe(exc)})") from exc
             if done is not None:
                 break
             self._check_scheduler()
             try:
                 workers = self.client.scheduler_info().get("workers", {})
             except Exception as exc:
-                raise ClusterError(
-                    f"lost the Dask scheduler during training ({_describe(exc)}); "
-                    "training stopped and the model keeps its best parameters so far") \
-                    from exc
+                raise _stopped(f"lost the Dask scheduler during training "
+                               f"({_describe(exc)})") from exc
             if workers:
                 alone_since = None
             elif alone_since is None:
                 alone_since = time.monotonic()
             elif time.monotonic() - alone_since > WORKER_TIMEOUT:
-                raise ClusterError(
-                    f"the Dask cluster has had no workers for {WORKER_TIMEOUT:g} s; "
-                    "training stopped and the model keeps its best parameters so far")
+                raise _stopped(f"the Dask cluster has had no workers for "
+                               f"{WORKER_TIMEOUT:g} s")
         failed = [f for f in futures if f.status != "finished"]
         if any(f.status == "cancelled" for f in failed):
             self._check_scheduler()
             raise _Lost
         if failed:
             exc = failed[0].exception()
-            raise ClusterError(
-                f"a Dask task failed on the cluster ({_describe(exc)}); "
-                "training stopped and the model keeps its best parameters so far")
+            raise _stopped(f"a Dask task failed on the cluster ({_describe(exc)})")
         return self.client.gather(futures)
 
     def _scale(self):

@@ -235,15 +235,22 @@ def test_a_killed_worker_costs_a_recomputation_not_the_fit(client, digits, monke
     _assert_same_fit(local, est)
 
 
+def _local_problem(digits, hidden, activation, alpha):
+    """A 64-hidden-10 softmax network on the digits, its initial parameters, the one-hot
+    targets and the one-process objective the Dask objective must match bit for bit."""
+    X, y, w = digits
+    net = fastbp.Network([64, hidden, 10], activation=activation, output="softmax")
+    Y = np.eye(10)[y]
+    local = fastbp._objective.LocalObjective(net, net.prepare(X, Y, w), alpha)
+    return net, net.init_params(random_state=0), Y, local
+
+
 def test_inputs_lost_with_their_last_worker_are_sent_again(digits, monkeypatch, tmp_path):
     # The retry path of DaskObjective._map: an evaluation whose scattered theta died with
     # the only worker holding it is resubmitted with theta scattered again, up to
     # fdist.RETRIES times.
     X, y, w = digits
-    net = fastbp.Network([64, 12, 10], activation="tanh", output="softmax")
-    theta = net.init_params(random_state=0)
-    Y = np.eye(10)[y]
-    local = fastbp._objective.LocalObjective(net, net.prepare(X, Y, w), 1e-3)
+    net, theta, Y, local = _local_problem(digits, 12, "tanh", 1e-3)
     ref_g = np.empty(net.n_params)
     ref = local.loss_grad(theta, ref_g)
     attempts, armed, victims = [], [], []
@@ -508,12 +515,9 @@ def test_no_client_is_a_clear_error(digits, monkeypatch):
 
 def test_dask_objective_is_bitwise_the_local_objective(client, digits):
     X, y, w = digits
-    net = fastbp.Network([64, 12, 10], activation="tanh", output="softmax")
-    theta = net.init_params(random_state=0)
-    Y = np.eye(10)[y]
+    net, theta, Y, local = _local_problem(digits, 12, "tanh", 1e-3)
     obj = fdist.DaskObjective(client, net, _dask(X, 2500), _dask(Y, 2500), _dask(w, 999),
                               alpha=1e-3)
-    local = fastbp._objective.LocalObjective(net, net.prepare(X, Y, w), 1e-3)
     p = net.n_params
     try:
         # 7188 rows in blocks of 899: chunks of 3, 3 and 2 blocks.
@@ -575,10 +579,7 @@ def test_cli_scheduler_errors(tmp_path, capsys, monkeypatch, argv, needle):
 
 def test_many_chunks_merge_on_the_workers(client, digits, monkeypatch):
     X, y, w = digits
-    net = fastbp.Network([64, 8, 10], activation="relu", output="softmax")
-    theta = net.init_params(random_state=0)
-    Y = np.eye(10)[y]
-    local = fastbp._objective.LocalObjective(net, net.prepare(X, Y, w), 1e-2)
+    net, theta, Y, local = _local_problem(digits, 8, "relu", 1e-2)
     monkeypatch.setattr(fdist, "TREE_FANIN", 2)
     obj = fdist.DaskObjective(client, net, _dask(X, 899), _dask(Y, 899), _dask(w, 899),
                               alpha=1e-2)
