@@ -15,11 +15,12 @@ __all__ = ["show_config"]
 
 def _config():
     build = _core.build_info()
+    libraries = threadpool_info()  # scans the loaded libraries: once
     blas = [{k: lib.get(k) for k in ("internal_api", "version", "num_threads",
                                      "threading_layer", "architecture", "filepath")}
-            for lib in threadpool_info() if lib.get("user_api") == "blas"]
+            for lib in libraries if lib.get("user_api") == "blas"]
     openmp = [{k: lib.get(k) for k in ("internal_api", "version", "num_threads", "filepath")}
-              for lib in threadpool_info() if lib.get("user_api") == "openmp"]
+              for lib in libraries if lib.get("user_api") == "openmp"]
     return {
         "fastbp": {"version": __version__, "python": sys.version.split()[0],
                    "platform": platform.platform(), "machine": platform.machine()},
