@@ -4,7 +4,12 @@ Writes ``benchmarks/results/results.json``, ``results.md`` (the table) and
 ``speedups.png``. PyTorch is optional (``pip install torch==2.13.0``); without it, its
 columns are empty. ``fastbp bench`` runs a quick subset.
 
-Usage: python benchmarks/suite.py [--quick] [--rounds N] [--workloads 1,2,3,4,5]
+Workloads: 1-4 training side by side (adam-small, adam-mnist-like, lbfgs, adam-wide), 5
+full-batch threads and memory, 6 scikit-learn's default MLPClassifier on 5000x784, 7
+GridSearchCV with n_jobs 1 and 2, 8 fixed cost per fit and the first fit, 9 cores used
+under threadpool_limits, 10 n_jobs=2 against 1 next to a busy core.
+
+Usage: python benchmarks/suite.py [--quick] [--rounds N] [--workloads 1,2,6,7]
 """
 import argparse
 import json

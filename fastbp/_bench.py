@@ -30,25 +30,30 @@ def _flops_per_sample(sizes):
     return 2 * (3 * sum(mm) - mm[0])
 
 
-def _data(n, d, k, dtype, seed=0):
+def _data(n, d, k, dtype, seed=0, spread=2.0):
     rng = np.random.default_rng(seed)
-    centers = rng.normal(size=(k, d)) * (3.0 / np.sqrt(d)) * 2
+    centers = rng.normal(size=(k, d)) * (3.0 / np.sqrt(d)) * spread
     y = rng.integers(0, k, n)
     X = (centers[y] + rng.normal(size=(n, d))).astype(dtype)
     return X, y
 
 
 def gemm_peak(dtype=np.float32, n=2048, rounds=3):
-    """GFLOP/s of a large square GEMM through SciPy's BLAS on all cores (best of rounds)."""
+    """GFLOP/s of a large square GEMM on all cores: the best of SciPy's BLAS and NumPy's
+    (each process may bundle its own OpenBLAS, built for different kernels), best of
+    ``rounds``."""
     from scipy.linalg import blas
-    a = np.asfortranarray(np.random.default_rng(0).random((n, n), dtype=dtype))
+    rng = np.random.default_rng(0)
+    a = np.asfortranarray(rng.random((n, n), dtype=dtype))
+    b = np.ascontiguousarray(a)
     f = blas.sgemm if dtype == np.float32 else blas.dgemm
-    f(1.0, a, a)
     best = np.inf
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        f(1.0, a, a)
-        best = min(best, time.perf_counter() - t0)
+    for call in (lambda: f(1.0, a, a), lambda: np.matmul(b, b)):
+        call()
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            call()
+            best = min(best, time.perf_counter() - t0)
     return 2 * n**3 / best / 1e9
 
 
@@ -159,9 +164,12 @@ QUICK = {1: dict(iters=1), 3: dict(iters=30)}
 
 def _run_workload(w, rounds, peers, settle, log):
     X, y = _data(w["n"], w["d"], w["k"], w["dtype"])
-    runners = {"fastbp": _fastbp_fit, "scikit-learn": _sklearn_fit}
+    # In each round the peers run first, then fastbp: their thread pools are warm when
+    # fastbp runs, as in a real program that uses NumPy (and PyTorch) too.
+    runners = {"scikit-learn": _sklearn_fit}
     if "pytorch" in peers:
         runners["pytorch"] = _torch_fit
+    runners["fastbp"] = _fastbp_fit
     times = {k: [] for k in runners}
     acc, steps = {}, {}
     with warnings.catch_warnings():
@@ -217,6 +225,223 @@ def _loss_grad_speedup(n, rounds, log):
             "target": ">= 1.8x from 1 to 2 threads"}
 
 
+def _interleaved(cases, rounds, settle, log, label):
+    """Run ``cases`` ({name: callable returning seconds}) in turn for ``rounds`` rounds;
+    return the median seconds of each."""
+    times = {k: [] for k in cases}
+    for r in range(rounds):
+        for name, case in cases.items():
+            gc.collect()
+            time.sleep(settle)
+            times[name].append(case())
+            log(f"  round {r + 1}/{rounds} {label} {name:28s} {times[name][-1]:8.3f} s")
+    return {k: float(np.median(v)) for k, v in times.items()}
+
+
+def _timed(fn):
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def _grid_data():
+    """The digits, four times over with a little noise: 7188 x 64."""
+    from sklearn.datasets import load_digits
+    X, y = load_digits(return_X_y=True)
+    rng = np.random.default_rng(0)
+    X = np.vstack([X / 16.0 + rng.normal(scale=0.05, size=X.shape) for _ in range(4)])
+    return X, np.tile(y, 4)
+
+
+def _gridsearch(rounds, settle, log):
+    """GridSearchCV over each library's MLPClassifier, n_jobs=1 and 2 (12 fits each)."""
+    import fastbp
+    from sklearn.model_selection import GridSearchCV
+    from sklearn.neural_network import MLPClassifier
+    X, y = _grid_data()
+    grid = {"hidden_layer_sizes": [(32,), (64,)], "alpha": [1e-4, 1e-2]}
+    params = dict(max_iter=30, random_state=0)
+
+    def search(est, n_jobs):
+        return lambda: _timed(lambda: GridSearchCV(est(**params), grid, cv=3,
+                                                   n_jobs=n_jobs).fit(X, y))
+    # Start the workers once, as a program that searches more than once has them: worker
+    # start-up (importing NumPy, SciPy, scikit-learn) is not what this row measures.
+    old = os.environ.get("PYTHONWARNINGS")
+    os.environ["PYTHONWARNINGS"] = "ignore"  # for the workers' ConvergenceWarnings
+    try:
+        for est in (MLPClassifier, fastbp.MLPClassifier):
+            GridSearchCV(est(max_iter=1), {"alpha": [1e-4, 1e-3]}, cv=2, n_jobs=2).fit(
+                X[:400], y[:400])
+        med = _interleaved({"scikit-learn n_jobs=1": search(MLPClassifier, 1),
+                            "scikit-learn n_jobs=2": search(MLPClassifier, 2),
+                            "fastbp n_jobs=1": search(fastbp.MLPClassifier, 1),
+                            "fastbp n_jobs=2": search(fastbp.MLPClassifier, 2)},
+                           rounds, settle, log, "GridSearchCV")
+    finally:
+        if old is None:
+            os.environ.pop("PYTHONWARNINGS", None)
+        else:
+            os.environ["PYTHONWARNINGS"] = old
+    return {"workload": "gridsearch", "shape": "7188x64", "hidden": [32, 64],
+            "seconds": med,
+            "speedup": {"fastbp n_jobs=2 vs n_jobs=1":
+                        med["fastbp n_jobs=1"] / med["fastbp n_jobs=2"],
+                        "scikit-learn": med["scikit-learn n_jobs=2"] / med["fastbp n_jobs=2"]},
+            "target": "n_jobs=2 >= 1.25x n_jobs=1, >= 2x scikit-learn n_jobs=2"}
+
+
+def _sklearn_defaults(rounds, settle, log, with_torch=False):
+    """scikit-learn's default MLPClassifier settings on 5000 x 784 (float64), to
+    convergence; test accuracy on 1250 held-out rows."""
+    import fastbp
+    from sklearn.neural_network import MLPClassifier
+    X, y = _data(6250, 784, 10, np.float64, seed=1, spread=0.6)
+    Xtr, ytr, Xte, yte = X[:5000], y[:5000], X[5000:], y[5000:]
+    acc, epochs = {}, {}
+
+    def run(name, est):
+        def case():
+            clf = est(random_state=0)
+            sec = _timed(lambda: clf.fit(Xtr, ytr))
+            acc[name], epochs[name] = float(clf.score(Xte, yte)), int(clf.n_iter_)
+            return sec
+        return case
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        med = _interleaved({"scikit-learn": run("scikit-learn", MLPClassifier),
+                            "fastbp": run("fastbp", fastbp.MLPClassifier)},
+                           rounds, settle, log, "defaults")
+    return {"workload": "sklearn-defaults", "shape": "5000x784", "hidden": [100],
+            "solver": "adam", "dtype": "float64", "batch": 200, "seconds": med,
+            "speedup": {"scikit-learn": med["scikit-learn"] / med["fastbp"]},
+            "accuracy": acc, "epochs": epochs,
+            "target": ">= 3x scikit-learn at equal test accuracy"}
+
+
+def _fixed_cost(rounds, settle, log):
+    """A fit's fixed cost (validation, allocation, thread start, checks) against one
+    epoch: fits of 1 and 3 epochs, interleaved; epoch = (t3 - t1) / 2, fixed = t1 - epoch."""
+    import fastbp
+    rows = []
+    for k in (1, 2):
+        w = WORKLOADS[k]
+        X, y = _data(w["n"], w["d"], w["k"], w["dtype"])
+
+        def fit(epochs):
+            clf = fastbp.MLPClassifier(hidden_layer_sizes=w["hidden"], batch_size=w["batch"],
+                                       max_iter=epochs, tol=0.0, n_iter_no_change=10**9,
+                                       random_state=0)
+            return lambda: _timed(lambda: clf.fit(X, y))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            med = _interleaved({"1 epoch": fit(1), "3 epochs": fit(3)}, rounds, settle, log,
+                               w["name"])
+        epoch = (med["3 epochs"] - med["1 epoch"]) / 2
+        fixed = med["1 epoch"] - epoch
+        rows.append({"workload": w["name"], "epoch_seconds": epoch, "fixed_seconds": fixed,
+                     "fixed_over_epoch": fixed / epoch})
+    first = _first_fit(log)
+    return {"workload": "fixed-cost", "rows": rows, "first_fit": first,
+            "target": "fixed cost small next to one epoch; first fit <= 1.2x a later one"}
+
+
+_FIRST_SCRIPT = r"""
+import time, warnings, numpy as np, fastbp
+from fastbp._bench import WORKLOADS, _data
+warnings.simplefilter("ignore")
+w = WORKLOADS[1]
+X, y = _data(w["n"], w["d"], w["k"], w["dtype"])
+ts = []
+for _ in range(4):
+    clf = fastbp.MLPClassifier(hidden_layer_sizes=w["hidden"], batch_size=w["batch"],
+                               max_iter=w["iters"], tol=0.0, n_iter_no_change=10**9,
+                               random_state=0)
+    t0 = time.perf_counter()
+    clf.fit(X, y)
+    ts.append(time.perf_counter() - t0)
+print(ts[0], float(np.median(ts[1:])))
+"""
+
+
+def _first_fit(log, processes=7):
+    """The first fit in a fresh process (after ``import fastbp``) against later ones:
+    median over processes of first / median(later three), on the adam-small workload."""
+    ratios = []
+    for _ in range(processes):
+        out = subprocess.run([sys.executable, "-c", _FIRST_SCRIPT], capture_output=True,
+                             text=True, check=True).stdout.split()
+        first, later = map(float, out)
+        ratios.append(first / later)
+    ratio = float(np.median(ratios))
+    log(f"  first fit / later fit: {ratio:.2f} (median of {processes} processes)")
+    return {"ratio": ratio, "ratios": ratios}
+
+
+_CORES_SCRIPT = r"""
+import sys, time, warnings, numpy as np, fastbp
+from threadpoolctl import threadpool_limits
+from fastbp._bench import WORKLOADS, _data
+warnings.simplefilter("ignore")
+w = WORKLOADS[3]
+X, y = _data(w["n"], w["d"], w["k"], w["dtype"])
+def fit():
+    clf = fastbp.MLPClassifier(hidden_layer_sizes=w["hidden"], solver="lbfgs", max_iter=60,
+                               tol=0.0, random_state=0)
+    c0, t0 = time.process_time(), time.perf_counter()
+    clf.fit(X, y)
+    return (time.process_time() - c0) / (time.perf_counter() - t0)
+fit()
+if sys.argv[1] == "limit":
+    with threadpool_limits(1, user_api="openmp"):
+        print(fit())
+else:
+    print(fit())
+"""
+
+
+def _cores_used(log):
+    """Cores a full-batch fit keeps busy (process CPU time / wall time), with and without
+    ``threadpool_limits(1, user_api="openmp")``; each in a fresh process."""
+    used = {}
+    for case in ("limit", "none"):
+        out = subprocess.run([sys.executable, "-c", _CORES_SCRIPT, case], capture_output=True,
+                             text=True, check=True).stdout
+        used[case] = float(out.split()[-1])
+    log(f"  cores used by an L-BFGS fit: {used['none']:.2f}; under "
+        f"threadpool_limits(1, 'openmp'): {used['limit']:.2f}")
+    return {"workload": "openmp-limit", "cores_used": used,
+            "target": "one core under the limit, all of them without"}
+
+
+def _contention(rounds, settle, log):
+    """n_jobs=2 against n_jobs=1 while another process keeps one core busy."""
+    import fastbp
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        res = {}
+        for k in (1, 2):
+            w = WORKLOADS[k]
+            X, y = _data(w["n"], w["d"], w["k"], w["dtype"])
+
+            def fit(n_jobs):
+                clf = fastbp.MLPClassifier(hidden_layer_sizes=w["hidden"], n_jobs=n_jobs,
+                                           batch_size=w["batch"], max_iter=w["iters"],
+                                           tol=0.0, n_iter_no_change=10**9, random_state=0)
+                return lambda: _timed(lambda: clf.fit(X, y))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                med = _interleaved({"n_jobs=1": fit(1), "n_jobs=2": fit(2)}, rounds, settle,
+                                   log, w["name"] + " (busy core)")
+            res[w["name"]] = {"seconds": med, "n_jobs=2 / n_jobs=1":
+                              med["n_jobs=2"] / med["n_jobs=1"]}
+    finally:
+        hog.kill()
+        hog.wait()
+    return {"workload": "contention", "cases": res,
+            "target": "n_jobs=2 not slower than n_jobs=1 beyond noise"}
+
+
 _RSS_SCRIPT = r"""
 import resource, sys, numpy as np, fastbp
 n = int(sys.argv[1])
@@ -255,12 +480,24 @@ def run(quick=False, rounds=None, settle=0.5, log=print, workloads=None, with_to
 
     peers = ["scikit-learn"] + (["pytorch"] if with_torch and _have_torch() else [])
     rounds = rounds or (2 if quick else 3)
-    chosen = workloads or ([1, 3, 5] if quick else [1, 2, 3, 4, 5])
+    chosen = workloads or ([1, 3, 5] if quick else [1, 2, 3, 4, 5, 6, 7, 8, 9, 10])
     log("measuring the GEMM peak ...")
     peak = {"sgemm": gemm_peak(np.float32), "dgemm": gemm_peak(np.float64)}
     log(f"  sgemm {peak['sgemm']:.1f} GFLOP/s, dgemm {peak['dgemm']:.1f} GFLOP/s")
     results = []
+    extra = {6: ("scikit-learn's default MLPClassifier on 5000x784",
+                 lambda: _sklearn_defaults(rounds, settle, log)),
+             7: ("GridSearchCV, n_jobs 1 and 2", lambda: _gridsearch(rounds, settle, log)),
+             8: ("fixed cost per fit, first fit", lambda: _fixed_cost(max(rounds, 5), settle,
+                                                                      log)),
+             9: ("cores used under threadpool_limits", lambda: _cores_used(log)),
+             10: ("n_jobs=2 against 1 next to a busy core",
+                  lambda: _contention(rounds, settle, log))}
     for k in chosen:
+        if k in extra:
+            log(f"workload {k}: {extra[k][0]}")
+            results.append(extra[k][1]())
+            continue
         if k == 5:
             log("workload 5: full-batch loss_grad, threads and memory")
             results.append(_loss_grad_speedup(50000 if quick else 200000,
@@ -316,7 +553,14 @@ def markdown(report):
              "speed-up vs PyTorch | fastbp GFLOP/s (% peak) | accuracy fastbp / sklearn / "
              "PyTorch | target |",
              "|---|---|---|---|---|---|---|---|---|"]
+    notes = []
     for r in report["results"]:
+        if r["workload"] in _EXTRA_ROWS:
+            row, note = _EXTRA_ROWS[r["workload"]](r)
+            if row:
+                lines.append(row)
+            notes.extend(note)
+            continue
         if r["workload"] == "loss_grad-memory":
             lines.append(f"| {r['workload']} {r['shape']} | | | | | | | | peak RSS "
                          f"{r['peak_rss_over_x']:.2f}x X ({r['target']}) |")
@@ -341,7 +585,53 @@ def markdown(report):
             f"{r['dtype']} | {s['fastbp']:.3f} | {s['scikit-learn']:.3f} | {pt_s} | "
             f"{sp['scikit-learn']:.1f}x | {pt_sp} | {gtxt} | {acc['fastbp']:.3f} / "
             f"{acc['scikit-learn']:.3f}{pt_acc} | {r['target']} |")
-    return "\n".join(lines)
+    return "\n".join(lines + ([""] + notes if notes else []))
+
+
+def _md_defaults(r):
+    s, a, e = r["seconds"], r["accuracy"], r["epochs"]
+    return (f"| sklearn-defaults {r['shape']} (100,) adam float64, to convergence | "
+            f"{s['fastbp']:.3f} | {s['scikit-learn']:.3f} | | "
+            f"{r['speedup']['scikit-learn']:.1f}x | | | test {a['fastbp']:.3f} / "
+            f"{a['scikit-learn']:.3f} ({e['fastbp']} / {e['scikit-learn']} epochs) | "
+            f"{r['target']} |"), []
+
+
+def _md_grid(r):
+    s, sp = r["seconds"], r["speedup"]
+    return (f"| GridSearchCV 12 fits, digits x4 {r['shape']}, n_jobs=2 | "
+            f"{s['fastbp n_jobs=2']:.3f} (n_jobs=1 {s['fastbp n_jobs=1']:.3f}) | "
+            f"{s['scikit-learn n_jobs=2']:.3f} (n_jobs=1 {s['scikit-learn n_jobs=1']:.3f}) | "
+            f"| {sp['scikit-learn']:.1f}x | | | | {sp['fastbp n_jobs=2 vs n_jobs=1']:.2f}x "
+            f"from n_jobs=1 to 2 ({r['target']}) |"), []
+
+
+def _md_fixed(r):
+    notes = ["Fixed cost per fit (validation, allocation, thread start, checks; "
+             "`fit` of 1 and 3 epochs, interleaved): "
+             + "; ".join(f"{x['workload']} {1000 * x['fixed_seconds']:.1f} ms against "
+                         f"{1000 * x['epoch_seconds']:.1f} ms per epoch "
+                         f"({x['fixed_over_epoch']:.2f} epoch)" for x in r["rows"])
+             + f". First fit in a fresh process / a later one: {r['first_fit']['ratio']:.2f}."]
+    return None, notes
+
+
+def _md_cores(r):
+    c = r["cores_used"]
+    return None, [f"Cores kept busy by an L-BFGS fit (CPU time / wall time): {c['none']:.2f}; "
+                  f"under `threadpool_limits(1, user_api='openmp')`: {c['limit']:.2f}."]
+
+
+def _md_contention(r):
+    parts = [f"{name} {v['seconds']['n_jobs=2']:.3f} s against {v['seconds']['n_jobs=1']:.3f} s"
+             f" ({v['n_jobs=2 / n_jobs=1']:.2f}x)" for name, v in r["cases"].items()]
+    return None, ["With another process keeping one core busy, n_jobs=2 against n_jobs=1: "
+                  + "; ".join(parts) + "."]
+
+
+_EXTRA_ROWS = {"sklearn-defaults": _md_defaults, "gridsearch": _md_grid,
+               "fixed-cost": _md_fixed, "openmp-limit": _md_cores,
+               "contention": _md_contention}
 
 
 def plot(report, path):
@@ -349,7 +639,8 @@ def plot(report, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    rows = [r for r in report["results"] if r["workload"] not in ("loss_grad-memory",)]
+    rows = [r for r in report["results"] if r["workload"] not in (
+        "loss_grad-memory", "fixed-cost", "openmp-limit", "contention")]
     fig, ax = plt.subplots(figsize=(8, 4))
     labels, x = [], 0
     for r in rows:

@@ -27,7 +27,7 @@ from .distributed import is_dask_collection
 from ._objective import LocalObjective
 from ._hessian_free import HessianFreeState, fit_hessian_free
 from ._solvers import DivergenceError, StochasticOptimizer, _diverged, fit_full_batch
-from ._threads import single_threaded_blas, threads_for_batch
+from ._threads import blas_threads, minibatch_plan
 
 __all__ = ["MLPClassifier", "MLPRegressor"]
 
@@ -323,18 +323,21 @@ class _BaseMLP(BaseEstimator):
         if not hasattr(self, "_best_theta") or self._best_theta.shape != theta.shape:
             self._best_theta = theta.copy()
         self._best_theta[...] = theta
-        n_threads = threads_for_batch(self.n_jobs, batch_size)
-        # BLAS runs single-threaded: fastbp's team splits the minibatches, and a fit's
-        # GEMMs round the same way whatever else runs in the process (concurrent fits
-        # give the results of sequential ones).
+        mode, n_threads = minibatch_plan(self.n_jobs, batch_size, net.n_params,
+                                         net.dtype.itemsize)
+        self.parallelism_ = {"mode": mode, "threads": n_threads}
+        # 'team': fastbp's threads split each minibatch and BLAS runs single-threaded;
+        # 'blas': one thread, BLAS uses the threads; 'serial': one of each. See _threads.
+        team = n_threads if mode == "team" else 1
         start = None if incremental else theta.copy()
-        with single_threaded_blas():
-            self._run_epochs(opt, data, order, batch_size, n_threads, early_stopping,
+        with blas_threads(n_threads if mode == "blas" else 1):
+            self._run_epochs(opt, data, order, batch_size, team, early_stopping,
                              X_val, y_val, sw_val, incremental, last_good)
-            # Each epoch's loss is measured on the way, before its updates: the final
-            # parameters are checked once more on all the training rows.
-            if start is not None and not math.isfinite(
-                    net._loss_grad(theta, data, self.alpha, None)):
+            # Each epoch's loss is measured on the way, before each update. The final
+            # parameters are certified from a bound (O(n_params)); only when the bound
+            # cannot tell is the loss measured once more on the training rows.
+            if (start is not None and not net.loss_is_surely_finite(theta, data)
+                    and not math.isfinite(net._loss_grad(theta, data, self.alpha, None))):
                 theta[...] = start
                 self._optimizer = None
                 raise DivergenceError(

@@ -67,49 +67,72 @@ cdef extern from *:
     #define FASTBP_ISA "baseline"
     #endif
 
-    /* A team barrier that spins briefly, then yields the CPU. On a busy machine (more
-       runnable threads than cores) a thread that blocks in a futex or spins for long
-       keeps the straggler it waits for off the CPU; yielding lets it run. */
+    /* A team barrier whose waiters spin only while spinning pays. Each thread carries a
+       spin budget (in pause instructions): a wait that ends within it doubles the budget
+       (up to FASTBP_SPIN_MAX), a wait that outlasts it halves it and yields the CPU until
+       the barrier opens. On a busy machine (more runnable threads than cores) the thread
+       a waiter waits for is off the CPU, waits outlast any budget, and budgets fall to
+       zero within a few minibatches: waiters then only yield, which lets that thread run.
+       The caller starts the budgets at zero when it already sees such a machine. */
+    #define FASTBP_SPIN_MAX 4096
+    static FASTBP_INLINE void fastbp_spin_done(int* budget, int spins, int yielded) {
+        if (yielded) {
+            *budget /= 2;
+        } else if (*budget < FASTBP_SPIN_MAX && spins * 2 > *budget) {
+            *budget = *budget * 2 + 16 > FASTBP_SPIN_MAX ? FASTBP_SPIN_MAX
+                                                          : *budget * 2 + 16;
+        }
+    }
     #if defined(_MSC_VER)
     #include <windows.h>
     #include <intrin.h>
     typedef struct { volatile long count; volatile long generation; } fastbp_barrier_t;
-    static FASTBP_INLINE void fastbp_barrier_wait(fastbp_barrier_t* b, int team) {
+    static FASTBP_INLINE void fastbp_barrier_wait(fastbp_barrier_t* b, int team,
+                                                  int* budget) {
         long gen = InterlockedCompareExchange(&b->generation, 0, 0);
         if (InterlockedIncrement(&b->count) == team) {
             InterlockedExchange(&b->count, 0);
             InterlockedExchange(&b->generation, gen + 1);
             return;
         }
-        int spins = 0;
+        int spins = 0, yielded = 0;
         while (InterlockedCompareExchange(&b->generation, 0, 0) == gen) {
-            if (++spins < 2000) {
+            if (spins < *budget) {
+                ++spins;
                 YieldProcessor();
             } else {
+                yielded = 1;
                 SwitchToThread();
             }
         }
+        fastbp_spin_done(budget, spins, yielded);
     }
     #else
     #include <sched.h>
     typedef struct { int count; int generation; } fastbp_barrier_t;
-    static FASTBP_INLINE void fastbp_barrier_wait(fastbp_barrier_t* b, int team) {
+    static FASTBP_INLINE void fastbp_barrier_wait(fastbp_barrier_t* b, int team,
+                                                  int* budget) {
         int gen = __atomic_load_n(&b->generation, __ATOMIC_ACQUIRE);
         if (__atomic_add_fetch(&b->count, 1, __ATOMIC_ACQ_REL) == team) {
             __atomic_store_n(&b->count, 0, __ATOMIC_RELAXED);
             __atomic_store_n(&b->generation, gen + 1, __ATOMIC_RELEASE);
             return;
         }
-        int spins = 0;
+        int spins = 0, yielded = 0;
         while (__atomic_load_n(&b->generation, __ATOMIC_ACQUIRE) == gen) {
-            if (++spins < 2000) {
+            if (spins < *budget) {
+                ++spins;
     #if defined(__x86_64__) || defined(__i386__)
                 __builtin_ia32_pause();
+    #elif defined(__aarch64__)
+                __asm__ __volatile__("yield");
     #endif
             } else {
+                yielded = 1;
                 sched_yield();
             }
         }
+        fastbp_spin_done(budget, spins, yielded);
     }
     #endif
 
@@ -195,7 +218,8 @@ cdef extern from *:
     ctypedef struct barrier_t "fastbp_barrier_t":
         long count
         long generation
-    void barrier_wait "fastbp_barrier_wait"(barrier_t* b, int team) noexcept nogil
+    void barrier_wait "fastbp_barrier_wait"(barrier_t* b, int team, int* budget) noexcept nogil
+    int SPIN_MAX "FASTBP_SPIN_MAX"
     bint fx_add "fastbp_fx_add"(int64_t* w, double v) noexcept nogil
     void fx_merge "fastbp_fx_merge"(int64_t* d, const int64_t* s) noexcept nogil
     double fx_value "fastbp_fx_value"(const int64_t* w) noexcept nogil
@@ -660,6 +684,37 @@ cdef double _sum_squares(const floating* x, Py_ssize_t n) noexcept nogil:
     return sq
 
 
+def max_abs(const floating[::1] x):
+    """max |x_i| in one pass without the GIL, or NaN if x holds a NaN or an infinity.
+
+    For the validation of inputs (finite) and the bound of the parameter check (largest
+    input). Eight independent lanes; x * 0 is NaN exactly for non-finite x.
+    """
+    cdef Py_ssize_t i, k, n = x.shape[0], n8 = n - n % 8
+    cdef floating mx[8]
+    cdef floating nz[8]
+    cdef floating a, m = 0, z = 0
+    if n == 0:
+        return 0.0
+    with nogil:
+        for k in range(8):
+            mx[k] = 0
+            nz[k] = 0
+        for i in range(0, n8, 8):
+            for k in range(8):
+                a = fabs(x[i + k])
+                mx[k] = a if a > mx[k] else mx[k]
+                nz[k] = nz[k] + x[i + k] * 0
+        for i in range(n8, n):
+            a = fabs(x[i])
+            m = a if a > m else m
+            z = z + x[i] * 0
+        for k in range(8):
+            m = mx[k] if mx[k] > m else m
+            z = z + nz[k]
+    return NAN if z != 0 or z != z else <double> m
+
+
 cdef double finish_gradient(const Spec* sp, const floating* theta, floating* grad,
                             const double* dacc, double scale, double alpha) noexcept nogil:
     """Write the intercept gradients and add the L2 term to the coefficient gradients.
@@ -1082,7 +1137,7 @@ def run_epoch(floating[::1] theta, floating[:, ::1] grads, const floating[:, :] 
               bint shuffle, unsigned long long seed, Py_ssize_t batch_size, double alpha,
               int solver, double learning_rate, double momentum, bint nesterov,
               double beta_1, double beta_2, double epsilon, floating[::1] state_1,
-              floating[::1] state_2, long long[::1] step, int n_threads):
+              floating[::1] state_2, long long[::1] step, int n_threads, bint spin=True):
     """One epoch of minibatch SGD or Adam, entirely without the GIL.
 
     ``order`` (n_samples,) holds the row order and is shuffled in place first when
@@ -1095,7 +1150,9 @@ def run_epoch(floating[::1] theta, floating[:, ::1] grads, const floating[:, :] 
     into its own row of ``grads``, ``work`` and ``dacc``, all of shape (n_threads, ...)),
     then splits the parameter vector to reduce the gradients in thread order and step.
     Two barriers per minibatch; BLAS must be single-threaded meanwhile (the caller sees
-    to it). The work per thread is sized for ceil(batch_size / n_threads) rows.
+    to it). The work per thread is sized for ceil(batch_size / n_threads) rows. With
+    ``spin`` false (the caller sees more runnable threads than cores) waiters start
+    without a spin budget: they yield the CPU at once (see fastbp_barrier_wait).
 
     Returns (sum over batches of batch loss x batch rows, number of batches run); the
     epoch stops at the first non-finite batch loss, which the caller detects from the sum.
@@ -1122,7 +1179,7 @@ def run_epoch(floating[::1] theta, floating[:, ::1] grads, const floating[:, :] 
     cdef barrier_t bar
     cdef barrier_t* bar_p = &bar
     # Thread-private (assigned inside the parallel block):
-    cdef int tid, team, k, par
+    cdef int tid, team, k, par, budget
     cdef Py_ssize_t start, nb, lo, hi, i, rows_per, p_per
     cdef double total, wsum, scale, loss, sq, lr_t, n_batches
     cdef long long t
@@ -1148,6 +1205,7 @@ def run_epoch(floating[::1] theta, floating[:, ::1] grads, const floating[:, :] 
     with nogil, parallel(num_threads=n_threads):
         tid = threadid()
         team = omp_get_num_threads()
+        budget = SPIN_MAX if spin else 0
         total = 0.0
         n_batches = 0
         t = t0
@@ -1176,7 +1234,7 @@ def run_epoch(floating[::1] theta, floating[:, ::1] grads, const floating[:, :] 
             else:
                 memset(grads_p + tid * n_params, 0, b_off[0] * sizeof(floating))
             parts_p[par * 2 * team + tid] = loss
-            barrier_wait(bar_p, team)
+            barrier_wait(bar_p, team, &budget)
             # Phase 2: this thread's slice of the parameters: reduce, then step.
             if solver == SOLVER_ADAM_:
                 t = t + 1
@@ -1189,7 +1247,7 @@ def run_epoch(floating[::1] theta, floating[:, ::1] grads, const floating[:, :] 
                                  alpha, solver, lr_t, momentum, nesterov, beta_1, beta_2,
                                  epsilon, s1, s2)
             parts_p[par * 2 * team + team + tid] = sq
-            barrier_wait(bar_p, team)
+            barrier_wait(bar_p, team, &budget)
             # Every thread forms the same batch loss from the parts, in thread order.
             loss = 0.0
             sq = 0.0

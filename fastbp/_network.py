@@ -5,6 +5,7 @@ compute. Solvers and estimators prepare their data once (``Network.prepare``) an
 the kernels through ``Network._loss_grad`` without any per-call validation.
 """
 import contextlib
+import math
 import threading
 from numbers import Integral
 
@@ -39,7 +40,7 @@ class _Data:
     """Kernel-ready (X, Y, sample_weight): converted once, reused by every evaluation."""
 
     __slots__ = ("X", "data", "indices", "indptr", "Y", "sample_weight", "n_samples",
-                 "weight_sum", "acts", "acts_theta", "block")
+                 "weight_sum", "acts", "acts_theta", "block", "x_max", "y_max")
 
 
 class Network:
@@ -305,7 +306,8 @@ class Network:
             X.check_format(full_check=True)
             d.X = None
             d.data = np.ascontiguousarray(X.data, dtype=self.dtype)
-            if not np.isfinite(d.data).all():
+            d.x_max = _core.max_abs(d.data)
+            if not math.isfinite(d.x_max):
                 raise ValueError("X contains NaN or infinity (or values too large for "
                                  f"{np.dtype(self.dtype).name})")
             d.indices = np.ascontiguousarray(X.indices, dtype=np.int32)
@@ -318,7 +320,10 @@ class Network:
                 raise ValueError(f"X must be 2-D (n_samples, n_features), got shape {X.shape}")
             if X.dtype != self.dtype or not (X.flags.c_contiguous or X.flags.f_contiguous):
                 X = np.ascontiguousarray(X, dtype=self.dtype)
-            if not np.isfinite(X).all():
+            # One pass without a temporary: finite, and the largest |x| (for the bound of
+            # check_final_loss).
+            d.x_max = _core.max_abs(X.ravel(order="K"))
+            if not math.isfinite(d.x_max):
                 raise ValueError("X contains NaN or infinity (or values too large for "
                                  f"{np.dtype(self.dtype).name})")
             d.X = X
@@ -331,6 +336,7 @@ class Network:
         d.acts = d.acts_theta = None  # forward activations cached by curvature products
         d.block = None  # rows per block: the network's block size unless set
         d.Y = d.sample_weight = None
+        d.y_max = 0.0
         d.weight_sum = float(d.n_samples)
         if Y is not None:
             Y = np.asarray(Y)
@@ -344,7 +350,8 @@ class Network:
                     f"Y must have shape ({d.n_samples}, {n_outputs}), got {Y.shape}"
                 )
             d.Y = np.ascontiguousarray(Y, dtype=self.dtype)
-            if not np.isfinite(d.Y).all():
+            d.y_max = _core.max_abs(d.Y.ravel())
+            if not math.isfinite(d.y_max):
                 raise ValueError("Y contains NaN or infinity (or values too large for "
                                  f"{np.dtype(self.dtype).name})")
         if sample_weight is not None:
@@ -366,6 +373,40 @@ class Network:
                 raise ValueError("sample_weight sums to zero: at least one must be positive")
             d.sample_weight = sw
         return d
+
+    def loss_is_surely_finite(self, theta, data):
+        """True when the loss at ``theta`` on ``data`` is certainly finite, from the
+        parameters alone (O(n_params), no pass over the rows); False when it cannot tell.
+
+        Propagates a bound on every |z| and |a| through the layers: with |a_{l-1}| <= A
+        elementwise, |z_l[j]| <= A * sum_i |W_l[i, j]| + |b_l[j]|, widened for the
+        rounding of a sum of fan_in + 1 terms; tanh and logistic bound |a_l| by 1, relu
+        and identity by the bound of z. The loss (computed in float64 from z, see the
+        kernels) is finite when every z and the output differences stay far below the
+        dtype's overflow threshold, and, for the exp output, when exp(z) cannot overflow.
+        ``data`` carries max |x| and max |y| from ``prepare``.
+        """
+        if not np.isfinite(theta).all():
+            return False
+        info = np.finfo(self.dtype)
+        limit = float(info.max) / 8
+        bound = float(data.x_max)
+        coefs, intercepts = self.unpack(theta)
+        n_layers = len(coefs)
+        for l, (W, b) in enumerate(zip(coefs, intercepts)):
+            col = np.abs(W).sum(axis=0, dtype=np.float64)
+            z = float(np.max(bound * col + np.abs(b))) if W.shape[1] else 0.0
+            z *= 1 + 2 * (W.shape[0] + 1) * float(info.eps)
+            if not z <= limit:
+                return False
+            last = l == n_layers - 1
+            if not last and self.activation in ("tanh", "logistic"):
+                bound = 1.0
+            else:
+                bound = z
+        if self.output == "exp":
+            return bound < math.log(float(info.max)) - 1
+        return bound + float(data.y_max) <= limit
 
     # Workspaces --------------------------------------------------------------------------
 

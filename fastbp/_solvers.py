@@ -19,6 +19,7 @@ from sklearn.exceptions import ConvergenceWarning
 
 from . import _core
 from ._objective import ObjectiveFailure
+from ._threads import cores_are_busy
 
 __all__ = ["fit_full_batch", "StochasticOptimizer", "DivergenceError", "FULL_BATCH"]
 
@@ -270,7 +271,7 @@ class StochasticOptimizer:
         """One pass over ``order``'s rows; returns the sum of batch loss x batch size.
 
         With ``n_threads`` > 1 every minibatch is split by rows across a team of threads;
-        BLAS should then be limited to one thread (see ``threads_for_batch``).
+        BLAS should then be limited to one thread (see ``_threads.minibatch_plan``).
         """
         grads, work, dacc = self._buffers(net, n_threads, batch_size, data.X is None)
         total, n_batches = _core.run_epoch(
@@ -279,7 +280,7 @@ class StochasticOptimizer:
             work, dacc, order, shuffle, seed, batch_size, float(alpha),
             _core.SOLVERS[self.solver], self.learning_rate, self.momentum, self.nesterov,
             self.beta_1, self.beta_2, self.epsilon, self.state_1, self.state_2, self.step,
-            n_threads)
+            n_threads, n_threads == 1 or not cores_are_busy(n_threads))
         return total
 
     def iteration_ends(self, time_step):

@@ -1,62 +1,209 @@
-"""Thread counts and BLAS thread limits, in one place."""
+"""Thread counts, the parallelism plan of minibatch training, and BLAS thread limits.
+
+fastbp is a guest in its user's process, so it counts threads the way scikit-learn's own
+OpenMP code does: ``omp_get_max_threads()``, which reflects ``OMP_NUM_THREADS``,
+threadpoolctl's ``openmp`` limits and the limits joblib/loky set in their workers. Inside
+a Dask worker it uses the worker's thread count (the nanny sets OpenMP to one thread
+there, while the worker was given its threads to use). An explicit ``n_jobs`` wins.
+"""
 import contextlib
 import os
+import sys
 import threading
 
 from threadpoolctl import ThreadpoolController
 
-__all__ = ["effective_n_jobs", "threads_for_batch", "single_threaded_blas"]
+from . import _core
+
+__all__ = ["cpu_count", "cores_are_busy", "effective_n_jobs", "minibatch_plan", "blas_threads",
+           "single_threaded_blas"]
 
 # Fewer rows than this per thread and splitting a minibatch costs more than it saves.
 MIN_ROWS_PER_THREAD = 16
 
 
-def effective_n_jobs(n_jobs):
-    """Threads to use: None means every CPU this process may run on; -1 too; -2 all
-    but one, and so on."""
+def cpu_count():
+    """CPUs this process may run on (its affinity mask where the OS has one)."""
     try:
-        n_cpus = len(os.sched_getaffinity(0))
+        return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
-        n_cpus = os.cpu_count() or 1
+        return os.cpu_count() or 1
+
+
+def _dask_worker_threads():
+    """The thread count of the Dask worker running this code, or None elsewhere."""
+    if "distributed" not in sys.modules:  # never import Dask just to ask
+        return None
+    try:
+        from distributed import get_worker
+        return max(1, int(get_worker().state.nthreads))
+    except (ImportError, ValueError, AttributeError):
+        return None
+
+
+def effective_n_jobs(n_jobs):
+    """Threads to use for ``n_jobs``.
+
+    None: ``omp_get_max_threads()`` (so ``OMP_NUM_THREADS``, threadpoolctl's ``openmp``
+    limits and joblib's per-worker limits are honoured), or the worker's thread count
+    inside a Dask worker. A positive number is taken as given; -1 means every CPU this
+    process may run on, -2 all but one, and so on.
+    """
     if n_jobs is None:
-        return n_cpus
+        dask_threads = _dask_worker_threads()
+        if dask_threads is not None:
+            return dask_threads
+        return max(1, min(_core.openmp_max_threads(), cpu_count()))
     if n_jobs < 0:
-        return max(1, n_cpus + 1 + n_jobs)
+        return max(1, cpu_count() + 1 + n_jobs)
     return max(1, int(n_jobs))
 
 
+def cores_are_busy(team):
+    """True when a team of ``team`` threads would share cores with other runnable
+    threads: then its barrier must not spin. Linux counts runnable threads right now
+    (``procs_running``, less the calling thread); elsewhere the one-minute load average
+    stands in."""
+    try:
+        with open("/proc/stat", "rb") as fh:
+            for line in fh:
+                if line.startswith(b"procs_running"):
+                    others = int(line.split()[1]) - 1
+                    break
+            else:
+                raise OSError
+    except (OSError, ValueError):
+        try:
+            others = os.getloadavg()[0]
+        except (AttributeError, OSError):
+            return False
+    return others + team > cpu_count()
+
+
+# --- Minibatch parallelism ----------------------------------------------------------------
+# A minibatch can use several cores in two ways:
+#   'team'  fastbp's threads split its rows, each calling single-threaded BLAS on its share,
+#           then split the parameter vector to reduce their gradients and step. Everything
+#           runs in parallel (the elementwise passes and the update too), at the price of
+#           two barriers per minibatch and one gradient copy per thread.
+#   'blas'  one thread runs the minibatch and BLAS uses the threads inside each GEMM. Only
+#           the GEMMs run in parallel, but the threads share the packed weights, and there
+#           is one gradient.
+# The team wins while its working set (the weights plus one gradient per thread, read or
+# written on every minibatch) stays in the last-level cache: past that, every thread
+# streams its own copy of the weights and of its gradient from memory on every step, and
+# the GEMMs, big by then, are what multi-threaded BLAS does best. 'serial' is one thread
+# and one BLAS thread.
+
+_DEFAULT_LLC = 8 * 2**20   # when the OS does not say: a conservative last-level cache
+
+
+def last_level_cache_bytes():
+    """Size of the largest CPU cache the OS reports (bytes), or 8 MiB when it reports none."""
+    sizes = []
+    for name in ("SC_LEVEL3_CACHE_SIZE", "SC_LEVEL2_CACHE_SIZE"):
+        try:
+            value = os.sysconf(name)
+        except (ValueError, OSError, AttributeError):
+            continue
+        if value and value > 0:
+            sizes.append(value)
+    if not sizes:
+        base = "/sys/devices/system/cpu/cpu0/cache"
+        try:
+            for entry in os.listdir(base):
+                with open(os.path.join(base, entry, "size")) as fh:
+                    text = fh.read().strip()
+                mult = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
+                sizes.append(int(text.rstrip("KMG")) * mult)
+        except (OSError, ValueError):
+            pass
+    return max(sizes) if sizes else _DEFAULT_LLC
+
+
+def minibatch_plan(n_jobs, batch_size, n_params, itemsize):
+    """How minibatch training uses the cores: ``(mode, threads)``.
+
+    ``mode`` is 'serial', 'team' or 'blas' (see above); ``threads`` the team size or the
+    BLAS thread count. The choice depends on the shapes only (never on timings), so a
+    given machine and thread count always makes the same choice, and results are
+    deterministic for it.
+    """
+    threads = effective_n_jobs(n_jobs)
+    team = max(1, min(threads, batch_size // MIN_ROWS_PER_THREAD))
+    if threads == 1:
+        return "serial", 1
+    if (team + 1) * n_params * itemsize <= last_level_cache_bytes():
+        return ("team", team) if team > 1 else ("serial", 1)
+    # BLAS gets no more threads than the process allows it (threadpool_limits on 'blas').
+    threads = min(threads, _blas_max_threads())
+    return ("blas", threads) if threads > 1 else ("serial", 1)
+
+
+# --- BLAS thread limits -------------------------------------------------------------------
+# BLAS limits are process-wide. Every fastbp computation that needs a limit registers it
+# for its duration; the limit in force is the smallest registered one (a team that needs
+# single-threaded BLAS is never disturbed by a concurrent 'blas' fit), and the last one to
+# leave restores the original limits exactly. Finding the loaded BLAS libraries is
+# threadpoolctl's slow part (10-20 ms in a process with NumPy, SciPy and scikit-learn): it
+# happens once, at import, so that the first fit costs what later ones do. The BLAS that
+# matters is SciPy's, which fastbp's kernels call and which is loaded by now.
+
 _CONTROLLER = None
 _LOCK = threading.Lock()
-_DEPTH = 0
-_LIMITER = None
+_ACTIVE = []        # limits registered by running computations
+_LIMITER = None     # threadpoolctl's handle on the original limits
+_IN_FORCE = None
+
+
+def _controller():
+    global _CONTROLLER
+    if _CONTROLLER is None:
+        _CONTROLLER = ThreadpoolController().select(user_api="blas")
+    return _CONTROLLER
+
+
+def _blas_max_threads():
+    """The largest thread count the loaded BLAS libraries are allowed now."""
+    with _LOCK:
+        counts = [lib["num_threads"] for lib in _controller().info()]
+    return max(counts) if counts else 1
+
+
+def _apply():
+    """Set the smallest registered limit, or restore the original ones (under _LOCK)."""
+    global _LIMITER, _IN_FORCE
+    wanted = min(_ACTIVE) if _ACTIVE else None
+    if wanted == _IN_FORCE:
+        return
+    if _LIMITER is not None:
+        _LIMITER.restore_original_limits()
+        _LIMITER = None
+    if wanted is not None:
+        _LIMITER = _controller().limit(limits=wanted)
+    _IN_FORCE = wanted
 
 
 @contextlib.contextmanager
-def single_threaded_blas():
-    """A context that limits every BLAS library to one thread until it exits.
-
-    Reentrant and shared by all threads of the process: the first context to enter sets
-    the limit, the last to leave restores the original limits (BLAS limits are
-    process-wide), and nested contexts cost almost nothing. Finding the loaded BLAS
-    libraries is the slow part of threadpoolctl, so it is done once per process.
-    """
-    global _CONTROLLER, _DEPTH, _LIMITER
+def blas_threads(n):
+    """A context in which BLAS uses at most ``n`` threads (fewer if another running
+    fastbp computation needs fewer); the original limits come back when the last such
+    context exits. Reentrant and thread-safe."""
+    n = max(1, int(n))
     with _LOCK:
-        if _DEPTH == 0:
-            if _CONTROLLER is None:
-                _CONTROLLER = ThreadpoolController()
-            _LIMITER = _CONTROLLER.limit(limits=1, user_api="blas")
-        _DEPTH += 1
+        _ACTIVE.append(n)
+        _apply()
     try:
         yield
     finally:
         with _LOCK:
-            _DEPTH -= 1
-            if _DEPTH == 0:
-                _LIMITER.restore_original_limits()
-                _LIMITER = None
+            _ACTIVE.remove(n)
+            _apply()
 
 
-def threads_for_batch(n_jobs, batch_size):
-    """Threads that split one minibatch: at most n_jobs, at least 16 rows each."""
-    return max(1, min(effective_n_jobs(n_jobs), batch_size // MIN_ROWS_PER_THREAD))
+def single_threaded_blas():
+    """``blas_threads(1)``: fastbp's own threads own the cores."""
+    return blas_threads(1)
+
+
+_controller()
