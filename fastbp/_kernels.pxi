@@ -1083,15 +1083,15 @@ cdef enum:
 
 
 cdef double reduce_and_step(const Spec* sp, floating* theta, floating* grads,
-                            const double* daccs, int team, Py_ssize_t lo, Py_ssize_t hi,
+                            const double* daccs, int chunks, Py_ssize_t lo, Py_ssize_t hi,
                             double scale, double alpha, int solver, double lr,
                             double momentum, bint nesterov, double beta_1, double beta_2,
                             double epsilon, floating* state_1, floating* state_2
                             ) noexcept nogil:
-    """Sum the team's gradients for parameters [lo, hi), add the L2 term, and step.
+    """Sum the chunks' gradients for parameters [lo, hi), add the L2 term, and step.
 
-    grads is (team, n_params) and daccs (team, n_intercepts), one row per thread; the
-    reduced gradient is written to grads[0, lo:hi], summed in thread order. lr is the step
+    grads is (chunks, n_params) and daccs (chunks, n_intercepts), one row per chunk; the
+    reduced gradient is written to grads[0, lo:hi], summed in chunk order. lr is the step
     size (Adam's bias-corrected lr_t). Returns sum(theta[i]^2) over the coefficients in
     [lo, hi), taken before the step, for the penalty term of the loss.
     """
@@ -1103,7 +1103,7 @@ cdef double reduce_and_step(const Spec* sp, floating* theta, floating* grads,
     # The intercepts' gradients, from the float64 sums.
     for i in range(max(lo, n_coef), hi):
         acc = daccs[i - n_coef]
-        for k in range(1, team):
+        for k in range(1, chunks):
             acc += daccs[k * n_int + i - n_coef]
         grads[i] = <floating> acc
     # Chunk by chunk, so that every pass over a chunk finds it in L1; within a chunk each
@@ -1112,7 +1112,7 @@ cdef double reduce_and_step(const Spec* sp, floating* theta, floating* grads,
     while c0 < hi:
         c1 = min(hi, c0 + STEP_CHUNK)
         if c0 < c_hi:
-            for k in range(1, team):
+            for k in range(1, chunks):
                 for i in range(c0, min(c1, c_hi)):
                     grads[i] = grads[i] + grads[k * n_params + i]
             if alpha != 0.0:
@@ -1137,7 +1137,8 @@ def run_epoch(floating[::1] theta, floating[:, ::1] grads, const floating[:, :] 
               bint shuffle, unsigned long long seed, Py_ssize_t batch_size, double alpha,
               int solver, double learning_rate, double momentum, bint nesterov,
               double beta_1, double beta_2, double epsilon, floating[::1] state_1,
-              floating[::1] state_2, long long[::1] step, int n_threads, bint spin=True):
+              floating[::1] state_2, long long[::1] step, int n_chunks, int n_threads=0,
+              bint spin=True):
     """One epoch of minibatch SGD or Adam, entirely without the GIL.
 
     ``order`` (n_samples,) holds the row order and is shuffled in place first when
@@ -1146,13 +1147,17 @@ def run_epoch(floating[::1] theta, floating[:, ::1] grads, const floating[:, :] 
     update: SGD with ``state_1`` as velocity, or Adam with moments ``state_1``/``state_2``
     and ``step[0]`` as its step counter.
 
-    With ``n_threads`` > 1, a team of threads splits every minibatch by rows (each thread
-    into its own row of ``grads``, ``work`` and ``dacc``, all of shape (n_threads, ...)),
-    then splits the parameter vector to reduce the gradients in thread order and step.
-    Two barriers per minibatch; BLAS must be single-threaded meanwhile (the caller sees
-    to it). The work per thread is sized for ceil(batch_size / n_threads) rows. With
-    ``spin`` false (the caller sees more runnable threads than cores) waiters start
-    without a spin budget: they yield the CPU at once (see fastbp_barrier_wait).
+    Every minibatch is cut into ``n_chunks`` chunks of consecutive rows, each with its own
+    gradient row in ``grads`` and ``dacc`` (shape (n_chunks, ...)); the chunk gradients
+    are then summed in chunk order, and the parameter vector, cut into n_chunks slices,
+    is stepped. ``n_threads`` threads (default n_chunks; at most n_chunks) share the
+    chunks and the slices round-robin, each with its own row of ``work``. So the result
+    depends on n_chunks only, never on how many threads ran: the caller may run fewer
+    threads on a busy machine and get the same model. Two barriers per minibatch; BLAS
+    must be single-threaded meanwhile (the caller sees to it). ``work`` rows are sized for
+    ceil(batch_size / n_chunks) rows. With ``spin`` false (the caller sees more runnable
+    threads than cores) barrier waiters start without a spin budget: they yield the CPU
+    at once (see fastbp_barrier_wait).
 
     Returns (sum over batches of batch loss x batch rows, number of batches run); the
     epoch stops at the first non-finite batch loss, which the caller detects from the sum.
@@ -1160,8 +1165,10 @@ def run_epoch(floating[::1] theta, floating[:, ::1] grads, const floating[:, :] 
     cdef Spec sp
     cdef Input inp
     cdef Py_ssize_t n = order.shape[0], n_params = theta.shape[0]
-    cdef Py_ssize_t per_thread = (batch_size + n_threads - 1) // n_threads
+    cdef int C = n_chunks
+    cdef Py_ssize_t per_chunk = (batch_size + C - 1) // C if C > 0 else 0
     cdef Py_ssize_t n_int = dacc.shape[1], ws = work.shape[1]
+    cdef Py_ssize_t p_per = (n_params + C - 1) // C if C > 0 else 0
     cdef const double* sw = NULL
     cdef floating* theta_p = &theta[0]
     cdef floating* grads_p = &grads[0, 0]
@@ -1172,25 +1179,29 @@ def run_epoch(floating[::1] theta, floating[:, ::1] grads, const floating[:, :] 
     cdef floating* s1 = &state_1[0]
     cdef floating* s2 = &state_2[0]
     cdef long long t0 = step[0]
-    cdef double[::1] parts = np.zeros(4 * n_threads)   # [parity][loss | sq][thread]
+    cdef double[::1] parts = np.zeros(4 * max(C, 1))   # [parity][loss | sq][chunk]
     cdef double* parts_p = &parts[0]
     cdef double[::1] result = np.zeros(3)
     cdef double* result_p = &result[0]
     cdef barrier_t bar
     cdef barrier_t* bar_p = &bar
     # Thread-private (assigned inside the parallel block):
-    cdef int tid, team, k, par, budget
-    cdef Py_ssize_t start, nb, lo, hi, i, rows_per, p_per
+    cdef int tid, team, k, par, budget, c
+    cdef Py_ssize_t start, nb, lo, hi, i, rows_per
     cdef double total, wsum, scale, loss, sq, lr_t, n_batches
     cdef long long t
 
-    if grads.shape[0] < n_threads or work.shape[0] < n_threads or dacc.shape[0] < n_threads:
-        raise ValueError("grads, work and dacc need one row per thread")
+    if n_threads <= 0:
+        n_threads = n_chunks
+    if n_chunks < 1 or n_threads > n_chunks:
+        raise ValueError("need 1 <= n_threads <= n_chunks")
+    if grads.shape[0] < n_chunks or dacc.shape[0] < n_chunks or work.shape[0] < n_threads:
+        raise ValueError("grads and dacc need one row per chunk, work one per thread")
     if grads.shape[1] != n_params or state_1.shape[0] != n_params:
         raise ValueError("grads and state_1 must match theta's length")
     if solver == SOLVER_ADAM_ and state_2.shape[0] != n_params:
         raise ValueError("state_2 must match theta's length for Adam")
-    _fill(&sp, &inp, sizes, w_off, b_off, act, out, per_thread, X, data, indices, indptr,
+    _fill(&sp, &inp, sizes, w_off, b_off, act, out, per_chunk, X, data, indices, indptr,
           theta)
     if sample_weight is not None:
         sw = &sample_weight[0]
@@ -1204,14 +1215,13 @@ def run_epoch(floating[::1] theta, floating[:, ::1] grads, const floating[:, :] 
     bar.generation = 0
     with nogil, parallel(num_threads=n_threads):
         tid = threadid()
-        team = omp_get_num_threads()
+        team = omp_get_num_threads()   # OpenMP may give fewer threads than asked
         budget = SPIN_MAX if spin else 0
         total = 0.0
         n_batches = 0
         t = t0
         par = 0
         start = 0
-        p_per = (n_params + team - 1) // team
         while start < n:
             nb = min(batch_size, n - start)
             if sw != NULL:
@@ -1221,39 +1231,45 @@ def run_epoch(floating[::1] theta, floating[:, ::1] grads, const floating[:, :] 
             else:
                 wsum = nb
             scale = 1.0 / wsum if wsum > 0 else 0.0
-            # Phase 1: this thread's rows of the batch, into its own buffers.
-            rows_per = (nb + team - 1) // team
-            lo = min(nb, tid * rows_per)
-            hi = min(nb, lo + rows_per)
-            memset(dacc_p + tid * n_int, 0, n_int * sizeof(double))
-            loss = 0.0
-            if hi > lo:
-                loss = block_pass(&sp, &inp, order_p, start + lo, hi - lo, Y_p, sw, scale,
-                                  theta_p, grads_p + tid * n_params, dacc_p + tid * n_int,
-                                  work_p + tid * ws, False, NULL)
-            else:
-                memset(grads_p + tid * n_params, 0, b_off[0] * sizeof(floating))
-            parts_p[par * 2 * team + tid] = loss
+            # Phase 1: this thread's chunks of the batch, each into its own buffers.
+            rows_per = (nb + C - 1) // C
+            c = tid
+            while c < C:
+                lo = min(nb, c * rows_per)
+                hi = min(nb, lo + rows_per)
+                memset(dacc_p + c * n_int, 0, n_int * sizeof(double))
+                loss = 0.0
+                if hi > lo:
+                    loss = block_pass(&sp, &inp, order_p, start + lo, hi - lo, Y_p, sw,
+                                      scale, theta_p, grads_p + c * n_params,
+                                      dacc_p + c * n_int, work_p + tid * ws, False, NULL)
+                else:
+                    memset(grads_p + c * n_params, 0, b_off[0] * sizeof(floating))
+                parts_p[par * 2 * C + c] = loss
+                c = c + team
             barrier_wait(bar_p, team, &budget)
-            # Phase 2: this thread's slice of the parameters: reduce, then step.
+            # Phase 2: this thread's slices of the parameters: reduce, then step.
             if solver == SOLVER_ADAM_:
                 t = t + 1
                 lr_t = learning_rate * sqrt(1 - beta_2 ** t) / (1 - beta_1 ** t)
             else:
                 lr_t = learning_rate
-            lo = min(n_params, tid * p_per)
-            hi = min(n_params, lo + p_per)
-            sq = reduce_and_step(&sp, theta_p, grads_p, dacc_p, team, lo, hi, scale,
-                                 alpha, solver, lr_t, momentum, nesterov, beta_1, beta_2,
-                                 epsilon, s1, s2)
-            parts_p[par * 2 * team + team + tid] = sq
+            c = tid
+            while c < C:
+                lo = min(n_params, c * p_per)
+                hi = min(n_params, lo + p_per)
+                sq = reduce_and_step(&sp, theta_p, grads_p, dacc_p, C, lo, hi, scale,
+                                     alpha, solver, lr_t, momentum, nesterov, beta_1,
+                                     beta_2, epsilon, s1, s2)
+                parts_p[par * 2 * C + C + c] = sq
+                c = c + team
             barrier_wait(bar_p, team, &budget)
-            # Every thread forms the same batch loss from the parts, in thread order.
+            # Every thread forms the same batch loss from the parts, in chunk order.
             loss = 0.0
             sq = 0.0
-            for k in range(team):
-                loss = loss + parts_p[par * 2 * team + k]
-                sq = sq + parts_p[par * 2 * team + team + k]
+            for k in range(C):
+                loss = loss + parts_p[par * 2 * C + k]
+                sq = sq + parts_p[par * 2 * C + C + k]
             loss = loss * scale + 0.5 * alpha * scale * sq
             total = total + loss * nb
             n_batches = n_batches + 1

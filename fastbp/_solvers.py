@@ -19,7 +19,7 @@ from sklearn.exceptions import ConvergenceWarning
 
 from . import _core
 from ._objective import ObjectiveFailure
-from ._threads import cores_are_busy
+from ._threads import team_for_now
 
 __all__ = ["fit_full_batch", "StochasticOptimizer", "DivergenceError", "FULL_BATCH"]
 
@@ -255,32 +255,36 @@ class StochasticOptimizer:
         return (self.solver == solver and self.state_1.shape[0] == n_params
                 and self.state_1.dtype == dtype)
 
-    def _buffers(self, net, n_threads, batch_size, sparse):
-        """Per-thread gradient, workspace and intercept-sum rows, reused across epochs."""
-        per_thread = -(-batch_size // n_threads)
-        key = (n_threads, per_thread, net.layer_sizes, sparse)
+    def _buffers(self, net, n_chunks, batch_size, sparse):
+        """Per-chunk gradient and intercept-sum rows and per-thread workspaces (at most
+        one thread per chunk), reused across epochs."""
+        per_chunk = -(-batch_size // n_chunks)
+        key = (n_chunks, per_chunk, net.layer_sizes, sparse)
         if getattr(self, "_buf_key", None) != key:
-            ws = _core.workspace_size(net._sizes, per_thread, not sparse)
-            self._grads = np.empty((n_threads, net.n_params), dtype=net.dtype)
-            self._work = np.empty((n_threads, ws), dtype=net.dtype)
-            self._dacc = np.empty((n_threads, net._n_intercepts), dtype=np.float64)
+            ws = _core.workspace_size(net._sizes, per_chunk, not sparse)
+            self._grads = np.empty((n_chunks, net.n_params), dtype=net.dtype)
+            self._work = np.empty((n_chunks, ws), dtype=net.dtype)
+            self._dacc = np.empty((n_chunks, net._n_intercepts), dtype=np.float64)
             self._buf_key = key
         return self._grads, self._work, self._dacc
 
-    def epoch(self, net, theta, data, order, shuffle, seed, batch_size, alpha, n_threads=1):
+    def epoch(self, net, theta, data, order, shuffle, seed, batch_size, alpha, n_chunks=1):
         """One pass over ``order``'s rows; returns the sum of batch loss x batch size.
 
-        With ``n_threads`` > 1 every minibatch is split by rows across a team of threads;
-        BLAS should then be limited to one thread (see ``_threads.minibatch_plan``).
+        With ``n_chunks`` > 1 every minibatch is cut into that many chunks of rows, shared
+        by a team of up to n_chunks threads (fewer while other work keeps cores busy; the
+        result depends on n_chunks only); BLAS should then be limited to one thread (see
+        ``_threads.minibatch_plan``).
         """
-        grads, work, dacc = self._buffers(net, n_threads, batch_size, data.X is None)
+        grads, work, dacc = self._buffers(net, n_chunks, batch_size, data.X is None)
+        n_threads, spin = team_for_now(n_chunks)
         total, n_batches = _core.run_epoch(
             theta, grads, data.X, data.data, data.indices, data.indptr, data.Y,
             data.sample_weight, net._sizes, net._w_off, net._b_off, net._act, net._out,
             work, dacc, order, shuffle, seed, batch_size, float(alpha),
             _core.SOLVERS[self.solver], self.learning_rate, self.momentum, self.nesterov,
             self.beta_1, self.beta_2, self.epsilon, self.state_1, self.state_2, self.step,
-            n_threads, n_threads == 1 or not cores_are_busy(n_threads))
+            n_chunks, n_threads, spin)
         return total
 
     def iteration_ends(self, time_step):

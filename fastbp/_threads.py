@@ -15,7 +15,7 @@ from threadpoolctl import ThreadpoolController
 
 from . import _core
 
-__all__ = ["cpu_count", "cores_are_busy", "effective_n_jobs", "minibatch_plan", "blas_threads",
+__all__ = ["cpu_count", "team_for_now", "effective_n_jobs", "minibatch_plan", "blas_threads",
            "single_threaded_blas"]
 
 # Fewer rows than this per thread and splitting a minibatch costs more than it saves.
@@ -59,25 +59,33 @@ def effective_n_jobs(n_jobs):
     return max(1, int(n_jobs))
 
 
-def cores_are_busy(team):
-    """True when a team of ``team`` threads would share cores with other runnable
-    threads: then its barrier must not spin. Linux counts runnable threads right now
-    (``procs_running``, less the calling thread); elsewhere the one-minute load average
-    stands in."""
+def _others_runnable():
+    """Threads of other work ready to run right now: Linux's ``procs_running`` less the
+    calling thread; elsewhere the one-minute load average stands in (0 if unknown)."""
     try:
         with open("/proc/stat", "rb") as fh:
             for line in fh:
                 if line.startswith(b"procs_running"):
-                    others = int(line.split()[1]) - 1
-                    break
-            else:
-                raise OSError
+                    return max(0, int(line.split()[1]) - 1)
     except (OSError, ValueError):
-        try:
-            others = os.getloadavg()[0]
-        except (AttributeError, OSError):
-            return False
-    return others + team > cpu_count()
+        pass
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return 0
+
+
+def team_for_now(chunks):
+    """``(threads, spin)`` for a minibatch epoch cut into ``chunks`` chunks: as many
+    threads as there are chunks when the cores are free, fewer when other work keeps some
+    busy (the result depends on the chunks only, see ``run_epoch``), and whether barrier
+    waiters may spin (only when no core is oversubscribed)."""
+    if chunks <= 1:
+        return 1, True
+    cpus = cpu_count()
+    others = _others_runnable()
+    threads = int(max(1, min(chunks, cpus - others)))
+    return threads, threads + others <= cpus
 
 
 # --- Minibatch parallelism ----------------------------------------------------------------
