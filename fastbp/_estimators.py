@@ -673,8 +673,22 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
             elif len(np.setdiff1d(classes, self.classes_, assume_unique=True)):
                 raise ValueError(f"`y` has classes not in `self.classes_`. "
                                  f"`self.classes_` has {self.classes_}. 'y' has {classes}.")
-        Y = self._label_binarizer.transform(y).astype(X.dtype)
-        return X, Y
+        return X, self._encode(y, X.dtype)
+
+    def _encode(self, y, dtype):
+        """One-hot (or, for two classes, one 0/1 column) targets, as LabelBinarizer's
+        transform gives them; 1-D labels take one search instead of its label checks."""
+        lb = self._label_binarizer
+        if y.ndim == 1 and lb.y_type_ in ("binary", "multiclass") and len(y):
+            classes = lb.classes_
+            idx = np.searchsorted(classes, y)
+            if idx.max() < len(classes) and np.array_equal(classes[idx], y):
+                if len(classes) == 2:
+                    return (idx == 1).astype(dtype).reshape(-1, 1)
+                Y = np.zeros((len(y), len(classes)), dtype=dtype)
+                Y[np.arange(len(y)), idx] = 1
+                return Y
+        return lb.transform(y).astype(dtype)
 
     def _decode(self, Y):
         return self._label_binarizer.inverse_transform(Y)

@@ -39,7 +39,7 @@ from libc.string cimport memset, memcpy
 from cython.parallel cimport parallel, prange, threadid
 import numpy as np
 
-from ._blas cimport gemm
+from ._blas cimport gemm, small_gemm_ok
 
 cdef extern from *:
     """
@@ -682,37 +682,6 @@ cdef double _sum_squares(const floating* x, Py_ssize_t n) noexcept nogil:
     for k in range(8):
         sq += acc[k]
     return sq
-
-
-def max_abs(const floating[::1] x):
-    """max |x_i| in one pass without the GIL, or NaN if x holds a NaN or an infinity.
-
-    For the validation of inputs (finite) and the bound of the parameter check (largest
-    input). Eight independent lanes; x * 0 is NaN exactly for non-finite x.
-    """
-    cdef Py_ssize_t i, k, n = x.shape[0], n8 = n - n % 8
-    cdef floating mx[8]
-    cdef floating nz[8]
-    cdef floating a, m = 0, z = 0
-    if n == 0:
-        return 0.0
-    with nogil:
-        for k in range(8):
-            mx[k] = 0
-            nz[k] = 0
-        for i in range(0, n8, 8):
-            for k in range(8):
-                a = fabs(x[i + k])
-                mx[k] = a if a > mx[k] else mx[k]
-                nz[k] = nz[k] + x[i + k] * 0
-        for i in range(n8, n):
-            a = fabs(x[i])
-            m = a if a > m else m
-            z = z + x[i] * 0
-        for k in range(8):
-            m = mx[k] if mx[k] > m else m
-            z = z + nz[k]
-    return NAN if z != 0 or z != z else <double> m
 
 
 cdef double finish_gradient(const Spec* sp, const floating* theta, floating* grad,
@@ -1887,3 +1856,24 @@ def build_info():
 def openmp_max_threads():
     """omp_get_max_threads(): honours OMP_NUM_THREADS and threadpoolctl's limits."""
     return omp_get_max_threads()
+
+
+def gemm_rowmajor(bint trans_a, bint trans_b, const floating[:, ::1] A,
+                  const floating[:, ::1] B, floating[:, ::1] C, double beta):
+    """C = op(A) @ op(B) + beta * C through the kernels' own GEMM entry point (BLAS, or
+    the small-product loops of _small_gemm.h when the shape qualifies); for tests.
+    Returns whether the small-product path was taken."""
+    cdef int m = C.shape[0], n = C.shape[1]
+    cdef int k = A.shape[0] if trans_a else A.shape[1]
+    if (A.shape[1] if trans_a else A.shape[0]) != m or \
+            (B.shape[0] if trans_b else B.shape[1]) != n or \
+            (B.shape[1] if trans_b else B.shape[0]) != k:
+        raise ValueError("shapes do not match")
+    if m == 0 or n == 0 or k == 0:
+        raise ValueError("empty operands")
+    cdef bint small = (beta == 0 or beta == 1) and small_gemm_ok(
+        trans_a, trans_b, m, n, k, sizeof(floating))
+    with nogil:
+        gemm(trans_a, trans_b, m, n, k, <floating> 1.0, &A[0, 0], <int> A.shape[1],
+             &B[0, 0], <int> B.shape[1], <floating> beta, &C[0, 0], n)
+    return small

@@ -36,6 +36,14 @@ def block_rows(n_samples, block_size=DEFAULT_BLOCK):
     return max(1, min(n_samples, block_size, max(MIN_BLOCK, -(-n_samples // MAX_SPLIT))))
 
 
+def _max_abs(a):
+    """max |a|: NaN or infinity when a holds one (max and min propagate NaN); 0 if empty.
+    Two vectorized reductions, no temporary array."""
+    if a.size == 0:
+        return 0.0
+    return max(abs(float(a.max())), abs(float(a.min())))
+
+
 class _Data:
     """Kernel-ready (X, Y, sample_weight): converted once, reused by every evaluation."""
 
@@ -306,7 +314,7 @@ class Network:
             X.check_format(full_check=True)
             d.X = None
             d.data = np.ascontiguousarray(X.data, dtype=self.dtype)
-            d.x_max = _core.max_abs(d.data)
+            d.x_max = _max_abs(d.data)
             if not math.isfinite(d.x_max):
                 raise ValueError("X contains NaN or infinity (or values too large for "
                                  f"{np.dtype(self.dtype).name})")
@@ -320,9 +328,8 @@ class Network:
                 raise ValueError(f"X must be 2-D (n_samples, n_features), got shape {X.shape}")
             if X.dtype != self.dtype or not (X.flags.c_contiguous or X.flags.f_contiguous):
                 X = np.ascontiguousarray(X, dtype=self.dtype)
-            # One pass without a temporary: finite, and the largest |x| (for the bound of
-            # check_final_loss).
-            d.x_max = _core.max_abs(X.ravel(order="K"))
+            # Finite, and the largest |x| for the bound of loss_is_surely_finite.
+            d.x_max = _max_abs(X)
             if not math.isfinite(d.x_max):
                 raise ValueError("X contains NaN or infinity (or values too large for "
                                  f"{np.dtype(self.dtype).name})")
@@ -350,7 +357,7 @@ class Network:
                     f"Y must have shape ({d.n_samples}, {n_outputs}), got {Y.shape}"
                 )
             d.Y = np.ascontiguousarray(Y, dtype=self.dtype)
-            d.y_max = _core.max_abs(d.Y.ravel())
+            d.y_max = _max_abs(d.Y)
             if not math.isfinite(d.y_max):
                 raise ValueError("Y contains NaN or infinity (or values too large for "
                                  f"{np.dtype(self.dtype).name})")

@@ -1,0 +1,88 @@
+"""The kernels' GEMM entry point: small products skip BLAS (``_small_gemm.h``).
+
+Every layout the kernels use (A B, A^T B, A B^T), with and without accumulation, on
+shapes that take the small path (including every column tail) and shapes that do not,
+against a float64 reference. The tolerance is the classical bound of a dot product of
+length k computed in any order: |error| <= gamma_k * sum_p |a_ip| |b_pj| with
+gamma_k = k u / (1 - k u), u the unit roundoff, plus one rounding of the final sum and of
+the accumulation.
+"""
+import numpy as np
+import pytest
+
+from fastbp import _core
+
+
+def _operands(rng, trans_a, trans_b, m, n, k, dtype):
+    A = rng.standard_normal((k, m) if trans_a else (m, k)).astype(dtype)
+    B = rng.standard_normal((n, k) if trans_b else (k, n)).astype(dtype)
+    return A, B
+
+
+def _check(trans_a, trans_b, m, n, k, dtype, beta, rng):
+    A, B = _operands(rng, trans_a, trans_b, m, n, k, dtype)
+    C0 = rng.standard_normal((m, n)).astype(dtype)
+    C = C0.copy()
+    small = _core.gemm_rowmajor(trans_a, trans_b, A, B, C, beta)
+    a = (A.T if trans_a else A).astype(np.float64)
+    b = (B.T if trans_b else B).astype(np.float64)
+    exact = a @ b + beta * C0.astype(np.float64)
+    u = np.finfo(dtype).eps / 2
+    gamma = (k + 2) * u / (1 - (k + 2) * u)
+    bound = gamma * (np.abs(a) @ np.abs(b) + abs(beta) * np.abs(C0.astype(np.float64)))
+    err = np.abs(C.astype(np.float64) - exact)
+    assert (err <= bound).all(), (err / np.maximum(bound, 1e-300)).max()
+    return small
+
+
+LAYOUTS = [(False, False), (True, False), (False, True)]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("trans_a,trans_b", LAYOUTS)
+@pytest.mark.parametrize("beta", [0.0, 1.0])
+def test_small_products_are_exact_to_rounding(dtype, trans_a, trans_b, beta):
+    rng = np.random.default_rng(0)
+    # Column counts cover every tail block (16, 8, 4, 2, 1 after the widest blocks).
+    for n in (16, 17, 19, 23, 31, 32, 33, 47, 63, 64, 65, 100, 128):
+        for m in (1, 3, 4, 5, 16, 32):
+            k = 16
+            assert _check(trans_a, trans_b, m, n, k, dtype, beta, rng), (m, n, k)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("trans_a,trans_b", LAYOUTS)
+def test_other_products_go_to_blas_and_are_exact_to_rounding(dtype, trans_a, trans_b):
+    rng = np.random.default_rng(1)
+    # Too narrow (n < 16), too many multiply-adds, B beyond 32 KiB, beta not 0 or 1.
+    assert not _check(trans_a, trans_b, 16, 10, 64, dtype, 0.0, rng)
+    assert not _check(trans_a, trans_b, 128, 128, 64, dtype, 0.0, rng)
+    assert not _check(trans_a, trans_b, 2, 512, 64, dtype, 1.0, rng)
+    assert not _check(trans_a, trans_b, 8, 32, 16, dtype, 0.5, rng)
+
+
+def test_small_path_ignores_what_c_held_when_beta_is_zero():
+    rng = np.random.default_rng(2)
+    A, B = _operands(rng, False, False, 4, 32, 8, np.float64)
+    C = np.full((4, 32), np.nan)
+    assert _core.gemm_rowmajor(False, False, A, B, C, 0.0)
+    np.testing.assert_allclose(C, A @ B, rtol=1e-13)
+
+
+def test_small_path_sums_in_a_fixed_order_whatever_the_blocking():
+    # Row i of C does not depend on the other rows computed with it: the same row computed
+    # alone (m = 1, the tail path) and inside blocks of four gives the same bits.
+    rng = np.random.default_rng(3)
+    A, B = _operands(rng, False, False, 7, 45, 33, np.float32)
+    C = np.empty((7, 45), np.float32)
+    assert _core.gemm_rowmajor(False, False, A, B, C, 0.0)
+    for i in range(7):
+        row = np.empty((1, 45), np.float32)
+        _core.gemm_rowmajor(False, False, np.ascontiguousarray(A[i:i + 1]), B, row, 0.0)
+        np.testing.assert_array_equal(row[0], C[i])
+
+
+def test_shape_mismatch_is_refused():
+    A = np.ones((3, 4))
+    with pytest.raises(ValueError, match="shapes"):
+        _core.gemm_rowmajor(False, False, A, np.ones((5, 6)), np.empty((3, 6)), 0.0)
