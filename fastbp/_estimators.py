@@ -27,7 +27,7 @@ from .distributed import is_dask_collection
 from ._objective import LocalObjective
 from ._hessian_free import HessianFreeState, fit_hessian_free
 from ._solvers import DivergenceError, StochasticOptimizer, _diverged, fit_full_batch
-from ._threads import blas_threads, minibatch_plan
+from ._threads import blas_threads, effective_n_jobs, minibatch_plan
 
 __all__ = ["MLPClassifier", "MLPRegressor"]
 
@@ -239,6 +239,11 @@ class _BaseMLP(BaseEstimator):
         return self
 
     def _fit_full_batch(self, objective):
+        client = getattr(objective, "client", None)  # a DaskObjective
+        self.parallelism_ = (
+            {"mode": "dask", "threads": max(1, sum(client.nthreads().values()))}
+            if client is not None else
+            {"mode": "blocks", "threads": effective_n_jobs(self.n_jobs)})
         curve = []
         callback = getattr(self, "_progress_callback", None)
         if self.solver == "hessian-free":
@@ -533,13 +538,22 @@ _COMMON_PARAMS_DOC = """
     max_fun : int, default=15000
         Maximum number of loss evaluations for 'lbfgs'.
     n_jobs : int or None, default=None
-        Threads for training and prediction (not in scikit-learn). None or -1: every CPU
-        this process may run on; -2: all but one, and so on. Full-batch work (the
-        full-batch solvers, predict) spreads blocks of rows over the threads and sums
-        them exactly: bitwise the same result for any ``n_jobs``. 'sgd'/'adam' split each minibatch by rows across up
-        to ``n_jobs`` threads (at least 16 rows each, so small batches use fewer); there
-        the result depends on the number of threads through floating-point summation
-        order only. BLAS runs single-threaded while fastbp's threads work.
+        Threads for training and prediction (not in scikit-learn). None: as many as
+        OpenMP may use here (``omp_get_max_threads()``, which follows
+        ``OMP_NUM_THREADS``, threadpoolctl's ``openmp`` limits and joblib's per-worker
+        limits, so a ``GridSearchCV(n_jobs=k)`` does not oversubscribe the cores), or
+        the worker's thread count inside a Dask worker. A positive number is used as
+        given; -1: every CPU this process may run on, -2: all but one, and so on.
+        Full-batch work (the full-batch solvers, predict) spreads blocks of rows over
+        the threads and sums them exactly: bitwise the same result for any ``n_jobs``.
+        'sgd'/'adam' use the threads one of two ways, chosen from the shapes
+        (``parallelism_`` says which): small networks cut each minibatch into one chunk
+        of rows per thread (at least 16 rows each) with single-threaded BLAS; networks
+        whose weights and per-thread gradients would not fit the CPU's last-level cache
+        run each minibatch on one thread with multi-threaded BLAS. With chunks, the
+        result depends on the number of chunks (through floating-point summation order)
+        but not on how many threads run them: on a busy machine fewer threads run the
+        same chunks and give the same model.
     curvature : {'gauss-newton', 'hessian'}, default='gauss-newton'
         The curvature products 'newton-cg' and 'trust-krylov' use: the Gauss-Newton
         matrix (positive semi-definite) or the exact Hessian (not in scikit-learn).

@@ -411,9 +411,24 @@ class Network:
                 bound = 1.0
             else:
                 bound = z
+        # A bound on one row's loss (see the kernels' output_loss_backward), then on the
+        # weighted sum over the rows, which must stay inside the exact accumulators'
+        # range (2^116, with room to spare: 2^100).
+        m, y_max = self.layer_sizes[-1], float(data.y_max)
         if self.output == "exp":
-            return bound < math.log(float(info.max)) - 1
-        return bound + float(data.y_max) <= limit
+            if not bound < math.log(float(info.max)) - 1:
+                return False
+            row = m * (math.exp(bound) + y_max * bound + y_max + y_max * abs(
+                math.log(max(y_max, 1.0))))
+        elif self.output == "identity":
+            if not bound + y_max <= limit:
+                return False
+            row = 0.5 * m * (bound + y_max) * (bound + y_max)
+        elif self.output == "logistic":
+            row = m * (bound + math.log(2.0) + y_max * bound)
+        else:  # softmax: sum(y) logsumexp(z) - y.z
+            row = m * y_max * (2 * bound + math.log(m))
+        return row * data.weight_sum < 2.0 ** 100
 
     # Workspaces --------------------------------------------------------------------------
 

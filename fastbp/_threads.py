@@ -162,6 +162,7 @@ _LOCK = threading.Lock()
 _ACTIVE = []        # limits registered by running computations
 _LIMITER = None     # threadpoolctl's handle on the original limits
 _IN_FORCE = None
+_ORIGINAL_MAX = None
 
 
 def _controller():
@@ -179,9 +180,16 @@ def _blas_max_threads():
 
 
 def _apply():
-    """Set the smallest registered limit, or restore the original ones (under _LOCK)."""
-    global _LIMITER, _IN_FORCE
+    """Set the smallest registered limit, never above the limits found when the first
+    registration came (a user's ``threadpool_limits`` stays in force), or restore the
+    original limits when none is registered. Called under _LOCK."""
+    global _LIMITER, _IN_FORCE, _ORIGINAL_MAX
     wanted = min(_ACTIVE) if _ACTIVE else None
+    if wanted is not None:
+        if _LIMITER is None:
+            counts = [lib["num_threads"] for lib in _controller().info()]
+            _ORIGINAL_MAX = max(counts) if counts else 1
+        wanted = min(wanted, _ORIGINAL_MAX)
     if wanted == _IN_FORCE:
         return
     if _LIMITER is not None:
@@ -195,8 +203,9 @@ def _apply():
 @contextlib.contextmanager
 def blas_threads(n):
     """A context in which BLAS uses at most ``n`` threads (fewer if another running
-    fastbp computation needs fewer); the original limits come back when the last such
-    context exits. Reentrant and thread-safe."""
+    fastbp computation needs fewer, or if the process allowed fewer when the first such
+    context entered); the original limits come back when the last one exits. Reentrant
+    and thread-safe."""
     n = max(1, int(n))
     with _LOCK:
         _ACTIVE.append(n)

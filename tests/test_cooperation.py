@@ -1,0 +1,320 @@
+"""fastbp as a guest in its user's process: thread counts that follow the process's limits,
+the minibatch parallelism plan, BLAS limits restored exactly, results that do not depend
+on how many threads ran, and the O(n_params) check of a fit's final parameters."""
+import os
+import pathlib
+import subprocess
+import sys
+import time
+import warnings
+
+import numpy as np
+import pytest
+from threadpoolctl import threadpool_info, threadpool_limits
+
+import fastbp
+from fastbp import MLPClassifier, MLPRegressor, Network, _core, _threads
+from fastbp._solvers import DivergenceError, StochasticOptimizer
+
+ROOT = str(pathlib.Path(fastbp.__file__).resolve().parents[1])
+CPUS = _threads.cpu_count()
+
+
+def _run(code, **env):
+    """Run ``code`` in a fresh interpreter that imports this fastbp; return its stdout."""
+    full = dict(os.environ, PYTHONPATH=ROOT, **env)
+    out = subprocess.run([sys.executable, "-c", code], env=full, capture_output=True,
+                         text=True, cwd=pathlib.Path(ROOT).parent, timeout=300)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def _blobs(n=600, d=8, k=3, seed=0, dtype=np.float64):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, k, n)
+    X = (rng.normal(size=(k, d))[y] * 2 + rng.normal(size=(n, d))).astype(dtype)
+    return X, y
+
+
+# --- Thread counts --------------------------------------------------------------------
+
+def test_default_follows_openmp_limits():
+    assert _threads.effective_n_jobs(None) == min(_core.openmp_max_threads(), CPUS)
+    with threadpool_limits(1, user_api="openmp"):
+        assert _threads.effective_n_jobs(None) == 1
+        # An explicit n_jobs wins over the limit.
+        assert _threads.effective_n_jobs(3) == 3
+        assert _threads.effective_n_jobs(-1) == CPUS
+
+
+def test_default_follows_omp_num_threads_in_a_fresh_process():
+    out = _run("import fastbp; print(fastbp.show_config(mode='dicts')['threads']"
+               "['n_jobs_default'])", OMP_NUM_THREADS="1")
+    assert out.split()[-1] == "1"
+
+
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+def test_fits_under_an_openmp_limit_use_one_thread():
+    X, y = _blobs()
+    with threadpool_limits(1, user_api="openmp"):
+        full = MLPClassifier((8,), solver="lbfgs", max_iter=5, random_state=0).fit(X, y)
+        mini = MLPClassifier((8,), batch_size=64, max_iter=2, random_state=0).fit(X, y)
+    assert full.parallelism_ == {"mode": "blocks", "threads": 1}
+    assert mini.parallelism_ == {"mode": "serial", "threads": 1}
+
+
+def test_joblib_workers_get_their_share_of_the_cores():
+    from joblib import Parallel, delayed
+    counts = Parallel(n_jobs=2, backend="loky")(
+        delayed(_threads.effective_n_jobs)(None) for _ in range(2))
+    assert all(1 <= c <= max(1, CPUS // 2) for c in counts), counts
+
+
+def test_dask_worker_threads_are_used():
+    distributed = pytest.importorskip("distributed")
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=3, processes=False,
+                                  dashboard_address=None) as cluster, \
+            distributed.Client(cluster) as client:
+        assert client.submit(_threads.effective_n_jobs, None).result() == 3
+
+
+# --- The minibatch plan -----------------------------------------------------------------
+
+def test_plan_team_for_small_networks_blas_for_large_ones(monkeypatch):
+    monkeypatch.setattr(_threads, "effective_n_jobs", lambda n_jobs: 2)
+    monkeypatch.setattr(_threads, "_blas_max_threads", lambda: 2)
+    monkeypatch.setattr(_threads, "last_level_cache_bytes", lambda: 8 * 2**20)
+    # (team + 1) gradient-sized arrays fit in 8 MiB: a team of two chunks.
+    assert _threads.minibatch_plan(None, 200, 100_000, 8) == ("team", 2)
+    # They do not: one thread, BLAS on both cores.
+    assert _threads.minibatch_plan(None, 200, 1_000_000, 8) == ("blas", 2)
+    # Fewer than 16 rows per thread: no team.
+    assert _threads.minibatch_plan(None, 20, 1000, 4) == ("serial", 1)
+    # BLAS limited to one thread by the user: no BLAS threads either.
+    monkeypatch.setattr(_threads, "_blas_max_threads", lambda: 1)
+    assert _threads.minibatch_plan(None, 200, 1_000_000, 8) == ("serial", 1)
+
+
+def test_plan_single_thread_is_serial():
+    assert _threads.minibatch_plan(1, 1024, 10**8, 8) == ("serial", 1)
+
+
+def test_last_level_cache_is_a_sane_size():
+    size = _threads.last_level_cache_bytes()
+    assert 2**16 <= size <= 2**32
+
+
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+def test_fitted_estimator_reports_its_parallelism():
+    X, y = _blobs(n=400)
+    clf = MLPClassifier((8,), batch_size=64, max_iter=2, n_jobs=2, random_state=0).fit(X, y)
+    assert clf.parallelism_ == {"mode": "team", "threads": 2}
+    clf = MLPClassifier((8,), batch_size=64, max_iter=2, n_jobs=1, random_state=0).fit(X, y)
+    assert clf.parallelism_ == {"mode": "serial", "threads": 1}
+
+
+# --- BLAS limits ----------------------------------------------------------------------
+
+def _blas_threads():
+    return sorted((i["filepath"], i["num_threads"]) for i in threadpool_info()
+                  if i["user_api"] == "blas")
+
+
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+@pytest.mark.parametrize("mode", ["team", "blas"])
+def test_blas_limits_are_restored_exactly(monkeypatch, mode):
+    X, y = _blobs(n=400)
+    monkeypatch.setattr("fastbp._estimators.minibatch_plan",
+                        lambda n_jobs, batch, n_params, itemsize: (mode, 2))
+    seen = []
+    original = StochasticOptimizer.epoch
+
+    def spy(self, *args, **kwargs):
+        seen.append(max(n for _, n in _blas_threads()))
+        return original(self, *args, **kwargs)
+    monkeypatch.setattr(StochasticOptimizer, "epoch", spy)
+    before = _blas_threads()
+    MLPClassifier((8,), batch_size=64, max_iter=2, random_state=0).fit(X, y)
+    assert _blas_threads() == before
+    assert seen == [1 if mode == "team" else min(2, max(n for _, n in before))] * 2
+    # A user's own limit is kept during the fit (a 'blas' fit never raises it) and after.
+    with threadpool_limits(1, user_api="blas"):
+        limited = _blas_threads()
+        seen.clear()
+        MLPClassifier((8,), batch_size=64, max_iter=2, random_state=0).fit(X, y)
+        assert _blas_threads() == limited
+    assert set(seen) == {1}
+    assert _blas_threads() == before
+
+
+def test_concurrent_limits_take_the_smallest_and_restore_the_original():
+    before = _blas_threads()
+    with _threads.blas_threads(2):
+        with _threads.single_threaded_blas():
+            assert {n for _, n in _blas_threads()} == {1}
+        assert {n for _, n in _blas_threads()} <= {min(2, n) for _, n in before}
+    assert _blas_threads() == before
+
+
+# --- Chunks: the result does not depend on how many threads ran --------------------
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("solver", ["adam", "sgd"])
+def test_epoch_result_depends_on_chunks_not_threads(dtype, solver):
+    X, y = _blobs(n=1000, d=12, k=4, dtype=dtype)
+    net = Network([12, 32, 16, 4], dtype=dtype)
+    data = net.prepare(X, np.eye(4, dtype=dtype)[y])
+    results = {}
+    for threads in (1, 2, 3):
+        theta = net.init_params(random_state=0)
+        opt = StochasticOptimizer(solver, net.n_params, net.dtype, 1e-3, "constant", 0.9,
+                                  True, 0.5, 0.9, 0.999, 1e-8)
+        grads, work, dacc = opt._buffers(net, 3, 96, False)
+        order = np.arange(1000, dtype=np.intp)
+        total, _ = _core.run_epoch(
+            theta, grads, data.X, None, None, None, data.Y, None, net._sizes, net._w_off,
+            net._b_off, net._act, net._out, work, dacc, order, True, 7, 96, 1e-4,
+            _core.SOLVERS[solver], 1e-3, 0.9, True, 0.9, 0.999, 1e-8, opt.state_1,
+            opt.state_2, opt.step, 3, threads, threads == 1)
+        results[threads] = (total, theta)
+    for threads in (2, 3):
+        assert results[threads][0] == results[1][0]
+        np.testing.assert_array_equal(results[threads][1], results[1][1])
+
+
+def test_run_epoch_refuses_more_threads_than_chunks():
+    net = Network([4, 8, 2])
+    X, y = _blobs(n=64, d=4, k=2)
+    data = net.prepare(X, np.eye(2)[y])
+    theta = net.init_params(random_state=0)
+    opt = StochasticOptimizer("adam", net.n_params, net.dtype, 1e-3, "constant", 0.9, True,
+                              0.5, 0.9, 0.999, 1e-8)
+    grads, work, dacc = opt._buffers(net, 2, 32, False)
+    with pytest.raises(ValueError, match="n_threads <= n_chunks"):
+        _core.run_epoch(theta, grads, data.X, None, None, None, data.Y, None, net._sizes,
+                        net._w_off, net._b_off, net._act, net._out, work, dacc,
+                        np.arange(64, dtype=np.intp), False, 0, 32, 0.0, 1, 1e-3, 0.9,
+                        True, 0.9, 0.999, 1e-8, opt.state_1, opt.state_2, opt.step, 2, 3)
+
+
+def test_busy_machine_runs_fewer_threads_and_never_spins(monkeypatch):
+    monkeypatch.setattr(_threads, "cpu_count", lambda: 2)
+    monkeypatch.setattr(_threads, "_others_runnable", lambda: 0)
+    assert _threads.team_for_now(2) == (2, True)
+    # One core taken by other work: one thread runs both chunks.
+    monkeypatch.setattr(_threads, "_others_runnable", lambda: 1)
+    assert _threads.team_for_now(2)[0] == 1
+    # More runnable threads than cores even for one thread: waiters must not spin.
+    monkeypatch.setattr(_threads, "_others_runnable", lambda: 5)
+    assert _threads.team_for_now(4) == (1, False)
+    monkeypatch.setattr(_threads, "cpu_count", lambda: 4)
+    monkeypatch.setattr(_threads, "_others_runnable", lambda: 2)
+    assert _threads.team_for_now(4) == (2, True)
+    assert _threads.team_for_now(1) == (1, True)
+
+
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+def test_fit_on_a_busy_machine_gives_the_same_model(monkeypatch):
+    X, y = _blobs(n=800)
+    kw = dict(hidden_layer_sizes=(16,), batch_size=64, max_iter=3, n_jobs=2,
+              random_state=0)
+    quiet = MLPClassifier(**kw).fit(X, y)
+    monkeypatch.setattr(_threads, "_others_runnable", lambda: 10**6)
+    busy = MLPClassifier(**kw).fit(X, y)
+    assert busy.parallelism_ == quiet.parallelism_ == {"mode": "team", "threads": 2}
+    for a, b in zip(quiet.coefs_ + quiet.intercepts_, busy.coefs_ + busy.intercepts_):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_full_batch_fit_under_an_openmp_limit_keeps_one_core_busy():
+    if CPUS < 2:
+        pytest.skip("needs two CPUs to tell one busy core from two")
+    code = """
+import time, warnings, numpy as np, fastbp
+from threadpoolctl import threadpool_limits
+warnings.simplefilter("ignore")
+rng = np.random.default_rng(0)
+X = rng.normal(size=(40000, 32)); y = rng.integers(0, 4, 40000)
+def fit():
+    c, t = time.process_time(), time.perf_counter()
+    fastbp.MLPClassifier((64,), solver="lbfgs", max_iter=25, random_state=0).fit(X, y)
+    return (time.process_time() - c) / (time.perf_counter() - t)
+fit()
+with threadpool_limits(1, user_api="openmp"):
+    print(fit())
+"""
+    # One thread cannot keep more than one core busy; ignoring the limit would keep two.
+    assert float(_run(code).split()[-1]) < 1.3
+
+
+# --- No hidden pass over the data -----------------------------------------------------
+
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+@pytest.mark.parametrize("Est", [MLPClassifier, MLPRegressor])
+def test_stochastic_fit_makes_no_extra_pass(monkeypatch, Est):
+    X, y = _blobs(n=500)
+    calls = []
+    original = Network._loss_grad
+    monkeypatch.setattr(Network, "_loss_grad",
+                        lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    Est(hidden_layer_sizes=(16,), batch_size=50, max_iter=3, random_state=0).fit(X, y)
+    assert calls == []
+
+
+def test_bound_certifies_ordinary_parameters_and_refuses_extreme_ones():
+    X, y = _blobs(n=200)
+    for output, Y in (("softmax", np.eye(3)[y]), ("identity", np.eye(3)[y] * 5.0),
+                      ("exp", np.eye(3)[y])):
+        if output == "exp":  # its bound grows like exp(z): certified for small inputs
+            X = X / 10
+        for act in ("relu", "tanh", "logistic", "identity"):
+            net = Network([8, 16, 3], activation=act, output=output)
+            data = net.prepare(X, Y)
+            theta = net.init_params(random_state=0)
+            assert net.loss_is_surely_finite(theta, data)
+            assert np.isfinite(net.loss_grad(theta, X, Y)[0])
+            certified = 0
+            factors = (1.5, 2.0, 1e150) if output == "exp" else (1e3, 1e6, 1e12, 1e150)
+            for factor in factors:
+                big = theta * factor
+                if net.loss_is_surely_finite(big, data):  # else the fit measures it
+                    certified += 1
+                    assert np.isfinite(net.loss_grad(big, X, Y)[0]), (output, act, factor)
+            # Large but certifiable parameters exist, and the extreme ones are refused.
+            assert 1 <= certified < len(factors), (output, act, certified)
+    net = Network([8, 16, 3], output="exp")
+    data = net.prepare(X, np.eye(3)[y])
+    theta = net.init_params(random_state=0)
+    theta[:] = 50.0  # exp(z) overflows float64 for these z: not certified
+    assert not net.loss_is_surely_finite(theta, data)
+    theta[0] = np.nan
+    assert not net.loss_is_surely_finite(theta, data)
+
+
+def test_uncertain_final_parameters_are_measured_and_divergence_reported(monkeypatch):
+    X, y = _blobs(n=300)
+    monkeypatch.setattr(Network, "loss_is_surely_finite", lambda self, theta, data: False)
+    calls = []
+    original = Network._loss_grad
+
+    def spy(self, *a, **k):
+        calls.append(1)
+        return original(self, *a, **k)
+    monkeypatch.setattr(Network, "_loss_grad", spy)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        clf = MLPClassifier((8,), batch_size=50, max_iter=2, random_state=0).fit(X, y)
+    assert calls == [1]  # measured once, found finite: the fit stands
+    assert np.isfinite(clf.loss_)
+    monkeypatch.setattr(Network, "_loss_grad", lambda self, *a, **k: np.inf)
+    start = MLPClassifier((8,), batch_size=50, max_iter=1, random_state=0, warm_start=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        monkeypatch.setattr(Network, "_loss_grad", original)
+        start.fit(X, y)
+        before = [c.copy() for c in start.coefs_]
+        monkeypatch.setattr(Network, "_loss_grad", lambda self, *a, **k: np.inf)
+        with pytest.raises(DivergenceError, match="final parameters"):
+            start.fit(X, y)
+    for a, b in zip(before, start.coefs_):
+        np.testing.assert_array_equal(a, b)
