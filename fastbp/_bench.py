@@ -149,14 +149,14 @@ def _have_torch():
 
 WORKLOADS = {
     1: dict(name="adam-small", n=20000, d=64, k=10, hidden=(128,), solver="adam", batch=32,
-            dtype=np.float32, iters=3, target="fastbp >= 10x scikit-learn, >= 40x PyTorch"),
+            dtype=np.float32, iters=3, target=">= 10x scikit-learn, >= 25x PyTorch"),
     2: dict(name="adam-mnist-like", n=30000, d=784, k=10, hidden=(256, 128), solver="adam",
             batch=128, dtype=np.float32, iters=1,
             target=">= 2x the faster of scikit-learn and PyTorch"),
     3: dict(name="lbfgs", n=20000, d=64, k=10, hidden=(64,), solver="lbfgs",
-            dtype=np.float64, iters=100, target=">= 4x scikit-learn"),
+            dtype=np.float64, iters=100, target=">= 8x scikit-learn"),
     4: dict(name="adam-wide", n=8192, d=1024, k=10, hidden=(2048, 2048), solver="adam",
-            batch=1024, dtype=np.float32, iters=1, target=">= 85% of the sgemm peak"),
+            batch=1024, dtype=np.float32, iters=1, target=">= 1.2x scikit-learn, >= 85% of the sgemm peak"),
 }
 
 QUICK = {1: dict(iters=1), 3: dict(iters=30)}

@@ -59,14 +59,35 @@ def effective_n_jobs(n_jobs):
     return max(1, int(n_jobs))
 
 
+def _own_runnable():
+    """Threads of this process that are running or ready to run (Linux), the caller
+    included: idle OpenMP or BLAS workers still spinning after their last task are ours,
+    not other work."""
+    count = 0
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return 1
+    for tid in tasks:
+        try:
+            with open(f"/proc/self/task/{tid}/stat", "rb") as fh:
+                # The state follows the parenthesised command name.
+                if fh.read().rsplit(b")", 1)[1].split()[0] == b"R":
+                    count += 1
+        except (OSError, IndexError):
+            continue
+    return max(count, 1)
+
+
 def _others_runnable():
-    """Threads of other work ready to run right now: Linux's ``procs_running`` less the
-    calling thread; elsewhere the one-minute load average stands in (0 if unknown)."""
+    """Threads of other processes ready to run right now: Linux's ``procs_running`` less
+    this process's runnable threads; elsewhere the one-minute load average stands in
+    (0 if unknown)."""
     try:
         with open("/proc/stat", "rb") as fh:
             for line in fh:
                 if line.startswith(b"procs_running"):
-                    return max(0, int(line.split()[1]) - 1)
+                    return max(0, int(line.split()[1]) - _own_runnable())
     except (OSError, ValueError):
         pass
     try:
