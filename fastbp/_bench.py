@@ -23,11 +23,7 @@ import numpy as np
 __all__ = ["WORKLOADS", "run", "markdown", "gemm_peak"]
 
 
-def _flops_per_sample(sizes):
-    """Multiply-adds x 2 of one forward + backward pass for one sample: forward and dW
-    for every layer, and dX for every layer but the first."""
-    mm = [a * b for a, b in zip(sizes[:-1], sizes[1:])]
-    return 2 * (3 * sum(mm) - mm[0])
+from ._threads import flops_per_sample as _flops_per_sample
 
 
 def _data(n, d, k, dtype, seed=0, spread=2.0):
@@ -296,7 +292,7 @@ def _sklearn_defaults(rounds, settle, log, with_torch=False):
     convergence; test accuracy on 1250 held-out rows."""
     import fastbp
     from sklearn.neural_network import MLPClassifier
-    X, y = _data(6250, 784, 10, np.float64, seed=1, spread=0.6)
+    X, y = _data(6250, 784, 10, np.float64, seed=1, spread=1.0)
     Xtr, ytr, Xte, yte = X[:5000], y[:5000], X[5000:], y[5000:]
     acc, epochs = {}, {}
 

@@ -328,7 +328,7 @@ class _BaseMLP(BaseEstimator):
         if not hasattr(self, "_best_theta") or self._best_theta.shape != theta.shape:
             self._best_theta = theta.copy()
         self._best_theta[...] = theta
-        mode, n_threads = minibatch_plan(self.n_jobs, batch_size, net.n_params,
+        mode, n_threads = minibatch_plan(self.n_jobs, batch_size, net.layer_sizes,
                                          net.dtype.itemsize)
         self.parallelism_ = {"mode": mode, "threads": n_threads}
         # 'team': fastbp's threads split each minibatch and BLAS runs single-threaded;

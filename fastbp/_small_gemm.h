@@ -24,7 +24,8 @@
    limits depend on the shapes only: the same shapes take the same path everywhere. */
 #define FASTBP_SMALL_B_BYTES 32768
 #define FASTBP_SMALL_MACS 262144
-/* The loops vectorize along the columns of C: narrower products stay with BLAS. */
+/* The loops vectorize along the columns of C; a C narrower than this (an output layer)
+   is computed transposed, along its rows, when it has enough of them. */
 #define FASTBP_SMALL_MIN_N 16
 
 #if defined(__AVX512F__)
@@ -39,9 +40,15 @@
 static inline int fastbp_small_gemm_ok(int trans_a, int trans_b, int m, int n, int k,
                                        size_t itemsize) {
     if (trans_a && trans_b) return 0;
-    if (m <= 0 || n < FASTBP_SMALL_MIN_N || k <= 0) return 0;
+    if (m <= 0 || n <= 0 || k <= 0) return 0;
     if ((double) m * (double) n * (double) k > FASTBP_SMALL_MACS) return 0;
-    return (size_t) k * (size_t) n * itemsize <= FASTBP_SMALL_B_BYTES;
+    if (n >= FASTBP_SMALL_MIN_N)  /* along the columns of C; op(B) streamed from L1 */
+        return (size_t) k * (size_t) n * itemsize <= FASTBP_SMALL_B_BYTES;
+    /* Narrow C (an output layer): C^T = op(B)^T op(A)^T, along the rows of C, with op(A)^T
+       streamed from L1 and C^T built in a buffer of the same size limit. */
+    return m >= FASTBP_SMALL_MIN_N
+           && (size_t) k * (size_t) m * itemsize <= FASTBP_SMALL_B_BYTES
+           && (size_t) n * (size_t) m * itemsize <= FASTBP_SMALL_B_BYTES;
 }
 
 #if defined(__GNUC__)
@@ -54,22 +61,12 @@ typedef T NAME##_v __attribute__((vector_size(FASTBP_VEC_BYTES)));              
 static inline NAME##_v NAME##_load(const T* p) {                                             \
     NAME##_v v; __builtin_memcpy(&v, p, sizeof v); return v; }                               \
 static inline void NAME##_store(T* p, NAME##_v v) { __builtin_memcpy(p, &v, sizeof v); }   \
-static void NAME(int trans_a, int trans_b, int m, int n, int k, const T* A, int lda,        \
-                 const T* B, int ldb, int accumulate, T* C, int ldc) {                       \
+/* C (m, n) (+)= a (m, k) @ Bp (k, n): a(i, p) = A[i * sa_i + p * sa_p], Bp row-major. */    \
+static void NAME##_core(int m, int n, int k, const T* A, size_t sa_i, size_t sa_p,          \
+                        const T* Bp, int ldbp, int accumulate, T* C, int ldc) {             \
     typedef NAME##_v V;                                                                      \
     enum { VL = FASTBP_VEC_BYTES / sizeof(T), RB = FASTBP_RB };                             \
-    T bt[FASTBP_SMALL_B_BYTES / sizeof(T)];                                                  \
-    const T* Bp = B;                                                                         \
-    int ldbp = ldb;                                                                          \
-    int i, j, p, r, j0 = 0;                                                                  \
-    if (trans_b) {                                                                           \
-        for (p = 0; p < k; p++)                                                              \
-            for (j = 0; j < n; j++)                                                          \
-                bt[(size_t) p * n + j] = B[(size_t) j * ldb + p];                            \
-        Bp = bt;                                                                             \
-        ldbp = n;                                                                            \
-    }                                                                                        \
-    const size_t sa_i = trans_a ? 1 : (size_t) lda, sa_p = trans_a ? (size_t) lda : 1;       \
+    int i, p, r, j0 = 0;                                                                     \
     /* Two vectors of columns at a time, then one. */                                        \
     for (; j0 + 2 * VL <= n; j0 += 2 * VL) {                                                 \
         for (i = 0; i < m; i += RB) {                                                        \
@@ -134,6 +131,42 @@ static void NAME(int trans_a, int trans_b, int m, int n, int k, const T* A, int 
             T* c = C + (size_t) i * ldc + j0;                                                \
             *c = accumulate ? *c + s : s;                                                    \
         }                                                                                    \
+    }                                                                                        \
+}                                                                                            \
+static void NAME(int trans_a, int trans_b, int m, int n, int k, const T* A, int lda,        \
+                 const T* B, int ldb, int accumulate, T* C, int ldc) {                       \
+    T buf[FASTBP_SMALL_B_BYTES / sizeof(T)];                                                 \
+    int i, j, p;                                                                             \
+    if (n >= FASTBP_SMALL_MIN_N) {                                                           \
+        const T* Bp = B;                                                                     \
+        int ldbp = ldb;                                                                      \
+        if (trans_b) {  /* B is (n, k): its transpose (k, n) into buf */                     \
+            for (p = 0; p < k; p++)                                                          \
+                for (j = 0; j < n; j++) buf[(size_t) p * n + j] = B[(size_t) j * ldb + p];   \
+            Bp = buf;                                                                        \
+            ldbp = n;                                                                        \
+        }                                                                                    \
+        NAME##_core(m, n, k, A, trans_a ? 1 : (size_t) lda, trans_a ? (size_t) lda : 1,     \
+                    Bp, ldbp, accumulate, C, ldc);                                           \
+        return;                                                                              \
+    }                                                                                        \
+    /* Narrow C: C^T (n, m) = op(B)^T (n, k) @ op(A)^T (k, m), into ct, then added or       \
+       copied into C. op(A)^T is A itself when A is stored transposed, else A^T in buf. */  \
+    T ct[FASTBP_SMALL_B_BYTES / sizeof(T)];                                                  \
+    const T* At = A;                                                                         \
+    int ldat = lda;                                                                          \
+    if (!trans_a) {                                                                          \
+        for (p = 0; p < k; p++)                                                              \
+            for (i = 0; i < m; i++) buf[(size_t) p * m + i] = A[(size_t) i * lda + p];       \
+        At = buf;                                                                            \
+        ldat = m;                                                                            \
+    }                                                                                        \
+    NAME##_core(n, m, k, B, trans_b ? (size_t) ldb : 1, trans_b ? 1 : (size_t) ldb,         \
+                At, ldat, 0, ct, m);                                                         \
+    for (i = 0; i < m; i++) {                                                                \
+        T* c = C + (size_t) i * ldc;                                                         \
+        if (accumulate) { for (j = 0; j < n; j++) c[j] = c[j] + ct[(size_t) j * m + i]; }   \
+        else { for (j = 0; j < n; j++) c[j] = ct[(size_t) j * m + i]; }                     \
     }                                                                                        \
 }
 #else

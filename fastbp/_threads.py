@@ -150,23 +150,40 @@ def last_level_cache_bytes():
     return max(sizes) if sizes else _DEFAULT_LLC
 
 
-def minibatch_plan(n_jobs, batch_size, n_params, itemsize):
+# A team pays two barrier crossings per minibatch: about a microsecond on a quiet machine,
+# much more when the OS preempts one of its threads (a shared VM's vCPU, another busy
+# process). It is worth that only with enough arithmetic per thread between crossings:
+# 2^20 float32 flops (float64 ones count twice), about 10 microseconds of one current core.
+MIN_TEAM_WORK = 2**20
+
+
+def flops_per_sample(layer_sizes):
+    """Flops of one forward and backward pass for one sample: forward and weight
+    gradient for every layer, the input delta for every layer but the first."""
+    mm = [a * b for a, b in zip(layer_sizes[:-1], layer_sizes[1:])]
+    return 2 * (3 * sum(mm) - mm[0])
+
+
+def minibatch_plan(n_jobs, batch_size, layer_sizes, itemsize):
     """How minibatch training uses the cores: ``(mode, threads)``.
 
-    ``mode`` is 'serial', 'team' or 'blas' (see above); ``threads`` the team size or the
-    BLAS thread count. The choice depends on the shapes only (never on timings), so a
-    given machine and thread count always makes the same choice, and results are
-    deterministic for it.
+    ``mode`` is 'serial', 'team' or 'blas' (see above); ``threads`` the team size (the
+    number of chunks of each minibatch) or the BLAS thread count. The choice depends on
+    the shapes and the thread budget only (never on timings), so a given machine and
+    thread count always make the same choice.
     """
     threads = effective_n_jobs(n_jobs)
-    team = max(1, min(threads, batch_size // MIN_ROWS_PER_THREAD))
     if threads == 1:
         return "serial", 1
-    if (team + 1) * n_params * itemsize <= last_level_cache_bytes():
-        return ("team", team) if team > 1 else ("serial", 1)
-    # BLAS gets no more threads than the process allows it (threadpool_limits on 'blas').
-    threads = min(threads, _blas_max_threads())
-    return ("blas", threads) if threads > 1 else ("serial", 1)
+    n_params = sum(a * b + b for a, b in zip(layer_sizes[:-1], layer_sizes[1:]))
+    team = max(1, min(threads, batch_size // MIN_ROWS_PER_THREAD))
+    if (max(team, 2) + 1) * n_params * itemsize > last_level_cache_bytes():
+        # BLAS gets no more threads than the process allows it (threadpool_limits).
+        threads = min(threads, _blas_max_threads())
+        return ("blas", threads) if threads > 1 else ("serial", 1)
+    work = flops_per_sample(layer_sizes) * itemsize / 4 * batch_size
+    team = min(team, int(work // MIN_TEAM_WORK))
+    return ("team", team) if team > 1 else ("serial", 1)
 
 
 # --- BLAS thread limits -------------------------------------------------------------------

@@ -84,19 +84,25 @@ def test_plan_team_for_small_networks_blas_for_large_ones(monkeypatch):
     monkeypatch.setattr(_threads, "effective_n_jobs", lambda n_jobs: 2)
     monkeypatch.setattr(_threads, "_blas_max_threads", lambda: 2)
     monkeypatch.setattr(_threads, "last_level_cache_bytes", lambda: 8 * 2**20)
-    # (team + 1) gradient-sized arrays fit in 8 MiB: a team of two chunks.
-    assert _threads.minibatch_plan(None, 200, 100_000, 8) == ("team", 2)
-    # They do not: one thread, BLAS on both cores.
-    assert _threads.minibatch_plan(None, 200, 1_000_000, 8) == ("blas", 2)
+    small = [784, 100, 10]            # 79510 parameters, 3.2 Mflop per 10 samples
+    # Three gradient-sized arrays fit in 8 MiB, and each thread gets 100 rows: a team.
+    assert _threads.minibatch_plan(None, 200, small, 8) == ("team", 2)
     # Fewer than 16 rows per thread: no team.
-    assert _threads.minibatch_plan(None, 20, 1000, 4) == ("serial", 1)
+    assert _threads.minibatch_plan(None, 20, small, 8) == ("serial", 1)
+    # Too little arithmetic per thread between barriers (adam-small's shapes): no team.
+    assert _threads.flops_per_sample([64, 128, 10]) * 32 < 2 * _threads.MIN_TEAM_WORK
+    assert _threads.minibatch_plan(None, 32, [64, 128, 10], 4) == ("serial", 1)
+    # The weights and per-thread gradients would not fit the cache: one thread, BLAS on
+    # both cores.
+    big = [1024, 1024, 10]
+    assert _threads.minibatch_plan(None, 1024, big, 4) == ("blas", 2)
     # BLAS limited to one thread by the user: no BLAS threads either.
     monkeypatch.setattr(_threads, "_blas_max_threads", lambda: 1)
-    assert _threads.minibatch_plan(None, 200, 1_000_000, 8) == ("serial", 1)
+    assert _threads.minibatch_plan(None, 1024, big, 4) == ("serial", 1)
 
 
 def test_plan_single_thread_is_serial():
-    assert _threads.minibatch_plan(1, 1024, 10**8, 8) == ("serial", 1)
+    assert _threads.minibatch_plan(1, 1024, [4096, 4096, 10], 8) == ("serial", 1)
 
 
 def test_last_level_cache_is_a_sane_size():
@@ -106,10 +112,12 @@ def test_last_level_cache_is_a_sane_size():
 
 @pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
 def test_fitted_estimator_reports_its_parallelism():
-    X, y = _blobs(n=400)
-    clf = MLPClassifier((8,), batch_size=64, max_iter=2, n_jobs=2, random_state=0).fit(X, y)
+    X, y = _blobs(n=400, d=200)
+    clf = MLPClassifier((256,), batch_size=64, max_iter=2, n_jobs=2, random_state=0).fit(X, y)
     assert clf.parallelism_ == {"mode": "team", "threads": 2}
-    clf = MLPClassifier((8,), batch_size=64, max_iter=2, n_jobs=1, random_state=0).fit(X, y)
+    clf = MLPClassifier((8,), batch_size=64, max_iter=2, n_jobs=2, random_state=0).fit(X, y)
+    assert clf.parallelism_ == {"mode": "serial", "threads": 1}  # too little work
+    clf = MLPClassifier((256,), batch_size=64, max_iter=2, n_jobs=1, random_state=0).fit(X, y)
     assert clf.parallelism_ == {"mode": "serial", "threads": 1}
 
 
@@ -215,8 +223,8 @@ def test_busy_machine_runs_fewer_threads_and_never_spins(monkeypatch):
 
 @pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
 def test_fit_on_a_busy_machine_gives_the_same_model(monkeypatch):
-    X, y = _blobs(n=800)
-    kw = dict(hidden_layer_sizes=(16,), batch_size=64, max_iter=3, n_jobs=2,
+    X, y = _blobs(n=800, d=200)
+    kw = dict(hidden_layer_sizes=(256,), batch_size=64, max_iter=3, n_jobs=2,
               random_state=0)
     quiet = MLPClassifier(**kw).fit(X, y)
     monkeypatch.setattr(_threads, "_others_runnable", lambda: 10**6)

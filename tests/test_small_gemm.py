@@ -48,14 +48,20 @@ def test_small_products_are_exact_to_rounding(dtype, trans_a, trans_b, beta):
         for m in (1, 3, 4, 5, 16, 32):
             k = 16
             assert _check(trans_a, trans_b, m, n, k, dtype, beta, rng), (m, n, k)
+    # Narrow C (an output layer) with enough rows: computed transposed.
+    for n in (1, 2, 3, 10, 15):
+        for m in (16, 17, 33, 60):
+            for k in (1, 10, 64):
+                assert _check(trans_a, trans_b, m, n, k, dtype, beta, rng), (m, n, k)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("trans_a,trans_b", LAYOUTS)
 def test_other_products_go_to_blas_and_are_exact_to_rounding(dtype, trans_a, trans_b):
     rng = np.random.default_rng(1)
-    # Too narrow (n < 16), too many multiply-adds, B beyond 32 KiB, beta not 0 or 1.
-    assert not _check(trans_a, trans_b, 16, 10, 64, dtype, 0.0, rng)
+    # Narrow and short (n, m < 16), too many multiply-adds, B beyond 32 KiB, beta not 0
+    # or 1.
+    assert not _check(trans_a, trans_b, 8, 10, 64, dtype, 0.0, rng)
     assert not _check(trans_a, trans_b, 128, 128, 64, dtype, 0.0, rng)
     assert not _check(trans_a, trans_b, 2, 512, 64, dtype, 1.0, rng)
     assert not _check(trans_a, trans_b, 8, 32, 16, dtype, 0.5, rng)
@@ -80,6 +86,20 @@ def test_small_path_sums_in_a_fixed_order_whatever_the_blocking():
         row = np.empty((1, 45), np.float32)
         _core.gemm_rowmajor(False, False, np.ascontiguousarray(A[i:i + 1]), B, row, 0.0)
         np.testing.assert_array_equal(row[0], C[i])
+
+
+@pytest.mark.parametrize("trans_a,trans_b", LAYOUTS)
+def test_narrow_products_equal_the_same_columns_of_a_wide_one(trans_a, trans_b):
+    # Every element is summed in the same order on both paths: the first 10 columns of a
+    # product computed along its columns equal the 10-column product computed transposed.
+    rng = np.random.default_rng(4)
+    A, B = _operands(rng, trans_a, trans_b, 24, 40, 20, np.float32)
+    wide = np.empty((24, 40), np.float32)
+    assert _core.gemm_rowmajor(trans_a, trans_b, A, B, wide, 0.0)
+    Bn = np.ascontiguousarray(B[:10] if trans_b else B[:, :10])
+    narrow = np.empty((24, 10), np.float32)
+    assert _core.gemm_rowmajor(trans_a, trans_b, A, Bn, narrow, 0.0)
+    np.testing.assert_array_equal(narrow, wide[:, :10])
 
 
 def test_shape_mismatch_is_refused():
