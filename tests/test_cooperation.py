@@ -326,3 +326,27 @@ def test_uncertain_final_parameters_are_measured_and_divergence_reported(monkeyp
             start.fit(X, y)
     for a, b in zip(before, start.coefs_):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+def test_blas_mode_is_deterministic_and_agrees_with_serial(monkeypatch):
+    # One thread with multi-threaded BLAS: the same model on every run with the same
+    # thread count; the serial model up to the rounding of BLAS's threaded GEMMs (which
+    # may split sums differently from its single-threaded ones).
+    X, y = _blobs(n=512, d=256, k=4, dtype=np.float32)
+    kw = dict(hidden_layer_sizes=(256,), batch_size=128, max_iter=2, random_state=0)
+    serial = MLPClassifier(n_jobs=1, **kw).fit(X, y)
+    monkeypatch.setattr(_threads, "last_level_cache_bytes", lambda: 2**16)
+    first = MLPClassifier(n_jobs=2, **kw).fit(X, y)
+    again = MLPClassifier(n_jobs=2, **kw).fit(X, y)
+    assert serial.parallelism_["mode"] == "serial"
+    if CPUS >= 2:
+        assert first.parallelism_ == again.parallelism_
+        assert first.parallelism_["mode"] in ("blas", "serial")  # serial if BLAS is capped
+    for a, b, c in zip(first.coefs_ + first.intercepts_, again.coefs_ + again.intercepts_,
+                       serial.coefs_ + serial.intercepts_):
+        np.testing.assert_array_equal(a, b)
+        # Same start, 8 Adam steps of learning rate 1e-3: a step moves a weight by at most
+        # lr (1 - beta_1) / sqrt(1 - beta_2) < 3.2 lr, whatever the gradient's rounding,
+        # so the two fits cannot drift further apart than 2 x 8 x 3.2e-3.
+        np.testing.assert_allclose(a, c, rtol=0, atol=2 * 8 * 3.2e-3)
