@@ -173,7 +173,7 @@ def _run_workload(w, rounds, peers, settle, log):
         for r in range(rounds):
             for name, fit in runners.items():
                 gc.collect()
-                time.sleep(settle)  # let other libraries' spinning BLAS threads park
+                _settle(settle)
                 sec, a, st = fit(w, X, y)
                 times[name].append(sec)
                 acc[name], steps[name] = a, st
@@ -221,6 +221,16 @@ def _loss_grad_speedup(n, rounds, log):
             "target": ">= 1.8x from 1 to 2 threads"}
 
 
+def _settle(seconds):
+    """Wait between runs with this core busy: other libraries' idle threads stop
+    spinning meanwhile, but the core does not fall into a sleep state that the next run,
+    if short, would pay to leave (0.5 s of sleep made a 35 ms fit 15% slower and twice
+    as variable on the development machine)."""
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
 def _interleaved(cases, rounds, settle, log, label):
     """Run ``cases`` ({name: callable returning seconds}) in turn for ``rounds`` rounds;
     return the median seconds of each."""
@@ -228,7 +238,7 @@ def _interleaved(cases, rounds, settle, log, label):
     for r in range(rounds):
         for name, case in cases.items():
             gc.collect()
-            time.sleep(settle)
+            _settle(settle)
             times[name].append(case())
             log(f"  round {r + 1}/{rounds} {label} {name:28s} {times[name][-1]:8.3f} s")
     return {k: float(np.median(v)) for k, v in times.items()}

@@ -178,7 +178,8 @@ class _BaseMLP(BaseEstimator):
     def _fit(self, X, y, sample_weight=None, incremental=False, client=None):
         hidden = self._hidden_sizes()
         if self.n_jobs == 0:
-            raise ValueError("n_jobs == 0 has no meaning: use None or -1 for every CPU, "
+            raise ValueError("n_jobs == 0 has no meaning: use None for the OpenMP default, "
+                             "-1 for every CPU, "
                              "or a positive number of threads.")
         first_pass = not hasattr(self, "coefs_") or (not self.warm_start and not incremental)
         on_dask = any(is_dask_collection(a) for a in (X, y, sample_weight))

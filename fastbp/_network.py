@@ -77,8 +77,11 @@ class Network:
         Rows per block in full-batch passes; memory use grows with it, results do not
         depend on it beyond floating-point rounding.
     n_jobs : int or None, default=None
-        Threads for full-batch passes (``loss_grad``, ``forward``). None or -1: every CPU
-        this process may run on; -2: all but one, and so on. Threads take blocks of
+        Threads for full-batch passes (``loss_grad``, ``forward``). None: as many as
+        OpenMP may use (``omp_get_max_threads()``: ``OMP_NUM_THREADS``, threadpoolctl's
+        ``openmp`` limits, joblib's worker limits), or the Dask worker's thread count
+        inside a Dask worker; -1: every CPU this process may run on; -2: all but one,
+        and so on. Threads take blocks of
         rows; each block's sums are added exactly into fixed-point accumulators (32
         bytes per parameter and thread), so the results are bitwise identical for any
         ``n_jobs``, and for any split of the rows at block boundaries (Dask chunks).
