@@ -3,9 +3,10 @@
 Setup (issue 3): 20000 x 64 float32 data, 10 classes, hidden_layer_sizes=(128,),
 batch_size=32, Adam, same hyperparameters and initial weights. Each round fits both for
 ``--epochs`` epochs (tol=0 so neither stops early), interleaved; medians reported.
-Before each timed fit the process sleeps ``--settle`` seconds: OpenBLAS's worker threads
-busy-wait for a while after every call, and would otherwise steal the cores from whichever
-library runs next (both sides get the same pause).
+Before each timed fit the process waits ``--settle`` seconds with its core busy: OpenBLAS's
+worker threads busy-wait for a while after every call, and would otherwise steal the cores
+from whichever library runs next, while a sleeping core would make the next short fit pay
+to wake up (both sides get the same pause).
 
 Usage: python benchmarks/bench_adam_epoch.py [--rounds 5] [--epochs 3] [--json out.json]
 """
@@ -20,6 +21,7 @@ from sklearn.neural_network import MLPClassifier as SkMLP
 from threadpoolctl import threadpool_info
 
 import fastbp
+from fastbp._bench import _settle
 
 
 def make_data(n=20000, d=64, k=10, seed=0):
@@ -48,7 +50,7 @@ def main():
     for _ in range(args.rounds):
         for name, make in models.items():
             m = make()
-            time.sleep(args.settle)
+            _settle(args.settle)
             t0 = time.perf_counter()
             m.fit(X, y)
             times[name].append((time.perf_counter() - t0) / args.epochs)
