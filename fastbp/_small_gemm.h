@@ -56,6 +56,17 @@ static inline int fastbp_small_gemm_ok(int trans_a, int trans_b, int m, int n, i
    plain IEEE arithmetic, contraction off), so the accumulators of FASTBP_RB rows x 2
    vectors stay in registers whatever the auto-vectorizer would have chosen. */
 #define FASTBP_VEC_BYTES (FASTBP_JB_BYTES / 2)
+/* acc[r][0..1] += a(i + r, p) * Bp[p, j0 .. j0 + 2 VL) over p, for r < ROWS. */
+#define FASTBP_TWO_VECTORS(T, NAME, ROWS)                                                    \
+    for (p = 0; p < k; p++) {                                                                \
+        const T* b = Bp + (size_t) p * ldbp + j0;                                            \
+        const V b0 = NAME##_load(b), b1 = NAME##_load(b + VL);                              \
+        for (r = 0; r < (ROWS); r++) {                                                       \
+            const T a = A[(size_t) (i + r) * sa_i + (size_t) p * sa_p];                      \
+            acc[r][0] = acc[r][0] + a * b0;                                                  \
+            acc[r][1] = acc[r][1] + a * b1;                                                  \
+        }                                                                                    \
+    }
 #define FASTBP_DEFINE_SMALL_GEMM(T, NAME)                                                    \
 typedef T NAME##_v __attribute__((vector_size(FASTBP_VEC_BYTES)));                          \
 static inline NAME##_v NAME##_load(const T* p) {                                             \
@@ -73,27 +84,9 @@ static void NAME##_core(int m, int n, int k, const T* A, size_t sa_i, size_t sa_
             const int rows = m - i < RB ? m - i : RB;                                        \
             V acc[RB][2];                                                                    \
             for (r = 0; r < RB; r++) { acc[r][0] = (V){0}; acc[r][1] = (V){0}; }             \
-            if (rows == RB) {                                                                \
-                for (p = 0; p < k; p++) {                                                    \
-                    const T* b = Bp + (size_t) p * ldbp + j0;                                \
-                    const V b0 = NAME##_load(b), b1 = NAME##_load(b + VL);                  \
-                    for (r = 0; r < RB; r++) {                                               \
-                        const T a = A[(size_t) (i + r) * sa_i + (size_t) p * sa_p];          \
-                        acc[r][0] = acc[r][0] + a * b0;                                      \
-                        acc[r][1] = acc[r][1] + a * b1;                                      \
-                    }                                                                        \
-                }                                                                            \
-            } else {                                                                         \
-                for (p = 0; p < k; p++) {                                                    \
-                    const T* b = Bp + (size_t) p * ldbp + j0;                                \
-                    const V b0 = NAME##_load(b), b1 = NAME##_load(b + VL);                  \
-                    for (r = 0; r < rows; r++) {                                             \
-                        const T a = A[(size_t) (i + r) * sa_i + (size_t) p * sa_p];          \
-                        acc[r][0] = acc[r][0] + a * b0;                                      \
-                        acc[r][1] = acc[r][1] + a * b1;                                      \
-                    }                                                                        \
-                }                                                                            \
-            }                                                                                \
+            /* A constant row count lets the compiler keep acc in registers. */               \
+            if (rows == RB) { FASTBP_TWO_VECTORS(T, NAME, RB) }                               \
+            else { FASTBP_TWO_VECTORS(T, NAME, rows) }                                        \
             for (r = 0; r < rows; r++) {                                                     \
                 T* c = C + (size_t) (i + r) * ldc + j0;                                      \
                 if (accumulate) {                                                            \
