@@ -221,6 +221,22 @@ def _loss_grad_speedup(n, rounds, log):
             "target": ">= 1.8x from 1 to 2 threads"}
 
 
+def _python(code, *args):
+    """Run ``code`` in a fresh interpreter that imports this very fastbp (its package's
+    parent directory first on the path and as the working directory, so that a source
+    checkout without compiled kernels in the caller's directory is never picked up);
+    return its standard output."""
+    import fastbp
+    root = os.path.dirname(os.path.dirname(os.path.abspath(fastbp.__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [root] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])))
+    run = subprocess.run([sys.executable, "-c", code, *args], capture_output=True,
+                         text=True, cwd=root, env=env)
+    if run.returncode != 0:
+        raise RuntimeError(f"benchmark subprocess failed:\n{run.stderr}")
+    return run.stdout
+
+
 def _settle(seconds):
     """Wait between runs with this core busy: other libraries' idle threads stop
     spinning meanwhile, but the core does not fall into a sleep state that the next run,
@@ -396,8 +412,7 @@ def _first_fit(log, processes=7):
     median over processes of first / median(later three), on the adam-small workload."""
     ratios = []
     for _ in range(processes):
-        out = subprocess.run([sys.executable, "-c", _FIRST_SCRIPT], capture_output=True,
-                             text=True, check=True).stdout.split()
+        out = _python(_FIRST_SCRIPT).split()
         first, later = map(float, out)
         ratios.append(first / later)
     ratio = float(np.median(ratios))
@@ -432,8 +447,7 @@ def _cores_used(log):
     ``threadpool_limits(1, user_api="openmp")``; each in a fresh process."""
     used = {}
     for case in ("limit", "none"):
-        out = subprocess.run([sys.executable, "-c", _CORES_SCRIPT, case], capture_output=True,
-                             text=True, check=True).stdout
+        out = _python(_CORES_SCRIPT, case)
         used[case] = float(out.split()[-1])
     log(f"  cores used by an L-BFGS fit: {used['none']:.2f}; under "
         f"threadpool_limits(1, 'openmp'): {used['limit']:.2f}")
@@ -487,8 +501,7 @@ print(before * 1024, after * 1024, X.nbytes, Y.nbytes)
 
 def _peak_rss(n, log):
     """Workload 5b: peak resident memory of a process doing one loss_grad on n rows."""
-    out = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, str(n)], capture_output=True,
-                         text=True, check=True).stdout.split()
+    out = _python(_RSS_SCRIPT, str(n)).split()
     before, after, xbytes, ybytes = map(int, out)
     log(f"  peak RSS at {n} rows: {after / 2**20:.0f} MiB (X {xbytes / 2**20:.0f} MiB, "
         f"growth during loss_grad {(after - before) / 2**20:.0f} MiB)")
