@@ -549,7 +549,8 @@ _COMMON_PARAMS_DOC = """
         the threads and sums them exactly: bitwise the same result for any ``n_jobs``.
         'sgd'/'adam' use the threads one of two ways, chosen from the shapes
         (``parallelism_`` says which): small networks cut each minibatch into one chunk
-        of rows per thread (at least 16 rows each) with single-threaded BLAS; networks
+        of rows per thread (at least 16 rows and 2^20 float32-equivalent flops each,
+        else the minibatch runs on one thread) with single-threaded BLAS; networks
         whose weights and per-thread gradients would not fit the CPU's last-level cache
         run each minibatch on one thread with multi-threaded BLAS. With chunks, the
         result depends on the number of chunks (through floating-point summation order)
