@@ -342,7 +342,8 @@ class _BaseMLP(BaseEstimator):
             # Each epoch's loss is measured on the way, before each update. The final
             # parameters are certified from a bound (O(n_params)); only when the bound
             # cannot tell is the loss measured once more on the training rows.
-            if (start is not None and not net.loss_is_surely_finite(theta, data)
+            if (start is not None
+                    and not net.loss_is_surely_finite(theta, data, self.alpha)
                     and not math.isfinite(net._loss_grad(theta, data, self.alpha, None))):
                 theta[...] = start
                 self._optimizer = None

@@ -384,9 +384,10 @@ class Network:
             d.sample_weight = sw
         return d
 
-    def loss_is_surely_finite(self, theta, data):
-        """True when the loss at ``theta`` on ``data`` is certainly finite, from the
-        parameters alone (O(n_params), no pass over the rows); False when it cannot tell.
+    def loss_is_surely_finite(self, theta, data, alpha=0.0):
+        """True when the loss at ``theta`` on ``data`` (with L2 penalty ``alpha``) is
+        certainly finite, from the parameters alone (O(n_params), no pass over the rows);
+        False when it cannot tell.
 
         Propagates a bound on every |z| and |a| through the layers: with |a_{l-1}| <= A
         elementwise, |z_l[j]| <= A * sum_i |W_l[i, j]| + |b_l[j]|, widened for the
@@ -403,6 +404,12 @@ class Network:
         bound = float(data.x_max)
         coefs, intercepts = self.unpack(theta)
         n_layers = len(coefs)
+        # The L2 term, added in float64 to the loss: 0.5 alpha sum(W^2) / weight sum.
+        with np.errstate(over="ignore"):  # an overflow here just means "cannot tell"
+            sq = sum(float(np.dot(W.ravel().astype(np.float64),
+                                  W.ravel().astype(np.float64))) for W in coefs)
+        if alpha and not 0.5 * alpha * sq < 2.0 ** 1000:
+            return False
         for l, (W, b) in enumerate(zip(coefs, intercepts)):
             col = np.abs(W).sum(axis=0, dtype=np.float64)
             z = float(np.max(bound * col + np.abs(b))) if W.shape[1] else 0.0
@@ -421,8 +428,9 @@ class Network:
         if self.output == "exp":
             if not bound < math.log(float(info.max)) - 1:
                 return False
-            row = m * (math.exp(bound) + y_max * bound + y_max + y_max * abs(
-                math.log(max(y_max, 1.0))))
+            # y log y is at least -1/e, at most y_max log y_max.
+            row = m * (math.exp(bound) + y_max * bound + y_max + 1.0
+                       + y_max * math.log(max(y_max, 1.0)))
         elif self.output == "identity":
             if not bound + y_max <= limit:
                 return False

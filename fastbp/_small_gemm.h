@@ -126,32 +126,20 @@ static void NAME##_core(int m, int n, int k, const T* A, size_t sa_i, size_t sa_
         }                                                                                    \
     }                                                                                        \
 }                                                                                            \
-static void NAME(int trans_a, int trans_b, int m, int n, int k, const T* A, int lda,        \
-                 const T* B, int ldb, int accumulate, T* C, int ldc) {                       \
-    T buf[FASTBP_SMALL_B_BYTES / sizeof(T)];                                                 \
-    int i, j, p;                                                                             \
-    if (n >= FASTBP_SMALL_MIN_N) {                                                           \
-        const T* Bp = B;                                                                     \
-        int ldbp = ldb;                                                                      \
-        if (trans_b) {  /* B is (n, k): its transpose (k, n) into buf */                     \
-            for (p = 0; p < k; p++)                                                          \
-                for (j = 0; j < n; j++) buf[(size_t) p * n + j] = B[(size_t) j * ldb + p];   \
-            Bp = buf;                                                                        \
-            ldbp = n;                                                                        \
-        }                                                                                    \
-        NAME##_core(m, n, k, A, trans_a ? 1 : (size_t) lda, trans_a ? (size_t) lda : 1,     \
-                    Bp, ldbp, accumulate, C, ldc);                                           \
-        return;                                                                              \
-    }                                                                                        \
-    /* Narrow C: C^T (n, m) = op(B)^T (n, k) @ op(A)^T (k, m), into ct, then added or       \
-       copied into C. op(A)^T is A itself when A is stored transposed, else A^T in buf. */  \
+/* Narrow C: C^T (n, m) = op(B)^T (n, k) @ op(A)^T (k, m), into ct, then added or copied  \
+   into C. op(A)^T is A itself when A is stored transposed, else A^T in at. (Its own      \
+   function: only narrow products need the two buffers on the stack.) */                   \
+__attribute__((noinline))                                                                    \
+static void NAME##_narrow(int trans_a, int trans_b, int m, int n, int k, const T* A,       \
+                          int lda, const T* B, int ldb, int accumulate, T* C, int ldc) {   \
+    T at[FASTBP_SMALL_B_BYTES / sizeof(T)];                                                  \
     T ct[FASTBP_SMALL_B_BYTES / sizeof(T)];                                                  \
     const T* At = A;                                                                         \
-    int ldat = lda;                                                                          \
+    int ldat = lda, i, j, p;                                                                 \
     if (!trans_a) {                                                                          \
         for (p = 0; p < k; p++)                                                              \
-            for (i = 0; i < m; i++) buf[(size_t) p * m + i] = A[(size_t) i * lda + p];       \
-        At = buf;                                                                            \
+            for (i = 0; i < m; i++) at[(size_t) p * m + i] = A[(size_t) i * lda + p];        \
+        At = at;                                                                             \
         ldat = m;                                                                            \
     }                                                                                        \
     NAME##_core(n, m, k, B, trans_b ? (size_t) ldb : 1, trans_b ? 1 : (size_t) ldb,         \
@@ -161,6 +149,24 @@ static void NAME(int trans_a, int trans_b, int m, int n, int k, const T* A, int 
         if (accumulate) { for (j = 0; j < n; j++) c[j] = c[j] + ct[(size_t) j * m + i]; }   \
         else { for (j = 0; j < n; j++) c[j] = ct[(size_t) j * m + i]; }                     \
     }                                                                                        \
+}                                                                                            \
+static void NAME(int trans_a, int trans_b, int m, int n, int k, const T* A, int lda,        \
+                 const T* B, int ldb, int accumulate, T* C, int ldc) {                       \
+    T bt[FASTBP_SMALL_B_BYTES / sizeof(T)];                                                  \
+    const T* Bp = B;                                                                         \
+    int ldbp = ldb, j, p;                                                                    \
+    if (n < FASTBP_SMALL_MIN_N) {                                                            \
+        NAME##_narrow(trans_a, trans_b, m, n, k, A, lda, B, ldb, accumulate, C, ldc);       \
+        return;                                                                              \
+    }                                                                                        \
+    if (trans_b) {  /* B is (n, k): its transpose (k, n) into bt */                          \
+        for (p = 0; p < k; p++)                                                              \
+            for (j = 0; j < n; j++) bt[(size_t) p * n + j] = B[(size_t) j * ldb + p];        \
+        Bp = bt;                                                                             \
+        ldbp = n;                                                                            \
+    }                                                                                        \
+    NAME##_core(m, n, k, A, trans_a ? 1 : (size_t) lda, trans_a ? (size_t) lda : 1,         \
+                Bp, ldbp, accumulate, C, ldc);                                               \
 }
 #else
 /* Columns [j0, j0 + W) of C, for every row; W is a compile-time constant in each use, so

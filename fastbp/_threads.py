@@ -53,6 +53,8 @@ def effective_n_jobs(n_jobs):
         dask_threads = _dask_worker_threads()
         if dask_threads is not None:
             return dask_threads
+        if not _core.build_info()["openmp"]:
+            return cpu_count()  # a build without OpenMP: the threads are BLAS's only
         return max(1, min(_core.openmp_max_threads(), cpu_count()))
     if n_jobs < 0:
         return max(1, cpu_count() + 1 + n_jobs)
@@ -80,9 +82,9 @@ def _own_runnable():
 
 
 def _others_runnable():
-    """Threads of other processes ready to run right now: Linux's ``procs_running`` less
-    this process's runnable threads; elsewhere the one-minute load average stands in
-    (0 if unknown)."""
+    """Threads of other work ready to run right now on the machine (Linux's
+    ``procs_running``, less this process's runnable threads), or None where no such
+    instantaneous count exists (a load average would count fastbp's own past threads)."""
     try:
         with open("/proc/stat", "rb") as fh:
             for line in fh:
@@ -90,23 +92,28 @@ def _others_runnable():
                     return max(0, int(line.split()[1]) - _own_runnable())
     except (OSError, ValueError):
         pass
-    try:
-        return os.getloadavg()[0]
-    except (AttributeError, OSError):
-        return 0
+    return None
+
+
+def _machine_cpus():
+    """CPUs of the whole machine, which ``procs_running`` counts over."""
+    return os.cpu_count() or cpu_count()
 
 
 def team_for_now(chunks):
     """``(threads, spin)`` for a minibatch epoch cut into ``chunks`` chunks: as many
     threads as there are chunks when the cores are free, fewer when other work keeps some
     busy (the result depends on the chunks only, see ``run_epoch``), and whether barrier
-    waiters may spin (only when no core is oversubscribed)."""
+    waiters may spin (only when no core is oversubscribed). Without a count of runnable
+    threads (outside Linux) every chunk gets its thread."""
     if chunks <= 1:
         return 1, True
-    cpus = cpu_count()
     others = _others_runnable()
-    threads = int(max(1, min(chunks, cpus - others)))
-    return threads, threads + others <= cpus
+    if others is None:
+        return min(chunks, cpu_count()), True
+    free = _machine_cpus() - others
+    threads = int(max(1, min(chunks, cpu_count(), free)))
+    return threads, threads + others <= _machine_cpus()
 
 
 # --- Minibatch parallelism ----------------------------------------------------------------
@@ -140,13 +147,17 @@ def last_level_cache_bytes():
     if not sizes:
         base = "/sys/devices/system/cpu/cpu0/cache"
         try:
-            for entry in os.listdir(base):
+            entries = [e for e in os.listdir(base) if e.startswith("index")]
+        except OSError:
+            entries = []
+        for entry in entries:
+            try:
                 with open(os.path.join(base, entry, "size")) as fh:
                     text = fh.read().strip()
                 mult = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
                 sizes.append(int(text.rstrip("KMG")) * mult)
-        except (OSError, ValueError):
-            pass
+            except (OSError, ValueError):
+                continue
     return max(sizes) if sizes else _DEFAULT_LLC
 
 
@@ -211,8 +222,11 @@ def _controller():
 
 
 def _blas_max_threads():
-    """The largest thread count the loaded BLAS libraries are allowed now."""
+    """The largest thread count the loaded BLAS libraries are allowed, not counting the
+    limits running fastbp computations set (those end with them)."""
     with _LOCK:
+        if _LIMITER is not None:
+            return _ORIGINAL_MAX
         counts = [lib["num_threads"] for lib in _controller().info()]
     return max(counts) if counts else 1
 
@@ -247,7 +261,11 @@ def blas_threads(n):
     n = max(1, int(n))
     with _LOCK:
         _ACTIVE.append(n)
-        _apply()
+        try:
+            _apply()
+        except BaseException:
+            _ACTIVE.remove(n)
+            raise
     try:
         yield
     finally:

@@ -207,6 +207,7 @@ def test_run_epoch_refuses_more_threads_than_chunks():
 
 def test_busy_machine_runs_fewer_threads_and_never_spins(monkeypatch):
     monkeypatch.setattr(_threads, "cpu_count", lambda: 2)
+    monkeypatch.setattr(_threads, "_machine_cpus", lambda: 2)
     monkeypatch.setattr(_threads, "_others_runnable", lambda: 0)
     assert _threads.team_for_now(2) == (2, True)
     # One core taken by other work: one thread runs both chunks.
@@ -215,10 +216,51 @@ def test_busy_machine_runs_fewer_threads_and_never_spins(monkeypatch):
     # More runnable threads than cores even for one thread: waiters must not spin.
     monkeypatch.setattr(_threads, "_others_runnable", lambda: 5)
     assert _threads.team_for_now(4) == (1, False)
+    # A process allowed 4 of a machine's 8 CPUs, 3 of them busy elsewhere: the machine
+    # still has free CPUs, and the process's own 4 bound the team.
     monkeypatch.setattr(_threads, "cpu_count", lambda: 4)
-    monkeypatch.setattr(_threads, "_others_runnable", lambda: 2)
+    monkeypatch.setattr(_threads, "_machine_cpus", lambda: 8)
+    monkeypatch.setattr(_threads, "_others_runnable", lambda: 3)
+    assert _threads.team_for_now(4) == (4, True)
+    monkeypatch.setattr(_threads, "_others_runnable", lambda: 6)
     assert _threads.team_for_now(4) == (2, True)
+    # No instantaneous count (not Linux): every chunk gets its thread.
+    monkeypatch.setattr(_threads, "_others_runnable", lambda: None)
+    assert _threads.team_for_now(4) == (4, True)
     assert _threads.team_for_now(1) == (1, True)
+
+
+def test_last_level_cache_is_read_from_the_os():
+    import glob
+    sizes = []
+    for path in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
+        text = open(path).read().strip()
+        sizes.append(int(text.rstrip("KMG")) * {"K": 2**10, "M": 2**20,
+                                                 "G": 2**30}.get(text[-1:], 1))
+    if not sizes:
+        pytest.skip("this OS does not describe its caches under /sys")
+    assert _threads.last_level_cache_bytes() >= max(sizes)
+
+
+def test_a_build_without_openmp_leaves_the_cpus_to_blas(monkeypatch):
+    monkeypatch.setattr(_core, "build_info", lambda: {"isa": "baseline", "openmp": 0})
+    assert _threads.effective_n_jobs(None) == CPUS
+
+
+def test_plan_ignores_limits_fastbp_itself_holds():
+    with _threads.single_threaded_blas():
+        inside = _threads._blas_max_threads()
+    assert inside == _threads._blas_max_threads()
+
+
+def test_failed_limit_leaves_no_registration(monkeypatch):
+    def broken():
+        raise RuntimeError("threadpoolctl failed")
+    monkeypatch.setattr(_threads, "_apply", broken)
+    with pytest.raises(RuntimeError, match="threadpoolctl"):
+        with _threads.blas_threads(1):
+            pass
+    assert _threads._ACTIVE == []
 
 
 @pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
@@ -290,6 +332,17 @@ def test_bound_certifies_ordinary_parameters_and_refuses_extreme_ones():
                     assert np.isfinite(net.loss_grad(big, X, Y)[0]), (output, act, factor)
             # Large but certifiable parameters exist, and the extreme ones are refused.
             assert 1 <= certified < len(factors), (output, act, certified)
+    # The L2 penalty counts too: weights whose squares overflow float64 are refused even
+    # where tanh caps what the next layer sees.
+    net = Network([3, 4, 2], activation="tanh", output="identity")
+    Xs = X[:, :3]
+    data = net.prepare(Xs, np.eye(2)[y % 2])
+    theta = net.init_params(random_state=0)
+    theta[:12] = 1e200
+    assert net.loss_is_surely_finite(theta, data) is True  # no penalty: finite indeed
+    assert np.isfinite(net.loss_grad(theta, Xs, np.eye(2)[y % 2])[0])
+    assert not net.loss_is_surely_finite(theta, data, alpha=1e-4)
+    assert not np.isfinite(net.loss_grad(theta, Xs, np.eye(2)[y % 2], alpha=1e-4)[0])
     net = Network([8, 16, 3], output="exp")
     data = net.prepare(X, np.eye(3)[y])
     theta = net.init_params(random_state=0)
@@ -301,7 +354,7 @@ def test_bound_certifies_ordinary_parameters_and_refuses_extreme_ones():
 
 def test_uncertain_final_parameters_are_measured_and_divergence_reported(monkeypatch):
     X, y = _blobs(n=300)
-    monkeypatch.setattr(Network, "loss_is_surely_finite", lambda self, theta, data: False)
+    monkeypatch.setattr(Network, "loss_is_surely_finite", lambda self, *args: False)
     calls = []
     original = Network._loss_grad
 
