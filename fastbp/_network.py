@@ -405,9 +405,11 @@ class Network:
         coefs, intercepts = self.unpack(theta)
         n_layers = len(coefs)
         # The L2 term, added in float64 to the loss: 0.5 alpha sum(W^2) / weight sum.
+        sq = 0.0
         with np.errstate(over="ignore"):  # an overflow here just means "cannot tell"
-            sq = sum(float(np.dot(W.ravel().astype(np.float64),
-                                  W.ravel().astype(np.float64))) for W in coefs)
+            for W in coefs:
+                w = W.ravel().astype(np.float64)
+                sq += float(np.dot(w, w))
         if alpha and not 0.5 * alpha * sq < 2.0 ** 1000:
             return False
         for l, (W, b) in enumerate(zip(coefs, intercepts)):

@@ -7,6 +7,7 @@ a Dask worker it uses the worker's thread count (the nanny sets OpenMP to one th
 there, while the worker was given its threads to use). An explicit ``n_jobs`` wins.
 """
 import contextlib
+import functools
 import os
 import sys
 import threading
@@ -134,8 +135,10 @@ def team_for_now(chunks):
 _DEFAULT_LLC = 8 * 2**20   # when the OS does not say: a conservative last-level cache
 
 
+@functools.lru_cache(maxsize=None)
 def last_level_cache_bytes():
-    """Size of the largest CPU cache the OS reports (bytes), or 8 MiB when it reports none."""
+    """Size of the largest CPU cache the OS reports (bytes), or 8 MiB when it reports none.
+    Read once per process."""
     sizes = []
     for name in ("SC_LEVEL3_CACHE_SIZE", "SC_LEVEL2_CACHE_SIZE"):
         try:
@@ -221,14 +224,17 @@ def _controller():
     return _CONTROLLER
 
 
+def _blas_limit_now():
+    """The largest thread count the loaded BLAS libraries are allowed right now."""
+    counts = [lib["num_threads"] for lib in _controller().info()]
+    return max(counts) if counts else 1
+
+
 def _blas_max_threads():
     """The largest thread count the loaded BLAS libraries are allowed, not counting the
     limits running fastbp computations set (those end with them)."""
     with _LOCK:
-        if _LIMITER is not None:
-            return _ORIGINAL_MAX
-        counts = [lib["num_threads"] for lib in _controller().info()]
-    return max(counts) if counts else 1
+        return _ORIGINAL_MAX if _LIMITER is not None else _blas_limit_now()
 
 
 def _apply():
@@ -239,8 +245,7 @@ def _apply():
     wanted = min(_ACTIVE) if _ACTIVE else None
     if wanted is not None:
         if _LIMITER is None:
-            counts = [lib["num_threads"] for lib in _controller().info()]
-            _ORIGINAL_MAX = max(counts) if counts else 1
+            _ORIGINAL_MAX = _blas_limit_now()
         wanted = min(wanted, _ORIGINAL_MAX)
     if wanted == _IN_FORCE:
         return

@@ -22,6 +22,7 @@ import numpy as np
 from . import _core
 from ._objective import ObjectiveFailure
 from ._network import Network
+from ._threads import _dask_worker_threads
 
 __all__ = ["ClusterError", "DaskObjective", "is_dask_collection", "get_client",
            "block_aligned_chunks"]
@@ -147,14 +148,6 @@ _NETS = {}
 _PARTS = {}
 
 
-def _worker_threads():
-    try:
-        from distributed import get_worker
-        return max(1, int(get_worker().state.nthreads))
-    except (ImportError, ValueError, AttributeError):
-        return None
-
-
 def _worker_net(spec):
     net = _NETS.get(spec)
     if net is None:
@@ -162,7 +155,7 @@ def _worker_net(spec):
         # The nanny limits BLAS and OpenMP to one thread by default; fastbp's own threads
         # (one per thread the worker was given) still use the worker's cores.
         net = _NETS[spec] = Network(list(sizes), activation=activation, output=output,
-                                    dtype=dtype, n_jobs=_worker_threads())
+                                    dtype=dtype, n_jobs=_dask_worker_threads())
     return net
 
 
