@@ -8,7 +8,7 @@ from ._estimators import MLPClassifier, MLPRegressor
 from ._config import show_config
 from ._io import load, save
 from ._network import Network
-from ._solvers import DivergenceError
+from ._divergence import DivergenceError
 from ._version import __version__
 
 __all__ = ["Network", "MLPClassifier", "MLPRegressor", "DivergenceError", "save", "load",

@@ -20,10 +20,22 @@ import warnings
 
 import numpy as np
 
-__all__ = ["WORKLOADS", "run", "markdown", "gemm_peak"]
+import scipy
+import sklearn
+from scipy.linalg import blas as scipy_blas
+from sklearn.datasets import load_digits
+from sklearn.model_selection import GridSearchCV
+from sklearn.neural_network import MLPClassifier as SkMLPClassifier
+from threadpoolctl import threadpool_info
 
-
+from ._config import show_config
+from ._estimators import MLPClassifier
+from ._network import Network
+from ._stochastic import StochasticOptimizer
 from ._threads import flops_per_sample as _flops_per_sample
+from ._version import __version__
+
+__all__ = ["WORKLOADS", "run", "markdown", "gemm_peak"]
 
 
 def _data(n, d, k, dtype, seed=0, spread=2.0):
@@ -38,11 +50,10 @@ def gemm_peak(dtype=np.float32, n=2048, rounds=3):
     """GFLOP/s of a large square GEMM on all cores: the best of SciPy's BLAS and NumPy's
     (each process may bundle its own OpenBLAS, built for different kernels), best of
     ``rounds``."""
-    from scipy.linalg import blas
     rng = np.random.default_rng(0)
     a = np.asfortranarray(rng.random((n, n), dtype=dtype))
     b = np.ascontiguousarray(a)
-    f = blas.sgemm if dtype == np.float32 else blas.dgemm
+    f = scipy_blas.sgemm if dtype == np.float32 else scipy_blas.dgemm
     best = np.inf
     for call in (lambda: f(1.0, a, a), lambda: np.matmul(b, b)):
         call()
@@ -56,11 +67,9 @@ def gemm_peak(dtype=np.float32, n=2048, rounds=3):
 # Runners: each returns (seconds, training accuracy, optimizer steps) for one fit.
 
 def _fastbp_fit(w, X, y):
-    import fastbp
-    from fastbp._network import Network
-    clf = fastbp.MLPClassifier(hidden_layer_sizes=w["hidden"], solver=w["solver"],
-                               batch_size=w.get("batch", "auto"), max_iter=w["iters"],
-                               tol=0.0, n_iter_no_change=10**9, random_state=0)
+    clf = MLPClassifier(hidden_layer_sizes=w["hidden"], solver=w["solver"],
+                        batch_size=w.get("batch", "auto"), max_iter=w["iters"],
+                        tol=0.0, n_iter_no_change=10**9, random_state=0)
     # Count full-batch evaluations (L-BFGS), for the achieved GFLOP/s.
     evals = [0]
     original = Network._loss_grad
@@ -80,10 +89,9 @@ def _fastbp_fit(w, X, y):
 
 
 def _sklearn_fit(w, X, y):
-    from sklearn.neural_network import MLPClassifier
-    clf = MLPClassifier(hidden_layer_sizes=w["hidden"], solver=w["solver"],
-                        batch_size=w.get("batch", "auto"), max_iter=w["iters"], tol=0.0,
-                        n_iter_no_change=10**9, random_state=0)
+    clf = SkMLPClassifier(hidden_layer_sizes=w["hidden"], solver=w["solver"],
+                          batch_size=w.get("batch", "auto"), max_iter=w["iters"], tol=0.0,
+                          n_iter_no_change=10**9, random_state=0)
     t0 = time.perf_counter()
     clf.fit(X, y)
     sec = time.perf_counter() - t0
@@ -199,11 +207,10 @@ def _run_workload(w, rounds, peers, settle, log):
 
 def _loss_grad_speedup(n, rounds, log):
     """Workload 5a: full-batch loss_grad, n_jobs=1 against n_jobs=2, same process."""
-    import fastbp
     sizes = [64, 256, 256, 10]
     X, y = _data(n, 64, 10, np.float64)
     Y = np.eye(10)[y]
-    nets = {j: fastbp.Network(sizes, dtype=np.float64, n_jobs=j) for j in (1, 2)}
+    nets = {j: Network(sizes, dtype=np.float64, n_jobs=j) for j in (1, 2)}
     theta = nets[1].init_params(random_state=0)
     times = {1: [], 2: []}
     for r in range(rounds):
@@ -226,8 +233,7 @@ def _python(code, *args):
     parent directory first on the path and as the working directory, so that a source
     checkout without compiled kernels in the caller's directory is never picked up);
     return its standard output."""
-    import fastbp
-    root = os.path.dirname(os.path.dirname(os.path.abspath(fastbp.__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [root] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])))
     run = subprocess.run([sys.executable, "-c", code, *args], capture_output=True,
@@ -268,7 +274,6 @@ def _timed(fn):
 
 def _grid_data():
     """The digits, four times over with a little noise: 7188 x 64."""
-    from sklearn.datasets import load_digits
     X, y = load_digits(return_X_y=True)
     rng = np.random.default_rng(0)
     X = np.vstack([X / 16.0 + rng.normal(scale=0.05, size=X.shape) for _ in range(4)])
@@ -277,9 +282,6 @@ def _grid_data():
 
 def _gridsearch(rounds, settle, log):
     """GridSearchCV over each library's MLPClassifier, n_jobs=1 and 2 (12 fits each)."""
-    import fastbp
-    from sklearn.model_selection import GridSearchCV
-    from sklearn.neural_network import MLPClassifier
     X, y = _grid_data()
     grid = {"hidden_layer_sizes": [(32,), (64,)], "alpha": [1e-4, 1e-2]}
     params = dict(max_iter=30, random_state=0)
@@ -292,13 +294,13 @@ def _gridsearch(rounds, settle, log):
     old = os.environ.get("PYTHONWARNINGS")
     os.environ["PYTHONWARNINGS"] = "ignore"  # for the workers' ConvergenceWarnings
     try:
-        for est in (MLPClassifier, fastbp.MLPClassifier):
+        for est in (SkMLPClassifier, MLPClassifier):
             GridSearchCV(est(max_iter=1), {"alpha": [1e-4, 1e-3]}, cv=2, n_jobs=2).fit(
                 X[:400], y[:400])
-        med = _interleaved({"scikit-learn n_jobs=1": search(MLPClassifier, 1),
-                            "scikit-learn n_jobs=2": search(MLPClassifier, 2),
-                            "fastbp n_jobs=1": search(fastbp.MLPClassifier, 1),
-                            "fastbp n_jobs=2": search(fastbp.MLPClassifier, 2)},
+        med = _interleaved({"scikit-learn n_jobs=1": search(SkMLPClassifier, 1),
+                            "scikit-learn n_jobs=2": search(SkMLPClassifier, 2),
+                            "fastbp n_jobs=1": search(MLPClassifier, 1),
+                            "fastbp n_jobs=2": search(MLPClassifier, 2)},
                            rounds, settle, log, "GridSearchCV")
     finally:
         if old is None:
@@ -316,8 +318,6 @@ def _gridsearch(rounds, settle, log):
 def _sklearn_defaults(rounds, settle, log, with_torch=False):
     """scikit-learn's default MLPClassifier settings on 5000 x 784 (float64), to
     convergence; test accuracy on 1250 held-out rows."""
-    import fastbp
-    from sklearn.neural_network import MLPClassifier
     X, y = _data(6250, 784, 10, np.float64, seed=1, spread=1.0)
     Xtr, ytr, Xte, yte = X[:5000], y[:5000], X[5000:], y[5000:]
     acc, epochs = {}, {}
@@ -331,8 +331,8 @@ def _sklearn_defaults(rounds, settle, log, with_torch=False):
         return case
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        med = _interleaved({"scikit-learn": run("scikit-learn", MLPClassifier),
-                            "fastbp": run("fastbp", fastbp.MLPClassifier)},
+        med = _interleaved({"scikit-learn": run("scikit-learn", SkMLPClassifier),
+                            "fastbp": run("fastbp", MLPClassifier)},
                            rounds, settle, log, "defaults")
     return {"workload": "sklearn-defaults", "shape": "5000x784", "hidden": [100],
             "solver": "adam", "dtype": "float64", "batch": 200, "seconds": med,
@@ -346,8 +346,6 @@ def _fixed_cost(rounds, settle, log):
     epoch, measured inside the same fits: each fit's wall time less the time spent in its
     epochs (the compiled epoch calls, timed around each call); medians over rounds of
     3-epoch fits."""
-    import fastbp
-    from fastbp._solvers import StochasticOptimizer
     original = StochasticOptimizer.epoch
     spent = []
 
@@ -367,7 +365,7 @@ def _fixed_cost(rounds, settle, log):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 for r in range(rounds):
-                    clf = fastbp.MLPClassifier(
+                    clf = MLPClassifier(
                         hidden_layer_sizes=w["hidden"], batch_size=w["batch"], max_iter=3,
                         tol=0.0, n_iter_no_change=10**9, random_state=0)
                     gc.collect()
@@ -457,7 +455,6 @@ def _cores_used(log):
 
 def _contention(rounds, settle, log):
     """n_jobs=2 against n_jobs=1 while another process keeps one core busy."""
-    import fastbp
     hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
         res = {}
@@ -466,9 +463,9 @@ def _contention(rounds, settle, log):
             X, y = _data(w["n"], w["d"], w["k"], w["dtype"])
 
             def fit(n_jobs):
-                clf = fastbp.MLPClassifier(hidden_layer_sizes=w["hidden"], n_jobs=n_jobs,
-                                           batch_size=w["batch"], max_iter=w["iters"],
-                                           tol=0.0, n_iter_no_change=10**9, random_state=0)
+                clf = MLPClassifier(hidden_layer_sizes=w["hidden"], n_jobs=n_jobs,
+                                    batch_size=w["batch"], max_iter=w["iters"],
+                                    tol=0.0, n_iter_no_change=10**9, random_state=0)
                 return lambda: _timed(lambda: clf.fit(X, y))
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -513,10 +510,6 @@ def _peak_rss(n, log):
 
 def run(quick=False, rounds=None, settle=0.5, log=print, workloads=None, with_torch=True):
     """Run the suite and return a dict of results (see the module docstring)."""
-    import fastbp
-    import scipy
-    import sklearn
-    from threadpoolctl import threadpool_info
 
     peers = ["scikit-learn"] + (["pytorch"] if with_torch and _have_torch() else [])
     rounds = rounds or (2 if quick else 3)
@@ -553,7 +546,7 @@ def run(quick=False, rounds=None, settle=0.5, log=print, workloads=None, with_to
         if "gflops" in res:
             res["peak_fraction"] = {k2: v / peak[peak_key] for k2, v in res["gflops"].items()}
         results.append(res)
-    versions = {"fastbp": fastbp.__version__, "numpy": np.__version__,
+    versions = {"fastbp": __version__, "numpy": np.__version__,
                 "scipy": scipy.__version__, "scikit-learn": sklearn.__version__}
     if "pytorch" in peers:
         import torch
@@ -562,7 +555,7 @@ def run(quick=False, rounds=None, settle=0.5, log=print, workloads=None, with_to
     return {"date": time.strftime("%Y-%m-%d"), "machine": _machine(),
             "versions": versions, "blas": [(i["internal_api"], i["num_threads"])
                                            for i in threadpool_info()],
-            "config": fastbp.show_config(mode="dicts"),
+            "config": show_config(mode="dicts"),
             "gemm_peak_gflops": peak, "quick": quick, "rounds": rounds,
             "results": results}
 
@@ -701,8 +694,7 @@ def plot(report, path):
 def main_quick(log=print):
     """``fastbp bench``: the quick subset, printed as a table under the configuration
     (kernel variant, BLAS, threads) it ran with."""
-    import fastbp
-    fastbp.show_config()
+    show_config()
     print()
     report = run(quick=True, log=log)
     print(markdown(report))

@@ -3,6 +3,7 @@
 Names, defaults and behaviour follow ``sklearn.neural_network``. The differences, each an
 improvement, are listed in the class docstrings under Notes.
 """
+import functools
 import math
 import warnings
 from numbers import Integral, Real
@@ -10,48 +11,24 @@ from numbers import Integral, Real
 import numpy as np
 from sklearn.base import (BaseEstimator, ClassifierMixin, RegressorMixin, _fit_context,
                           is_classifier)
-from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import accuracy_score, r2_score
 from sklearn.model_selection import train_test_split
-from sklearn.preprocessing import LabelBinarizer
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, Options, StrOptions
 from sklearn.utils.metaestimators import available_if
-from sklearn.utils.multiclass import (_check_partial_fit_first_call, type_of_target,
-                                      unique_labels)
-from sklearn.utils.validation import (_check_sample_weight, check_is_fitted,
-                                      column_or_1d, validate_data)
+from sklearn.utils.validation import check_is_fitted, validate_data
 
-from ._network import Network
-from .distributed import is_dask_collection
-from ._objective import LocalObjective
+from ._divergence import DivergenceError, diverged
 from ._hessian_free import HessianFreeState, fit_hessian_free
-from ._solvers import DivergenceError, StochasticOptimizer, _diverged, fit_full_batch
-from ._threads import blas_threads, effective_n_jobs, minibatch_plan
+from ._network import Network
+from ._objective import LocalObjective
+from ._solvers import fit_full_batch
+from ._stochastic import StochasticOptimizer, TrainingRecord, fit_stochastic
+from ._threads import effective_n_jobs, minibatch_plan
+from ._validation import (STOCHASTIC, decode_targets, hidden_sizes, start_classes,
+                          validate_fit)
 
 __all__ = ["MLPClassifier", "MLPRegressor"]
-
-_STOCHASTIC = ("sgd", "adam")
-
-
-def _checked_sample_weight(sample_weight, X):
-    """Validated float64 weights for X's rows (None stays None)."""
-    if sample_weight is None:
-        return None
-    sample_weight = _check_sample_weight(sample_weight, X, dtype=np.float64,
-                                         ensure_non_negative=True)
-    if sample_weight.sum() <= 0:
-        raise ValueError("sample_weight sums to zero: at least one must be positive.")
-    return sample_weight
-
-
-def _check_two_classes(classes):
-    if len(classes) < 2:
-        label = classes[0].item() if hasattr(classes[0], "item") else classes[0]
-        raise ValueError(
-            "MLPClassifier needs samples of at least 2 classes in the data, but y holds "
-            f"a single class: {label!r}. A classifier has nothing to learn from one "
-            "class.")
 
 
 class _BaseMLP(BaseEstimator):
@@ -140,20 +117,11 @@ class _BaseMLP(BaseEstimator):
 
     # Fitting -----------------------------------------------------------------------------
 
-    def _hidden_sizes(self):
-        sizes = self.hidden_layer_sizes
-        if not hasattr(sizes, "__iter__"):
-            sizes = [sizes]
-        sizes = list(sizes)
-        if any(not isinstance(s, (Integral, np.integer)) or s <= 0 for s in sizes):
-            raise ValueError(f"hidden_layer_sizes must be positive integers, got {sizes}.")
-        return sizes
-
     def _out_activation(self):
         raise NotImplementedError
 
     def _initialize(self, n_features, n_outputs, dtype):
-        layer_units = [n_features] + self._hidden_sizes() + [n_outputs]
+        layer_units = [n_features] + hidden_sizes(self.hidden_layer_sizes) + [n_outputs]
         self.n_iter_ = 0
         self.t_ = 0
         self.n_outputs_ = n_outputs
@@ -166,7 +134,7 @@ class _BaseMLP(BaseEstimator):
         self._optimizer = None
         self.loss_curve_ = []
         self._no_improvement_count = 0
-        if self.solver in _STOCHASTIC and self.early_stopping:
+        if self.solver in STOCHASTIC and self.early_stopping:
             self.validation_scores_ = []
             self.best_validation_score_ = -np.inf
             self.best_loss_ = None
@@ -176,31 +144,10 @@ class _BaseMLP(BaseEstimator):
             self.best_loss_ = np.inf
 
     def _fit(self, X, y, sample_weight=None, incremental=False, client=None):
-        hidden = self._hidden_sizes()
-        if self.n_jobs == 0:
-            raise ValueError("n_jobs == 0 has no meaning: use None for the OpenMP default, "
-                             "-1 for every CPU, "
-                             "or a positive number of threads.")
+        hidden = hidden_sizes(self.hidden_layer_sizes)
         first_pass = not hasattr(self, "coefs_") or (not self.warm_start and not incremental)
-        on_dask = any(is_dask_collection(a) for a in (X, y, sample_weight))
-        if on_dask or self.backend == "dask":
-            if incremental:
-                raise ValueError("partial_fit does not take Dask arrays (nor "
-                                 "backend='dask'): minibatch training runs in one process.")
-            if self.solver in _STOCHASTIC:
-                raise ValueError(
-                    f"solver={self.solver!r} does not train on a Dask cluster: Dask "
-                    "training is full-batch. Use solver='lbfgs' (or 'tnc', 'newton-cg', "
-                    "'trust-krylov', 'hessian-free'), or compute the arrays and fit "
-                    "locally.")
-            from . import _dask_fit
-            data = _dask_fit.validate(self, X, y, sample_weight, client, first_pass,
-                                      on_dask)
-            X = Y = sample_weight = None
-        else:
-            client = data = None
-            X, Y = self._validate_input(X, y, incremental, reset=first_pass)
-        sample_weight = _checked_sample_weight(sample_weight, X)
+        X, Y, sample_weight, data = validate_fit(self, X, y, sample_weight, client,
+                                                 incremental, first_pass)
         n_features, n_outputs = ((data.n_features, data.n_outputs) if data is not None
                                  else (X.shape[1], Y.shape[1]))
         dtype = data.dtype if data is not None else X.dtype
@@ -230,13 +177,13 @@ class _BaseMLP(BaseEstimator):
                 self._fit_full_batch(objective)
             finally:
                 objective.close()
-        elif self.solver in _STOCHASTIC:
+        elif self.solver in STOCHASTIC:
             self._fit_stochastic(X, Y, sample_weight, incremental)
         else:
             self._fit_full_batch(LocalObjective(
                 self._net, self._net.prepare(X, Y, sample_weight), self.alpha))
         if not np.isfinite(self._theta).all():  # defensive: the solvers never leave these
-            raise _diverged("at the end of training")
+            raise diverged("at the end of training")
         return self
 
     def _fit_full_batch(self, objective):
@@ -298,141 +245,65 @@ class _BaseMLP(BaseEstimator):
                                     self.momentum, self.nesterovs_momentum, self.power_t,
                                     self.beta_1, self.beta_2, self.epsilon)
 
-        early_stopping = self.early_stopping
-        if early_stopping:
+        validation = None
+        if self.early_stopping:
             stratify = Y if (is_classifier(self) and self.n_outputs_ == 1) else None
             split = train_test_split(
                 X, Y, *([] if sample_weight is None else [sample_weight]),
                 random_state=self._random_state, test_size=self.validation_fraction,
                 stratify=stratify)
-            X_train, X_val, Y_train, Y_val = split[:4]
-            sw_train, sw_val = (split[4], split[5]) if sample_weight is not None else (
-                None, None)
+            X, X_val, Y, Y_val = split[:4]
+            sample_weight, sw_val = (split[4], split[5]) if sample_weight is not None \
+                else (None, None)
             if X_val.shape[0] < 2:
                 raise ValueError("The validation set is too small. Increase "
                                  "'validation_fraction' or the size of your dataset.")
-            y_val = self._decode(Y_val)
+            y_val = decode_targets(self, Y_val)
             if self.validation_scores_ is None:
                 self.validation_scores_ = []
                 self.best_validation_score_ = -np.inf
-        else:
-            X_train, Y_train, sw_train = X, Y, sample_weight
-            X_val = y_val = sw_val = None
-            if self.best_loss_ is None:
-                self.best_loss_ = np.inf
+            validation = functools.partial(self._score, X_val, y_val, sw_val)
+        elif self.best_loss_ is None:
+            self.best_loss_ = np.inf
 
-        data = net.prepare(X_train, Y_train, sw_train)
-        n_samples = data.n_samples
-        batch_size = self._batch_size(n_samples)
-        order = np.arange(n_samples, dtype=np.intp)
-        last_good = theta.copy()
-        if not hasattr(self, "_best_theta") or self._best_theta.shape != theta.shape:
-            self._best_theta = theta.copy()
-        self._best_theta[...] = theta
-        mode, n_threads = minibatch_plan(self.n_jobs, batch_size, net.layer_sizes,
-                                         net.dtype.itemsize)
-        self.parallelism_ = {"mode": mode, "threads": n_threads}
-        # 'team': fastbp's threads split each minibatch and BLAS runs single-threaded;
-        # 'blas': one thread, BLAS uses the threads; 'serial': one of each. See _threads.
-        team = n_threads if mode == "team" else 1
-        start = None if incremental else theta.copy()
-        with blas_threads(n_threads if mode == "blas" else 1):
-            self._run_epochs(opt, data, order, batch_size, team, early_stopping,
-                             X_val, y_val, sw_val, incremental, last_good)
-            # Each epoch's loss is measured on the way, before each update. The final
-            # parameters are certified from a bound (O(n_params)); only when the bound
-            # cannot tell is the loss measured once more on the training rows.
-            if (start is not None
-                    and not net.loss_is_surely_finite(theta, data, self.alpha)
-                    and not math.isfinite(net._loss_grad(theta, data, self.alpha, None))):
-                theta[...] = start
-                self._optimizer = None
-                raise DivergenceError(
-                    "Training diverged: the final parameters give a non-finite loss on "
-                    "the training data. The model keeps the parameters it had before "
-                    "this fit. Scale the inputs (for example with StandardScaler) or "
-                    "lower learning_rate_init.")
-
-    def _run_epochs(self, opt, data, order, batch_size, n_threads, early_stopping, X_val,
-                    y_val, sw_val, incremental, last_good):
-        net, theta, n_samples = self._net, self._theta, data.n_samples
-        best_train_loss = math.inf
-        interrupted = False
+        objective = LocalObjective(net, net.prepare(X, Y, sample_weight), self.alpha)
+        batch_size = self._batch_size(objective.n_samples)
+        plan = minibatch_plan(self.n_jobs, batch_size, net.layer_sizes, net.dtype.itemsize)
+        self.parallelism_ = {"mode": plan[0], "threads": plan[1]}
+        record = TrainingRecord(
+            loss_curve=self.loss_curve_, t=self.t_, best_loss=self.best_loss_,
+            validation_scores=self.validation_scores_,
+            best_validation_score=self.best_validation_score_,
+            no_improvement_count=self._no_improvement_count,
+            best_theta=getattr(self, "_best_theta", None))
+        progress = getattr(self, "_progress_callback", None)
         try:
-            self.n_iter_ = 0
-            for _ in range(self.max_iter):
-                seed = int(self._random_state.randint(0, 2**32, dtype=np.uint64)) << 32 | \
-                    int(self._random_state.randint(0, 2**32, dtype=np.uint64))
-                total = opt.epoch(net, theta, data, order, self.shuffle, seed, batch_size,
-                                  self.alpha, n_threads)
-                if not (math.isfinite(total) and np.isfinite(theta).all()):
-                    theta[...] = last_good
-                    self._optimizer = None  # its moments/velocities are non-finite too
-                    raise _diverged(f"in epoch {self.n_iter_ + 1} of {self.solver}")
-                last_good[...] = theta
-                self.n_iter_ += 1
-                self.loss_ = total / n_samples
-                self.t_ += n_samples
-                self.loss_curve_.append(self.loss_)
-                if self.verbose:
-                    print(f"Iteration {self.n_iter_}, loss = {self.loss_:.8f}")
-                self._report_progress()
-                if not early_stopping and self.loss_ < best_train_loss:
-                    best_train_loss = self.loss_
-                    self._best_theta[...] = theta
-                self._update_no_improvement_count(early_stopping, X_val, y_val, sw_val)
-                opt.iteration_ends(self.t_)
-                if self._no_improvement_count > self.n_iter_no_change:
-                    if early_stopping:
-                        msg = ("Validation score did not improve more than tol=%f for %d "
-                               "consecutive epochs." % (self.tol, self.n_iter_no_change))
-                    else:
-                        msg = ("Training loss did not improve more than tol=%f for %d "
-                               "consecutive epochs." % (self.tol, self.n_iter_no_change))
-                    if opt.trigger_stopping(msg, self.verbose):
-                        break
-                    self._no_improvement_count = 0
-                if incremental:
-                    break
-                if self.n_iter_ == self.max_iter:
-                    warnings.warn(
-                        "Stochastic Optimizer: Maximum iterations (%d) reached and the "
-                        "optimization hasn't converged yet." % self.max_iter,
-                        ConvergenceWarning)
-        except KeyboardInterrupt:
-            interrupted = True
-            warnings.warn("Training interrupted by user; the model keeps the best "
-                          "parameters found so far.", UserWarning)
-        if early_stopping or (interrupted and math.isfinite(best_train_loss)):
-            theta[...] = self._best_theta
+            fit_stochastic(
+                objective, opt, theta, record, max_iter=self.max_iter,
+                batch_size=batch_size, shuffle=self.shuffle, rng=self._random_state,
+                plan=plan, tol=self.tol, n_iter_no_change=self.n_iter_no_change,
+                early_stopping=self.early_stopping, validation=validation,
+                on_epoch=self._epoch_hook(progress), incremental=incremental,
+                verbose=self.verbose)
+        except DivergenceError:
+            self._optimizer = None  # its moments/velocities may be non-finite too
+            raise
+        finally:
+            self.n_iter_, self.t_ = record.n_iter, record.t
+            if record.n_iter:
+                self.loss_ = record.loss
+            self.best_loss_ = record.best_loss
+            self.best_validation_score_ = record.best_validation_score
+            self._no_improvement_count = record.no_improvement_count
+            self._best_theta = record.best_theta
 
-    def _update_no_improvement_count(self, early_stopping, X_val, y_val, sw_val):
-        if early_stopping:
-            score = self._score(X_val, y_val, sw_val)
-            self.validation_scores_.append(score)
-            if self.verbose:
-                print("Validation score: %f" % score)
-            if score < self.best_validation_score_ + self.tol:
-                self._no_improvement_count += 1
-            else:
-                self._no_improvement_count = 0
-            if score > self.best_validation_score_:
-                self.best_validation_score_ = score
-                self._best_theta[...] = self._theta
-        else:
-            if self.loss_curve_[-1] > self.best_loss_ - self.tol:
-                self._no_improvement_count += 1
-            else:
-                self._no_improvement_count = 0
-            if self.loss_curve_[-1] < self.best_loss_:
-                self.best_loss_ = self.loss_curve_[-1]
-
-    def _report_progress(self):
-        # A private hook for front ends (the ``fastbp`` command's progress bar): a
-        # callable ``_progress_callback(n_iter, loss)`` called after every epoch/iteration.
-        callback = getattr(self, "_progress_callback", None)
-        if callback is not None:
-            callback(self.n_iter_, self.loss_curve_[-1])
+    @staticmethod
+    def _epoch_hook(progress):
+        # ``_progress_callback(n_iter, loss)``: a private hook for front ends (the
+        # ``fastbp`` command's progress bar), called after every epoch or iteration.
+        if progress is None:
+            return None
+        return lambda record: progress(record.n_iter, record.loss_curve[-1])
 
     def _forward(self, X, check_input=True, raw=False):
         if check_input:
@@ -473,7 +344,7 @@ class _BaseMLP(BaseEstimator):
                          client=client)
 
     def _check_solver(self):
-        if self.solver not in _STOCHASTIC:
+        if self.solver not in STOCHASTIC:
             raise AttributeError("partial_fit is only available for stochastic optimizers. "
                                  f"{self.solver} is not stochastic.")
         return True
@@ -668,48 +539,6 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
             return "softmax"
         return "logistic"
 
-    def _validate_input(self, X, y, incremental, reset):
-        X, y = validate_data(self, X, y, accept_sparse=["csr", "csc"], multi_output=True,
-                             dtype=(np.float64, np.float32), reset=reset)
-        if y.ndim == 2 and y.shape[1] == 1:
-            y = column_or_1d(y, warn=True)
-        if (not hasattr(self, "classes_")) or (not self.warm_start and not incremental):
-            self._label_binarizer = LabelBinarizer()
-            self._label_binarizer.fit(y)
-            if self._label_binarizer.y_type_ != "multilabel-indicator":
-                _check_two_classes(self._label_binarizer.classes_)
-            self.classes_ = self._label_binarizer.classes_
-        else:
-            classes = unique_labels(y)
-            if self.warm_start:
-                if set(classes) != set(self.classes_):
-                    raise ValueError(
-                        "warm_start can only be used where `y` has the same classes as in "
-                        f"the previous call to fit. Previously got {self.classes_}, `y` "
-                        f"has {classes}")
-            elif len(np.setdiff1d(classes, self.classes_, assume_unique=True)):
-                raise ValueError(f"`y` has classes not in `self.classes_`. "
-                                 f"`self.classes_` has {self.classes_}. 'y' has {classes}.")
-        return X, self._encode(y, X.dtype)
-
-    def _encode(self, y, dtype):
-        """One-hot (or, for two classes, one 0/1 column) targets, as LabelBinarizer's
-        transform gives them; 1-D labels take one search instead of its label checks."""
-        lb = self._label_binarizer
-        if y.ndim == 1 and lb.y_type_ in ("binary", "multiclass") and len(y):
-            classes = lb.classes_
-            idx = np.searchsorted(classes, y)
-            if idx.max() < len(classes) and np.array_equal(classes[idx], y):
-                if len(classes) == 2:
-                    return (idx == 1).astype(dtype).reshape(-1, 1)
-                Y = np.zeros((len(y), len(classes)), dtype=dtype)
-                Y[np.arange(len(y)), idx] = 1
-                return Y
-        return lb.transform(y).astype(dtype)
-
-    def _decode(self, Y):
-        return self._label_binarizer.inverse_transform(Y)
-
     def predict(self, X):
         """Predict class labels.
 
@@ -756,13 +585,7 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
             The updated estimator.
         """
         self._validate_params()
-        if _check_partial_fit_first_call(self, classes):
-            self._label_binarizer = LabelBinarizer()
-            if type_of_target(y).startswith("multilabel"):
-                self._label_binarizer.fit(y)
-            else:
-                _check_two_classes(np.unique(classes))
-                self._label_binarizer.fit(classes)
+        start_classes(self, y, classes)
         return self._fit(X, y, sample_weight=sample_weight, incremental=True)
 
     def decision_function(self, X):
@@ -895,20 +718,6 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
 
     def _out_activation(self):
         return "exp" if self.loss == "poisson" else "identity"
-
-    def _validate_input(self, X, y, incremental, reset):
-        X, y = validate_data(self, X, y, accept_sparse=["csr", "csc"], multi_output=True,
-                             y_numeric=True, dtype=(np.float64, np.float32), reset=reset)
-        if y.ndim == 2 and y.shape[1] == 1:
-            y = column_or_1d(y, warn=True)
-        if self.loss == "poisson" and (y < 0).any():
-            raise ValueError("loss='poisson' needs non-negative targets; y has negative "
-                             "values.")
-        Y = y.reshape(-1, 1) if y.ndim == 1 else y
-        return X, np.asarray(Y, dtype=X.dtype)
-
-    def _decode(self, Y):
-        return Y.ravel() if Y.shape[1] == 1 else Y
 
     def predict(self, X):
         """Predict using the multi-layer perceptron model.

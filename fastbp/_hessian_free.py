@@ -23,6 +23,7 @@ import warnings
 import numpy as np
 from sklearn.exceptions import ConvergenceWarning
 
+from ._divergence import BestTracker, diverged
 from ._objective import ObjectiveFailure
 
 
@@ -143,8 +144,6 @@ def fit_hessian_free(objective, theta, max_iter, tol, verbose, loss_curve,
     ``HessianFreeState``) carries the damping and the last direction across warm
     starts. On Ctrl-C the best parameters evaluated so far are restored, with a warning.
     """
-    from ._solvers import _BestTracker, _diverged
-
     net = objective.net
     n_params, n, dtype = net.n_params, objective.n_samples, net.dtype
     if state is None or not state.compatible("hessian-free", n_params):
@@ -159,7 +158,7 @@ def fit_hessian_free(objective, theta, max_iter, tol, verbose, loss_curve,
     vec = np.empty(n_params, dtype=dtype)
     trial = np.empty(n_params, dtype=dtype)
     fisher = np.empty(n_params, dtype=dtype)
-    best = _BestTracker(theta)
+    best = BestTracker(theta)
     n_iter = 0
     converged = stalled = False
 
@@ -167,7 +166,7 @@ def fit_hessian_free(objective, theta, max_iter, tol, verbose, loss_curve,
         with objective.blas_guard():
             loss = objective.loss_grad(theta, grad)
             if not math.isfinite(loss):
-                raise _diverged("at the starting point of hessian-free")
+                raise diverged("at the starting point of hessian-free")
             best.offer(loss, theta)
             g = grad.astype(np.float64)
             while n_iter < max_iter:
@@ -256,7 +255,7 @@ def fit_hessian_free(objective, theta, max_iter, tol, verbose, loss_curve,
         raise
     if not (math.isfinite(loss) and np.isfinite(theta).all()):
         theta[...] = best.theta
-        raise _diverged(f"during hessian-free (iteration {n_iter})")
+        raise diverged(f"during hessian-free (iteration {n_iter})")
     if not converged and n_iter >= max_iter or stalled:
         warnings.warn(
             f"hessian-free failed to converge after {n_iter} iteration(s): "

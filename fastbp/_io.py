@@ -36,6 +36,7 @@ from sklearn.preprocessing import LabelBinarizer, StandardScaler
 
 from ._estimators import MLPClassifier, MLPRegressor
 from ._network import Network
+from ._validation import hidden_sizes
 
 __all__ = ["save", "load", "FORMAT_VERSION"]
 
@@ -294,7 +295,7 @@ def _build(meta, arrays):
         raise ValueError(f"layer sizes {raw_sizes!r} are not a list of at least two "
                          "positive integers")
     sizes = list(raw_sizes)
-    expected = [sizes[0]] + est._hidden_sizes() + [sizes[-1]]
+    expected = [sizes[0]] + hidden_sizes(est.hidden_layer_sizes) + [sizes[-1]]
     if sizes != expected or sizes[0] != attrs["n_features_in_"]:
         raise ValueError(f"layer sizes {sizes} do not match the parameters")
     missing = [k for k in _SCALAR_ATTRS if k not in attrs]

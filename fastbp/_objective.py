@@ -7,6 +7,8 @@ with the kernels; ``fastbp.distributed.DaskObjective`` evaluates the same kernel
 chunks of a Dask array and reduces the float64 sums in a fixed order. The solvers do not
 know which one they drive.
 """
+import scipy.sparse as sp
+
 from ._threads import single_threaded_blas
 
 __all__ = ["LocalObjective", "ObjectiveFailure"]
@@ -47,6 +49,11 @@ class LocalObjective:
         grad is None."""
         return self.net._loss_grad(theta, self.data, self.alpha, grad)
 
+    def surely_finite(self, theta):
+        """True when a bound on the parameters (O(n_params), no pass over the data)
+        proves the loss at theta finite; False means "cannot tell"."""
+        return self.net.loss_is_surely_finite(theta, self.data, self.alpha)
+
     def curvature(self, theta, v, exact, out):
         """Gauss-Newton (or, with exact, Hessian) times v into out."""
         # The kernel's L2 term is alpha * scale: scale the penalty to this data's weights.
@@ -62,7 +69,6 @@ class LocalObjective:
         processed in blocks of ``block`` rows (default: the network's)."""
         net, data = self.net, self.data
         if data.X is None:
-            import scipy.sparse as sp
             X = sp.csr_matrix((data.data, data.indices, data.indptr),
                               shape=(data.n_samples, net.layer_sizes[0]))[rows]
         else:

@@ -14,7 +14,8 @@ from threadpoolctl import threadpool_info, threadpool_limits
 
 import fastbp
 from fastbp import MLPClassifier, MLPRegressor, Network, _core, _threads
-from fastbp._solvers import DivergenceError, StochasticOptimizer
+from fastbp._divergence import DivergenceError
+from fastbp._stochastic import StochasticOptimizer
 
 ROOT = str(pathlib.Path(fastbp.__file__).resolve().parents[1])
 CPUS = _threads.cpu_count()

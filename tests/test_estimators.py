@@ -36,7 +36,7 @@ from sklearn.utils._param_validation import InvalidParameterError
 
 import fastbp
 import fastbp._network
-import fastbp._solvers
+import fastbp._stochastic
 from fastbp import DivergenceError, MLPClassifier, MLPRegressor
 
 pytestmark = pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
@@ -576,7 +576,7 @@ def test_keyboard_interrupt_stochastic_keeps_best_epoch(solver, regression, monk
                             learning_rate_init=0.02)
     snapshots = []
     # StochasticOptimizer.epoch(self, net, theta, ...): theta is args[1].
-    calls = _interrupt_on_call(monkeypatch, fastbp._solvers.StochasticOptimizer,
+    calls = _interrupt_on_call(monkeypatch, fastbp._stochastic.StochasticOptimizer,
                                "epoch", 8, snapshots, theta_arg=1)
     with pytest.warns(UserWarning, match="interrupted"):
         returned = est.fit(X, y)
@@ -608,7 +608,7 @@ def test_keyboard_interrupt_in_first_epoch_keeps_initial_weights(monkeypatch):
         reference.fit(X, y)
     monkeypatch.undo()
     est = MLPClassifier((8,), solver="adam", random_state=0, max_iter=10)
-    _interrupt_on_call(monkeypatch, fastbp._solvers.StochasticOptimizer, "epoch", 1, [],
+    _interrupt_on_call(monkeypatch, fastbp._stochastic.StochasticOptimizer, "epoch", 1, [],
                        theta_arg=1)
     with pytest.warns(UserWarning, match="interrupted"):
         est.fit(X, y)
@@ -640,7 +640,7 @@ def test_keyboard_interrupt_lbfgs_keeps_lowest_loss_parameters(monkeypatch):
 def test_keyboard_interrupt_with_early_stopping_keeps_best_validation(monkeypatch):
     X, y = _digits_scaled(600)
     snapshots = []
-    _interrupt_on_call(monkeypatch, fastbp._solvers.StochasticOptimizer, "epoch", 9,
+    _interrupt_on_call(monkeypatch, fastbp._stochastic.StochasticOptimizer, "epoch", 9,
                        snapshots, theta_arg=1)
     est = MLPClassifier((16,), solver="adam", random_state=0, max_iter=100,
                         learning_rate_init=0.02, early_stopping=True)
@@ -1272,14 +1272,14 @@ def test_feature_names_from_dataframe():
 def test_early_stopping_keeps_best_validation_parameters(solver, monkeypatch):
     X, y = _digits_scaled(600)
     snapshots = []
-    original = fastbp._solvers.StochasticOptimizer.epoch
+    original = fastbp._stochastic.StochasticOptimizer.epoch
 
     def recording(self, *args, **kwargs):
         result = original(self, *args, **kwargs)
         snapshots.append(np.array(args[1], copy=True))
         return result
 
-    monkeypatch.setattr(fastbp._solvers.StochasticOptimizer, "epoch", recording)
+    monkeypatch.setattr(fastbp._stochastic.StochasticOptimizer, "epoch", recording)
     est = MLPClassifier((16,), solver=solver, random_state=0, max_iter=200,
                         learning_rate_init=0.02 if solver == "adam" else 0.1,
                         early_stopping=True, n_iter_no_change=5)

@@ -28,7 +28,7 @@ from sklearn.exceptions import ConvergenceWarning
 
 import fastbp
 from fastbp import DivergenceError, MLPClassifier, MLPRegressor, Network, _core
-from fastbp._solvers import StochasticOptimizer
+from fastbp._stochastic import StochasticOptimizer
 
 ROOT = Path(__file__).resolve().parents[1]
 FULL_BATCH = ["lbfgs", "tnc", "newton-cg", "trust-krylov", "hessian-free"]

@@ -1,0 +1,280 @@
+"""The minibatch driver: SGD and Adam, one compiled call per epoch.
+
+``StochasticOptimizer`` holds SGD's velocity or Adam's moments over the flat parameter
+vector (scikit-learn's update formulas) and runs a whole epoch (shuffle, minibatch
+gather, forward, backward, update) in one nogil kernel call (``_core.run_epoch``).
+
+``fit_stochastic`` is the training loop around it: epochs, the divergence guard, the
+no-improvement count with ``tol`` and ``n_iter_no_change``, early stopping on a
+validation score, Ctrl-C, and the final check of the parameters. It takes an objective
+(``_objective.LocalObjective``: network, prepared data, alpha), an optimizer and a
+``TrainingRecord``; it knows nothing of estimators. Two hooks let a caller watch and
+steer it: ``validation`` scores the current parameters after every epoch, and
+``on_epoch`` is called after every epoch and may stop training by returning True.
+"""
+import math
+import warnings
+
+import numpy as np
+from sklearn.exceptions import ConvergenceWarning
+
+from . import _core
+from ._divergence import DivergenceError, diverged
+from ._threads import blas_threads, team_for_now
+
+__all__ = ["StochasticOptimizer", "TrainingRecord", "fit_stochastic"]
+
+
+class StochasticOptimizer:
+    """SGD or Adam state over the flat vector (scikit-learn's update formulas).
+
+    Parameters
+    ----------
+    solver : {'sgd', 'adam'}
+    n_params : int
+    dtype : numpy dtype
+    learning_rate_init, lr_schedule, momentum, nesterov, power_t : SGD settings.
+    beta_1, beta_2, epsilon : Adam settings.
+    """
+
+    def __init__(self, solver, n_params, dtype, learning_rate_init, lr_schedule="constant",
+                 momentum=0.9, nesterov=True, power_t=0.5, beta_1=0.9, beta_2=0.999,
+                 epsilon=1e-8):
+        self.solver = solver
+        self.set_hyperparameters(learning_rate_init, lr_schedule, momentum, nesterov,
+                                 power_t, beta_1, beta_2, epsilon)
+        # SGD: state_1 is the velocity. Adam: first and second moments.
+        self.state_1 = np.zeros(n_params, dtype=dtype)
+        self.state_2 = np.zeros(n_params if solver == "adam" else 1, dtype=dtype)
+        self.step = np.zeros(1, dtype=np.longlong)  # Adam's t
+
+    def set_hyperparameters(self, learning_rate_init, lr_schedule, momentum, nesterov,
+                            power_t, beta_1, beta_2, epsilon):
+        """Take new settings (the state arrays are kept); the rate restarts at its
+        initial value."""
+        self.learning_rate_init = float(learning_rate_init)
+        self.learning_rate = float(learning_rate_init)
+        self.lr_schedule = lr_schedule
+        self.momentum = float(momentum) if self.solver == "sgd" else 0.0
+        self.nesterov = bool(nesterov)
+        self.power_t = float(power_t)
+        self.beta_1, self.beta_2, self.epsilon = float(beta_1), float(beta_2), float(epsilon)
+
+    def compatible(self, solver, n_params, dtype):
+        return (self.solver == solver and self.state_1.shape[0] == n_params
+                and self.state_1.dtype == dtype)
+
+    def _buffers(self, net, n_chunks, batch_size, sparse):
+        """Per-chunk gradient and intercept-sum rows and per-thread workspaces (at most
+        one thread per chunk), reused across epochs."""
+        per_chunk = -(-batch_size // n_chunks)
+        key = (n_chunks, per_chunk, net.layer_sizes, sparse)
+        if getattr(self, "_buf_key", None) != key:
+            ws = _core.workspace_size(net._sizes, per_chunk, not sparse)
+            self._grads = np.empty((n_chunks, net.n_params), dtype=net.dtype)
+            self._work = np.empty((n_chunks, ws), dtype=net.dtype)
+            self._dacc = np.empty((n_chunks, net._n_intercepts), dtype=np.float64)
+            self._buf_key = key
+        return self._grads, self._work, self._dacc
+
+    def epoch(self, net, theta, data, order, shuffle, seed, batch_size, alpha, n_chunks=1):
+        """One pass over ``order``'s rows; returns the sum of batch loss x batch size.
+
+        With ``n_chunks`` > 1 every minibatch is cut into that many chunks of rows, shared
+        by a team of up to n_chunks threads (fewer while other work keeps cores busy; the
+        result depends on n_chunks only); BLAS should then be limited to one thread (see
+        ``_threads.minibatch_plan``).
+        """
+        grads, work, dacc = self._buffers(net, n_chunks, batch_size, data.X is None)
+        n_threads, spin = team_for_now(n_chunks)
+        total, n_batches = _core.run_epoch(
+            theta, grads, data.X, data.data, data.indices, data.indptr, data.Y,
+            data.sample_weight, net._sizes, net._w_off, net._b_off, net._act, net._out,
+            work, dacc, order, shuffle, seed, batch_size, float(alpha),
+            _core.SOLVERS[self.solver], self.learning_rate, self.momentum, self.nesterov,
+            self.beta_1, self.beta_2, self.epsilon, self.state_1, self.state_2, self.step,
+            n_chunks, n_threads, spin)
+        return total
+
+    def iteration_ends(self, time_step):
+        """Learning-rate schedule at the end of an epoch (``time_step``: samples seen)."""
+        if self.solver == "sgd" and self.lr_schedule == "invscaling":
+            self.learning_rate = self.learning_rate_init / (time_step + 1) ** self.power_t
+
+    def trigger_stopping(self, msg, verbose):
+        """True when training should stop; 'adaptive' SGD divides the rate by 5 first."""
+        if self.solver != "sgd" or self.lr_schedule != "adaptive":
+            if verbose:
+                print(msg + " Stopping.")
+            return True
+        if self.learning_rate <= 1e-6:
+            if verbose:
+                print(msg + " Learning rate too small. Stopping.")
+            return True
+        self.learning_rate /= 5.0
+        if verbose:
+            print(msg + f" Setting learning rate to {self.learning_rate:f}")
+        return False
+
+
+class TrainingRecord:
+    """What the loop reads and updates, kept by the caller across fits (warm start,
+    ``partial_fit``): scikit-learn's fitted attributes without their trailing underscore.
+
+    ``validation_scores`` is a list when a validation score is recorded, else None;
+    ``best_loss`` is None while early stopping is used; ``best_theta`` holds the
+    parameters early stopping (or Ctrl-C) restores.
+    """
+
+    def __init__(self, loss_curve=None, t=0, best_loss=math.inf, validation_scores=None,
+                 best_validation_score=None, no_improvement_count=0, best_theta=None):
+        self.n_iter = 0
+        self.t = t
+        self.loss = math.nan
+        self.loss_curve = [] if loss_curve is None else loss_curve
+        self.best_loss = best_loss
+        self.validation_scores = validation_scores
+        self.best_validation_score = best_validation_score
+        self.no_improvement_count = no_improvement_count
+        self.best_theta = best_theta
+
+
+def fit_stochastic(objective, optimizer, theta, record, *, max_iter, batch_size, shuffle,
+                   rng, plan, tol, n_iter_no_change, early_stopping=False, validation=None,
+                   on_epoch=None, incremental=False, verbose=False):
+    """Train ``theta`` (in place) with ``optimizer`` on ``objective``'s data.
+
+    Parameters
+    ----------
+    objective : LocalObjective
+        The network, its prepared training rows and alpha.
+    optimizer : StochasticOptimizer
+    theta : ndarray
+        The flat parameter vector, updated in place.
+    record : TrainingRecord
+        Updated after every epoch.
+    max_iter, batch_size, shuffle, tol, n_iter_no_change : as scikit-learn's MLP.
+    rng : numpy.random.RandomState
+        Draws each epoch's shuffling seed.
+    plan : (mode, threads)
+        From ``_threads.minibatch_plan``: 'team' splits every minibatch over ``threads``
+        chunks with single-threaded BLAS, 'blas' gives BLAS the threads, 'serial' one.
+    early_stopping : bool
+        Count improvements of the validation score (``validation`` is then required) and
+        end with the parameters that scored best; otherwise count the training loss.
+    validation : callable or None
+        ``validation()`` scores the current parameters (higher is better); recorded in
+        ``record.validation_scores`` after every epoch.
+    on_epoch : callable or None
+        ``on_epoch(record)`` after every epoch; a true result ends training.
+    incremental : bool
+        One epoch (``partial_fit``), without the final check of the parameters.
+
+    Raises
+    ------
+    DivergenceError
+        When an epoch's loss or the parameters become non-finite (theta then holds the
+        last finite parameters), or when the final parameters give a non-finite loss
+        (theta then holds the parameters it started from).
+    """
+    if early_stopping and validation is None:
+        raise ValueError("early_stopping needs a validation score")
+    mode, n_threads = plan
+    last_good = theta.copy()
+    if record.best_theta is None or record.best_theta.shape != theta.shape:
+        record.best_theta = theta.copy()
+    record.best_theta[...] = theta
+    team = n_threads if mode == "team" else 1
+    start = None if incremental else theta.copy()
+    with blas_threads(n_threads if mode == "blas" else 1):
+        _run_epochs(objective, optimizer, theta, record, max_iter, batch_size, shuffle,
+                    rng, team, tol, n_iter_no_change, early_stopping, validation,
+                    on_epoch, incremental, verbose, last_good)
+        # Each epoch's loss is measured on the way, before each update. The final
+        # parameters are certified from a bound (O(n_params)); only when the bound
+        # cannot tell is the loss measured once more on the training rows.
+        if (start is not None and not objective.surely_finite(theta)
+                and not math.isfinite(objective.loss_grad(theta, None))):
+            theta[...] = start
+            raise DivergenceError(
+                "Training diverged: the final parameters give a non-finite loss on "
+                "the training data. The model keeps the parameters it had before "
+                "this fit. Scale the inputs (for example with StandardScaler) or "
+                "lower learning_rate_init.")
+
+
+def _run_epochs(objective, opt, theta, record, max_iter, batch_size, shuffle, rng,
+                n_threads, tol, n_iter_no_change, early_stopping, validation, on_epoch,
+                incremental, verbose, last_good):
+    net, data, n_samples = objective.net, objective.data, objective.n_samples
+    order = np.arange(n_samples, dtype=np.intp)
+    best_train_loss = math.inf
+    interrupted = False
+    try:
+        record.n_iter = 0
+        for _ in range(max_iter):
+            seed = int(rng.randint(0, 2**32, dtype=np.uint64)) << 32 | \
+                int(rng.randint(0, 2**32, dtype=np.uint64))
+            total = opt.epoch(net, theta, data, order, shuffle, seed, batch_size,
+                              objective.alpha, n_threads)
+            if not (math.isfinite(total) and np.isfinite(theta).all()):
+                theta[...] = last_good
+                raise diverged(f"in epoch {record.n_iter + 1} of {opt.solver}")
+            last_good[...] = theta
+            record.n_iter += 1
+            record.loss = total / n_samples
+            record.t += n_samples
+            record.loss_curve.append(record.loss)
+            if verbose:
+                print(f"Iteration {record.n_iter}, loss = {record.loss:.8f}")
+            stop = bool(on_epoch(record)) if on_epoch is not None else False
+            if not early_stopping and record.loss < best_train_loss:
+                best_train_loss = record.loss
+                record.best_theta[...] = theta
+            _count_no_improvement(record, theta, tol, early_stopping, validation, verbose)
+            opt.iteration_ends(record.t)
+            if record.no_improvement_count > n_iter_no_change:
+                measure = "Validation score" if early_stopping else "Training loss"
+                msg = ("%s did not improve more than tol=%f for %d consecutive epochs."
+                       % (measure, tol, n_iter_no_change))
+                if opt.trigger_stopping(msg, verbose):
+                    break
+                record.no_improvement_count = 0
+            if incremental or stop:
+                break
+            if record.n_iter == max_iter:
+                warnings.warn(
+                    "Stochastic Optimizer: Maximum iterations (%d) reached and the "
+                    "optimization hasn't converged yet." % max_iter,
+                    ConvergenceWarning)
+    except KeyboardInterrupt:
+        interrupted = True
+        warnings.warn("Training interrupted by user; the model keeps the best "
+                      "parameters found so far.", UserWarning)
+    if early_stopping or (interrupted and math.isfinite(best_train_loss)):
+        theta[...] = record.best_theta
+
+
+def _count_no_improvement(record, theta, tol, early_stopping, validation, verbose):
+    """Record the validation score, and count epochs without a ``tol`` improvement of
+    the validation score (early stopping) or of the training loss."""
+    if validation is not None:
+        score = validation()
+        record.validation_scores.append(score)
+        if verbose:
+            print("Validation score: %f" % score)
+    if early_stopping:
+        if score < record.best_validation_score + tol:
+            record.no_improvement_count += 1
+        else:
+            record.no_improvement_count = 0
+        if score > record.best_validation_score:
+            record.best_validation_score = score
+            record.best_theta[...] = theta
+    else:
+        if record.loss_curve[-1] > record.best_loss - tol:
+            record.no_improvement_count += 1
+        else:
+            record.no_improvement_count = 0
+        if record.loss_curve[-1] < record.best_loss:
+            record.best_loss = record.loss_curve[-1]

@@ -1,0 +1,317 @@
+"""Input validation and target encoding, for local and Dask training.
+
+Every check of what a user passes to ``fit`` and ``partial_fit`` lives here, and so does
+the conversion of targets to the network's form (one-hot rows or one 0/1 column for
+classes, 2-D float columns for regression) and back. The local path validates NumPy and
+SciPy input with scikit-learn's ``validate_data``; the Dask path runs the same checks on
+the cluster in one pass over the chunks (finiteness, weights, classes), so nothing but a
+few numbers comes back, and builds the targets per chunk. Both give the same errors.
+
+``validate_fit`` routes a ``fit``/``partial_fit`` call: it returns either local arrays or
+``DaskData``, whose ``objective`` is the Dask objective the full-batch drivers take.
+"""
+import math
+from numbers import Integral
+
+import numpy as np
+import scipy.sparse as sp
+from sklearn.base import is_classifier
+from sklearn.preprocessing import LabelBinarizer
+from sklearn.utils.multiclass import (_check_partial_fit_first_call, type_of_target,
+                                      unique_labels)
+from sklearn.utils.validation import _check_sample_weight, column_or_1d, validate_data
+
+from ._network import block_rows
+from .distributed import DaskObjective, get_client, is_dask_collection
+
+__all__ = ["validate_fit", "validate_local", "validate_dask", "checked_sample_weight",
+           "check_two_classes", "hidden_sizes", "start_classes", "decode_targets",
+           "DaskData", "STOCHASTIC"]
+
+STOCHASTIC = ("sgd", "adam")
+_POISSON_NEGATIVE = "loss='poisson' needs non-negative targets; y has negative values."
+
+
+def hidden_sizes(hidden_layer_sizes):
+    """``hidden_layer_sizes`` as a list of positive ints (an int means one layer)."""
+    sizes = hidden_layer_sizes
+    if not hasattr(sizes, "__iter__"):
+        sizes = [sizes]
+    sizes = list(sizes)
+    if any(not isinstance(s, (Integral, np.integer)) or s <= 0 for s in sizes):
+        raise ValueError(f"hidden_layer_sizes must be positive integers, got {sizes}.")
+    return sizes
+
+
+def checked_sample_weight(sample_weight, X):
+    """Validated float64 weights for X's rows (None stays None)."""
+    if sample_weight is None:
+        return None
+    sample_weight = _check_sample_weight(sample_weight, X, dtype=np.float64,
+                                         ensure_non_negative=True)
+    if sample_weight.sum() <= 0:
+        raise ValueError("sample_weight sums to zero: at least one must be positive.")
+    return sample_weight
+
+
+def check_two_classes(classes):
+    """A classifier needs two classes or more."""
+    if len(classes) < 2:
+        label = classes[0].item() if hasattr(classes[0], "item") else classes[0]
+        raise ValueError(
+            "MLPClassifier needs samples of at least 2 classes in the data, but y holds "
+            f"a single class: {label!r}. A classifier has nothing to learn from one "
+            "class.")
+
+
+def validate_fit(est, X, y, sample_weight, client, incremental, first_pass):
+    """Check a ``fit``/``partial_fit`` call's input. Returns ``(X, Y, sample_weight,
+    None)`` for local training, or ``(None, None, None, DaskData)`` for Dask training
+    (Dask input, or ``backend='dask'``)."""
+    if est.n_jobs == 0:
+        raise ValueError("n_jobs == 0 has no meaning: use None for the OpenMP default, "
+                         "-1 for every CPU, "
+                         "or a positive number of threads.")
+    on_dask = any(is_dask_collection(a) for a in (X, y, sample_weight))
+    if on_dask or est.backend == "dask":
+        if incremental:
+            raise ValueError("partial_fit does not take Dask arrays (nor "
+                             "backend='dask'): minibatch training runs in one process.")
+        if est.solver in STOCHASTIC:
+            raise ValueError(
+                f"solver={est.solver!r} does not train on a Dask cluster: Dask "
+                "training is full-batch. Use solver='lbfgs' (or 'tnc', 'newton-cg', "
+                "'trust-krylov', 'hessian-free'), or compute the arrays and fit "
+                "locally.")
+        return None, None, None, validate_dask(est, X, y, sample_weight, client,
+                                               first_pass, on_dask)
+    X, Y = validate_local(est, X, y, incremental, reset=first_pass)
+    return X, Y, checked_sample_weight(sample_weight, X), None
+
+
+def validate_local(est, X, y, incremental, reset):
+    """Validated X (float32 or float64, dense or CSR/CSC) and 2-D targets Y in X's
+    dtype, for a classifier or a regressor."""
+    if is_classifier(est):
+        return _validate_classes(est, X, y, incremental, reset)
+    return _validate_regression(est, X, y, reset)
+
+
+def _validate_classes(est, X, y, incremental, reset):
+    X, y = validate_data(est, X, y, accept_sparse=["csr", "csc"], multi_output=True,
+                         dtype=(np.float64, np.float32), reset=reset)
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = column_or_1d(y, warn=True)
+    if (not hasattr(est, "classes_")) or (not est.warm_start and not incremental):
+        est._label_binarizer = LabelBinarizer()
+        est._label_binarizer.fit(y)
+        if est._label_binarizer.y_type_ != "multilabel-indicator":
+            check_two_classes(est._label_binarizer.classes_)
+        est.classes_ = est._label_binarizer.classes_
+    else:
+        classes = unique_labels(y)
+        if est.warm_start:
+            if set(classes) != set(est.classes_):
+                raise ValueError(
+                    "warm_start can only be used where `y` has the same classes as in "
+                    f"the previous call to fit. Previously got {est.classes_}, `y` "
+                    f"has {classes}")
+        elif len(np.setdiff1d(classes, est.classes_, assume_unique=True)):
+            raise ValueError(f"`y` has classes not in `self.classes_`. "
+                             f"`self.classes_` has {est.classes_}. 'y' has {classes}.")
+    return X, _encode_labels(est._label_binarizer, y, X.dtype)
+
+
+def _encode_labels(lb, y, dtype):
+    """One-hot (or, for two classes, one 0/1 column) targets, as LabelBinarizer's
+    transform gives them; 1-D labels take one search instead of its label checks."""
+    if y.ndim == 1 and lb.y_type_ in ("binary", "multiclass") and len(y):
+        classes = lb.classes_
+        idx = np.searchsorted(classes, y)
+        if idx.max() < len(classes) and np.array_equal(classes[idx], y):
+            if len(classes) == 2:
+                return (idx == 1).astype(dtype).reshape(-1, 1)
+            Y = np.zeros((len(y), len(classes)), dtype=dtype)
+            Y[np.arange(len(y)), idx] = 1
+            return Y
+    return lb.transform(y).astype(dtype)
+
+
+def _validate_regression(est, X, y, reset):
+    X, y = validate_data(est, X, y, accept_sparse=["csr", "csc"], multi_output=True,
+                         y_numeric=True, dtype=(np.float64, np.float32), reset=reset)
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = column_or_1d(y, warn=True)
+    if est.loss == "poisson" and (y < 0).any():
+        raise ValueError(_POISSON_NEGATIVE)
+    Y = y.reshape(-1, 1) if y.ndim == 1 else y
+    return X, np.asarray(Y, dtype=X.dtype)
+
+
+def start_classes(est, y, classes):
+    """``partial_fit``'s first call: the classes come from ``classes`` (or, for
+    multilabel targets, from y)."""
+    if _check_partial_fit_first_call(est, classes):
+        est._label_binarizer = LabelBinarizer()
+        if type_of_target(y).startswith("multilabel"):
+            est._label_binarizer.fit(y)
+        else:
+            check_two_classes(np.unique(classes))
+            est._label_binarizer.fit(classes)
+
+
+def decode_targets(est, Y):
+    """The network's 2-D targets (or outputs) back in the user's form: class labels, or
+    1-D values for a single regression target."""
+    if is_classifier(est):
+        return est._label_binarizer.inverse_transform(Y)
+    return Y.ravel() if Y.shape[1] == 1 else Y
+
+
+# Dask ----------------------------------------------------------------------------------
+
+class DaskData:
+    """Validated Dask arrays: X (n, n_features), Y (n, n_outputs), sample weights."""
+
+    def __init__(self, client, X, Y, sample_weight):
+        self.client, self.X, self.Y, self.sample_weight = client, X, Y, sample_weight
+        self.n_features = X.shape[1]
+        self.n_outputs = Y.shape[1]
+        self.dtype = X.dtype
+
+    def cast(self, dtype):
+        self.X, self.Y, self.dtype = self.X.astype(dtype), self.Y.astype(dtype), dtype
+
+    def objective(self, net, alpha):
+        return DaskObjective(self.client, net, self.X, self.Y, self.sample_weight, alpha)
+
+
+# What each failed check on the cluster means.
+_MESSAGES = {
+    "X finite": "Input X contains NaN or infinity.",
+    "y finite": "Input y contains NaN or infinity.",
+    "y non-negative": _POISSON_NEGATIVE,
+    "sample_weight finite": "sample_weight contains NaN or infinity.",
+    "sample_weight non-negative": "Negative values in data passed to `sample_weight`.",
+}
+
+
+def _binarize(block, binarizer, dtype):
+    return binarizer.transform(block).astype(dtype, copy=False)
+
+
+def _numpy_to_dask(est, X, y, sample_weight, client, first_pass):
+    """backend='dask' with in-memory input: validate locally, then split into about one
+    chunk per worker thread (whole blocks of rows). The chunks are built by tasks from the graph, so a lost worker's
+    share is rebuilt."""
+    import dask.array as da
+
+    if sp.issparse(X):
+        raise ValueError("backend='dask' takes dense X; sparse input trains locally "
+                         "(backend=None)")
+    X, Y = validate_local(est, X, y, False, reset=first_pass)
+    sample_weight = checked_sample_weight(sample_weight, X)
+    # One chunk per worker thread, in whole blocks of rows.
+    n_threads = max(1, sum(client.nthreads().values()))
+    block = block_rows(X.shape[0])
+    rows = max(1, math.ceil(math.ceil(X.shape[0] / block) / n_threads)) * block
+    X = da.from_array(np.ascontiguousarray(X), chunks=(rows, -1))
+    Y = da.from_array(np.ascontiguousarray(Y), chunks=(rows, -1))
+    if sample_weight is not None:
+        sample_weight = da.from_array(sample_weight, chunks=rows)
+    return DaskData(client, X, Y, sample_weight)
+
+
+def validate_dask(est, X, y, sample_weight, client, first_pass, on_dask):
+    """Check the input on the cluster and return ``DaskData`` with targets in the
+    network's form. Sets ``n_features_in_`` (and ``classes_`` for a classifier)."""
+    import dask.array as da
+
+    client = get_client(client)
+    if not on_dask:
+        return _numpy_to_dask(est, X, y, sample_weight, client, first_pass)
+    if not is_dask_collection(X):
+        raise TypeError("with a Dask y or sample_weight, X must be a Dask array too")
+    if X.ndim != 2:
+        raise ValueError(f"X must be 2-D (n_samples, n_features), got {X.ndim}-D")
+    if any(math.isnan(c) for c in X.chunks[0]):
+        raise ValueError("X has unknown chunk sizes: call X.compute_chunk_sizes() first")
+    if X.dtype.kind not in "fiub":
+        raise TypeError(f"X must hold numbers, got dtype {X.dtype}")
+    n, n_features = X.shape
+    if n == 0 or n_features == 0:
+        raise ValueError(f"X is empty: shape {X.shape}")
+    if not first_pass and n_features != est.n_features_in_:
+        raise ValueError(f"X has {n_features} features, but {type(est).__name__} is "
+                         f"expecting {est.n_features_in_} features as input.")
+    dtype = np.float32 if X.dtype == np.float32 else np.float64
+    X = X.astype(dtype)
+
+    def as_dask(a, name):
+        if not is_dask_collection(a):
+            a = np.asarray(a)
+            a = da.from_array(a, chunks=(X.chunks[0],) + tuple((s,) for s in a.shape[1:]))
+        if a.ndim == 2 and a.shape[1] == 1:
+            a = a[:, 0]
+        if a.shape[0] != n:
+            raise ValueError(f"{name} has {a.shape[0]} rows but X has {n}")
+        if any(math.isnan(c) for c in a.chunks[0]):
+            raise ValueError(f"{name} has unknown chunk sizes: call "
+                             f"{name}.compute_chunk_sizes() first")
+        return a.rechunk({0: X.chunks[0]})
+
+    y = as_dask(y, "y")
+    checks = {"X finite": da.isfinite(X).all()}
+    classifier = is_classifier(est)
+    if classifier:
+        if y.ndim != 1:
+            raise ValueError("Dask training of a classifier takes 1-D class labels "
+                             "(multilabel targets train locally)")
+        checks["classes"] = da.unique(y)
+        if y.dtype.kind == "f":
+            checks["y finite"] = da.isfinite(y).all()
+    else:
+        if y.ndim not in (1, 2):
+            raise ValueError(f"y must be 1-D or 2-D, got {y.ndim}-D")
+        if y.dtype.kind not in "fiub":
+            raise ValueError(f"y must hold numbers for regression, got dtype {y.dtype}")
+        checks["y finite"] = da.isfinite(y).all()
+        if est.loss == "poisson":
+            checks["y non-negative"] = (y >= 0).all()
+    if sample_weight is not None:
+        sample_weight = as_dask(sample_weight, "sample_weight")
+        if sample_weight.ndim != 1 or sample_weight.dtype.kind not in "fiub":
+            raise ValueError("sample_weight must be a 1-D array of numbers")
+        sample_weight = sample_weight.astype(np.float64)
+        checks["sample_weight finite"] = da.isfinite(sample_weight).all()
+        checks["sample_weight non-negative"] = (sample_weight >= 0).all()
+        checks["sample_weight sum"] = sample_weight.sum()
+    results = dict(zip(checks, client.gather(client.compute(list(checks.values())))))
+    for name, message in _MESSAGES.items():
+        if name in results and not results[name]:
+            raise ValueError(message)
+    if sample_weight is not None and not results["sample_weight sum"] > 0:
+        raise ValueError("sample_weight sums to zero: at least one must be positive.")
+
+    if first_pass:
+        est.n_features_in_ = n_features
+    if classifier:
+        classes = np.asarray(results["classes"])
+        check_two_classes(classes)
+        if first_pass:
+            est._label_binarizer = LabelBinarizer().fit(classes)
+            est.classes_ = est._label_binarizer.classes_
+        elif set(classes) != set(est.classes_):
+            raise ValueError(
+                "warm_start can only be used where `y` has the same classes as in the "
+                f"previous call to fit. Previously got {est.classes_}, `y` has {classes}")
+        lb = est._label_binarizer
+        k = 1 if lb.y_type_ == "binary" else len(lb.classes_)
+        Y = y.map_blocks(_binarize, lb, dtype, dtype=dtype, new_axis=1,
+                         chunks=(y.chunks[0], (k,)))
+    else:
+        Y = y.astype(dtype)
+        if Y.ndim == 1:
+            Y = Y[:, None]
+        Y = Y.rechunk({1: -1})
+    return DaskData(client, X, Y, sample_weight)
