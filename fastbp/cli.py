@@ -17,6 +17,15 @@ import time
 import warnings
 
 import numpy as np
+from sklearn.datasets import load_digits, load_svmlight_file
+from sklearn.model_selection import train_test_split
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import StandardScaler
+from tqdm import tqdm
+
+from . import _bench
+from ._estimators import MLPClassifier, MLPRegressor
+from ._io import load, save
 
 __all__ = ["main"]
 
@@ -115,7 +124,6 @@ def _read_npz(path, need_target):
 
 
 def _read_svmlight(path, n_features=None):
-    from sklearn.datasets import load_svmlight_file
     try:
         X, y = load_svmlight_file(str(path), n_features=n_features)
     except (ValueError, RuntimeError) as exc:
@@ -196,7 +204,6 @@ class _Progress:
     def __init__(self, total, enabled):
         self.bar = None
         if enabled:
-            from tqdm import tqdm
             # disable=None: no bar when stderr is not a terminal (logs, pipes).
             self.bar = tqdm(total=total, desc="training", unit="it", file=sys.stderr,
                             dynamic_ncols=True, leave=False, disable=None)
@@ -258,13 +265,6 @@ def _connect(address):
 
 
 def cmd_train(args):
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-    from sklearn.pipeline import Pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    from . import MLPClassifier, MLPRegressor, save
-
     hidden = _parse_hidden(args.hidden)
     if args.solver is None:  # a cluster trains full-batch
         args.solver = "lbfgs" if args.scheduler else "adam"
@@ -376,11 +376,6 @@ def _write_split(path, X, y, names, tname):
 
 
 def cmd_predict(args):
-    from sklearn.pipeline import Pipeline
-
-    from . import load
-    from ._estimators import MLPClassifier
-
     try:
         model, meta = load(args.model, return_metadata=True)
     except FileNotFoundError as exc:
@@ -504,7 +499,6 @@ def build_parser():
 
 
 def cmd_bench(args):
-    from . import _bench
     _bench.main_quick(log=lambda msg: print(msg, file=sys.stderr))
     return 0
 

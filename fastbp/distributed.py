@@ -14,6 +14,7 @@ Estimators use this module when ``X`` is a Dask array or ``backend='dask'``; see
 :class:`DaskObjective` for direct use.
 """
 import asyncio
+import contextlib
 import time
 import uuid
 
@@ -324,7 +325,6 @@ class DaskObjective:
 
     def blas_guard(self):
         """A do-nothing context: the driver does no heavy work (workers limit BLAS)."""
-        import contextlib
         return contextlib.nullcontext()
 
     def _scatter(self, arr):
