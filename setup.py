@@ -1,9 +1,10 @@
 """Build the Cython kernels: one portable build, with vector variants chosen at run time.
 
-The kernels (``fastbp/_kernels.pxi``) are compiled once per instruction-set variant, each
-as its own extension module: ``_kernels_baseline`` for every CPU of the architecture and,
-on x86-64, ``_kernels_avx2`` and ``_kernels_avx512``. ``fastbp/_core.pyx`` picks the best
-variant the running CPU supports when fastbp is imported. No variant uses floating-point
+The kernels (``fastbp/_kernels.pxi``, an index that includes one file per concern from
+``fastbp/_kernels/``) are compiled once per instruction-set variant, each as its own
+extension module: ``_kernels_baseline`` for every CPU of the architecture and, on x86-64,
+``_kernels_avx2`` and ``_kernels_avx512``. ``fastbp/_core.pyx`` picks the best variant
+the running CPU supports when fastbp is imported. No variant uses floating-point
 contraction (FMA fusion), so all of them give bitwise the same results.
 
 Compiler flags are chosen per compiler: GCC and Clang, Apple Clang (OpenMP from libomp:

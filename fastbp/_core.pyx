@@ -1,5 +1,6 @@
 # The kernels' entry point: picks, once at import, the compiled variant of the kernels
-# (_kernels.pxi) that the running CPU supports, and exposes its functions as its own.
+# (_kernels.pxi and the files it includes from _kernels/) that the running CPU supports,
+# and exposes its functions as its own.
 #
 # One build runs on every CPU of its architecture. setup.py compiles the kernels several
 # times: a baseline for the architecture's oldest CPUs, and on x86-64 an AVX2 variant and

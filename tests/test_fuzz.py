@@ -172,11 +172,11 @@ def _overflow_possible(net, theta, X, Y=None, sample_weight=None, alpha=0.0):
     result is accepted only where this bound says the exact result may not fit the dtype;
     everywhere else (nearly all fuzzed cases) it fails the test.
 
-    The exact fixed-point sums of the full-batch kernels (_core.pyx, FASTBP_FX_LIMIT)
-    hold block sums below 2**116 (8.3e34) in magnitude; beyond, the whole loss and
-    gradient are NaN (documented in the README, and reported as divergence by the
-    solvers). So for the loss and the gradient the bound uses that limit where it is
-    below the dtype's.
+    The exact fixed-point sums of the full-batch kernels (fastbp/_kernels/exact_sums.pxi,
+    FASTBP_FX_LIMIT) hold block sums below 2**116 (8.3e34) in magnitude; beyond, the
+    whole loss and gradient are NaN (documented in the README, and reported as divergence
+    by the solvers). So for the loss and the gradient the bound uses that limit where it
+    is below the dtype's.
 
     The bound, in log10: every pre-activation is at most |input| * max column abs-sum of
     W + max |b|; logistic and tanh outputs are at most 1; every activation derivative is at
@@ -394,7 +394,8 @@ def hyperparameters(draw, wild):
 # defects (see the harness), with the words of the message that must name each one.
 
 F32_MAX = float(np.finfo(np.float32).max)
-# The exact sums (fastbp/_core.pyx) hold values below 2**116 on a grid of 2**-128.
+# The exact sums (fastbp/_kernels/exact_sums.pxi) hold values below 2**116 on a grid
+# of 2**-128.
 FX_LIMIT, FX_RESOLUTION = 2.0**116, 2.0**-128
 
 

@@ -454,8 +454,13 @@ print("kernels ok")
 """
 
 
+# Frames in the kernels' sources: the index _kernels.pxi and the files it includes.
+KERNEL_SOURCES = ("_kernels.pxi:",) + tuple(
+    f"{p.name}:" for p in sorted((ROOT / "fastbp" / "_kernels").glob("*.pxi")))
+
+
 def _memcheck_errors_in(text, marker=("_core.cpython", "__pyx_", "fastbp_5_core",
-                                       "_core.c:", "_kernels_", "_kernels.pxi:"),
+                                       "_core.c:", "_kernels_") + KERNEL_SOURCES,
                         depth=4):
     """Memcheck error records with one of the top ``depth`` stack frames in fastbp's
     extensions: the dispatcher ``_core`` or a kernel variant ``_kernels_<isa>`` (deeper

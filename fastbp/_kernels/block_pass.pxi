@@ -1,0 +1,190 @@
+# The forward/backward pass over one block of rows, and the gradient's finish. For a
+# block of n rows:
+#
+#   forward    Z_l = A_{l-1} W_l + 1 b_l^T,  A_l = f(Z_l)          (gemm, then one fused pass)
+#   output     A_L = g(Z_L), loss_i, Delta_L = (A_L - Y) * w_i * scale   (one fused pass)
+#   backward   dW_l (+)= A_{l-1}^T Delta_l                          (gemm, beta 0 or 1)
+#              Delta_{l-1} = (Delta_l W_l^T) .* f'(A_{l-1})         (gemm, then one fused pass)
+#              db_l += colsum(Delta_l)                             (float64, in the fused pass)
+#
+# f' is computed from the activations (logistic a(1-a), tanh 1-a^2, relu a>0), so
+# pre-activations are never stored. Deltas overwrite the output buffer, then ping-pong
+# between two scratch buffers. Inputs can be a dense C- or F-ordered matrix (an F-ordered
+# one is used through gemm's transpose flag) or CSR arrays, for which the first layer
+# multiplies the sparse rows directly. A row-index array lets a minibatch address rows
+# without copying Y or the weights; dense minibatch rows are gathered into a workspace.
+#
+# finish_gradient writes the intercept gradients from their float64 sums and adds the L2
+# term: grad_W += alpha * scale * W. noexcept nogil, allocation-free, one fixed order of
+# operations per block. Callers: loss_grad and forward (exact_sums.pxi), run_epoch
+# (epoch.pxi), block_fisher (fisher.pxi); curvature.pxi reuses the workspace offsets and
+# _input_product. workspace_size is called by fastbp/_network.py and _solvers.py.
+
+# ---------------------------------------------------------------------------------------
+# Workspace layout for a block of B rows:
+#   A_1 (B, s_1) | ... | A_L (B, s_L) | D0 (B, h) | D1 (B, h) | Xg (B, s_0)
+# with h the widest hidden layer. A_L holds the output, then Delta_L.
+
+cdef inline Py_ssize_t _act_offset(const Spec* sp, int l) noexcept nogil:
+    """Offset of A_l (l >= 1) in the workspace."""
+    cdef Py_ssize_t off = 0
+    cdef int k
+    for k in range(1, l):
+        off += sp.block * sp.sizes[k]
+    return off
+
+
+cdef inline Py_ssize_t _scratch_offset(const Spec* sp) noexcept nogil:
+    return _act_offset(sp, sp.n_layers + 1)
+
+
+def workspace_size(const Py_ssize_t[::1] sizes, Py_ssize_t block, bint gather=True):
+    """Number of elements in the workspace for ``sizes`` and ``block`` rows.
+
+    ``gather=False`` leaves out the buffer that dense minibatch rows are gathered into
+    (not needed for sparse input, nor for full-batch passes over dense rows in place).
+    """
+    cdef Py_ssize_t total = 0, hidden = 1
+    cdef Py_ssize_t l, L = sizes.shape[0] - 1
+    for l in range(1, L + 1):
+        total += sizes[l]
+        if l < L and sizes[l] > hidden:
+            hidden = sizes[l]
+    return block * (total + 2 * hidden + (sizes[0] if gather else 0))
+
+
+cdef void _input_product(const Spec* sp, const Input* inp, const Py_ssize_t* rows,
+                         Py_ssize_t start, Py_ssize_t n, const floating* A0, bint trans0,
+                         Py_ssize_t lda0, const floating* W, floating* Z) noexcept nogil:
+    """Z (n, s_1) = X_block W for the first layer: CSR rows are multiplied directly
+    (rows as for sparse_forward), a dense block A0 (transposed when F-ordered) by GEMM."""
+    if inp.X == NULL:
+        sparse_forward(<const floating*> inp.data, inp.indices, inp.indptr, rows, start, n,
+                       W, Z, sp.sizes[1])
+    else:
+        gemm(trans0, False, <int> n, <int> sp.sizes[1], <int> sp.sizes[0], <floating> 1.0,
+             A0, <int> lda0, W, <int> sp.sizes[1], <floating> 0.0, Z, <int> sp.sizes[1])
+
+
+# ---------------------------------------------------------------------------------------
+# One block: forward, and optionally loss + backward.
+
+cdef double block_pass(const Spec* sp, const Input* inp, const Py_ssize_t* rows,
+                       Py_ssize_t start, Py_ssize_t n, const floating* Y, const double* sw,
+                       double scale, const floating* theta, floating* grad, double* dacc,
+                       floating* work, bint accumulate, floating* out_rows) noexcept nogil:
+    """Run rows [start, start + n) (through ``rows`` when not NULL) through the network.
+
+    With Y NULL: forward only; the output activations are copied to out_rows (n, s_L).
+    Otherwise returns sum_i w_i * loss_i, and, when grad is not NULL, adds this block's
+    gradient to grad (dW, gemm beta = 1 when ``accumulate``, else overwriting) and to dacc
+    (the intercept gradients in float64, laid out like theta's intercept part).
+    """
+    cdef int L = sp.n_layers, l
+    cdef const Py_ssize_t* s = sp.sizes
+    cdef Py_ssize_t i, j, s0 = s[0], lda0
+    cdef bint trans0 = False
+    cdef bint is_sparse = inp.X == NULL
+    cdef const floating* X = <const floating*> inp.X
+    cdef const floating* A0 = NULL
+    cdef const floating* Aprev
+    cdef floating* Z
+    cdef floating* D
+    cdef floating* Dnext
+    cdef floating* scratch = work + _scratch_offset(sp)
+    cdef floating* Xg = scratch + 2 * sp.block * sp.max_hidden
+    cdef double loss
+    cdef Py_ssize_t r
+    cdef floating beta = 1 if accumulate else 0
+
+    # The input block A_0.
+    if not is_sparse:
+        if rows == NULL:
+            if inp.x_fortran:
+                A0 = X + start
+                lda0 = inp.ldx
+                trans0 = True
+            else:
+                A0 = X + start * inp.ldx
+                lda0 = inp.ldx
+        else:
+            for i in range(n):
+                r = rows[start + i]
+                if inp.x_fortran:
+                    for j in range(s0):
+                        Xg[i * s0 + j] = X[j * inp.ldx + r]
+                else:
+                    memcpy(Xg + i * s0, X + r * inp.ldx, s0 * sizeof(floating))
+            A0 = Xg
+            lda0 = s0
+
+    # Forward.
+    for l in range(1, L + 1):
+        Z = work + _act_offset(sp, l)
+        if l == 1:
+            _input_product(sp, inp, rows, start, n, A0, trans0, lda0,
+                           theta + sp.w_off[0], Z)
+        else:
+            gemm(False, False, <int> n, <int> s[l], <int> s[l - 1], <floating> 1.0,
+                 work + _act_offset(sp, l - 1), <int> s[l - 1], theta + sp.w_off[l - 1],
+                 <int> s[l], <floating> 0.0, Z, <int> s[l])
+        if l < L:
+            bias_activate(Z, theta + sp.b_off[l - 1], n, s[l], sp.act)
+
+    Z = work + _act_offset(sp, L)
+    if Y == NULL:
+        output_activate(Z, theta + sp.b_off[L - 1], n, s[L], sp.out)
+        memcpy(out_rows, Z, n * s[L] * sizeof(floating))
+        return 0.0
+
+    loss = output_loss_backward(Z, theta + sp.b_off[L - 1], Y, sw, rows, start, n, s[L],
+                                sp.out, scale, dacc + (sp.b_off[L - 1] - sp.b_off[0]))
+    if grad == NULL:
+        return loss
+
+    # Backward: D holds Delta_l.
+    D = Z
+    for l in range(L, 0, -1):
+        if l == 1:
+            if is_sparse:
+                sparse_backward(<const floating*> inp.data, inp.indices, inp.indptr, rows,
+                                start, n, D, grad + sp.w_off[0], s0, s[1], accumulate)
+            else:
+                # dW_1 = A_0^T D; an F-ordered A_0 is already A_0^T in row-major terms.
+                gemm(not trans0, False, <int> s0, <int> s[1], <int> n, <floating> 1.0,
+                     A0, <int> lda0, D, <int> s[1], beta, grad + sp.w_off[0], <int> s[1])
+            break
+        Aprev = work + _act_offset(sp, l - 1)
+        gemm(True, False, <int> s[l - 1], <int> s[l], <int> n, <floating> 1.0,
+             Aprev, <int> s[l - 1], D, <int> s[l], beta, grad + sp.w_off[l - 1],
+             <int> s[l])
+        Dnext = scratch + (l % 2) * sp.block * sp.max_hidden
+        gemm(False, True, <int> n, <int> s[l - 1], <int> s[l], <floating> 1.0,
+             D, <int> s[l], theta + sp.w_off[l - 1], <int> s[l], <floating> 0.0,
+             Dnext, <int> s[l - 1])
+        activation_backward(Dnext, Aprev, n, s[l - 1], sp.act,
+                            dacc + (sp.b_off[l - 2] - sp.b_off[0]))
+        D = Dnext
+    return loss
+
+
+cdef double finish_gradient(const Spec* sp, const floating* theta, floating* grad,
+                            const double* dacc, double scale, double alpha) noexcept nogil:
+    """Write the intercept gradients and add the L2 term to the coefficient gradients.
+
+    grad_W += alpha * scale * W; grad_b = dacc. Returns 0.5 * alpha * scale * sum ||W||^2
+    (the penalty's share of the loss) in float64. grad may be NULL (loss only).
+    """
+    cdef Py_ssize_t i, n_coef = sp.b_off[0], n_int
+    cdef double sq = 0.0
+    cdef floating a = <floating> (alpha * scale)
+    if alpha != 0.0:
+        sq = _sum_squares(theta, n_coef)
+        if grad != NULL:
+            for i in range(n_coef):
+                grad[i] = grad[i] + a * theta[i]
+    if grad != NULL:
+        n_int = sp.b_off[sp.n_layers - 1] + sp.sizes[sp.n_layers] - n_coef
+        for i in range(n_int):
+            grad[n_coef + i] = <floating> dacc[i]
+    return 0.5 * alpha * scale * sq

@@ -1,0 +1,185 @@
+# Common ground of the kernel files: cimports, the OpenMP stand-ins, the activation and
+# output codes, the two structs every kernel takes, and small shared helpers.
+#
+#   Spec   the network: n_layers, sizes s_0..s_L, where W_l and b_l start in the flat
+#          vector (w_off, b_off), the activation and output codes, the rows per block
+#          (workspaces are sized for it) and the widest hidden layer.
+#   Input  the rows: a dense matrix (C or F order, leading dimension ldx) or CSR arrays.
+#
+# ACTIVATIONS and OUTPUTS map names to the codes for fastbp/_network.py. The math helpers
+# (_exp, _tanh, _sqrt in their argument's precision; _sum_squares, a float64 sum of
+# squares in one fixed order) are noexcept nogil. _fill_spec and _fill hold the GIL: they
+# turn a def entry point's typed memoryviews into a Spec and an Input, and raise on a
+# layout the kernels cannot read. The C here is shared: the OpenMP stand-ins serve
+# epoch.pxi and tools.pxi, FASTBP_INLINE the C of exact_sums.pxi and epoch.pxi.
+
+from cython cimport floating
+from libc.math cimport exp, expf, log, log1p, logf, sqrt, sqrtf, tanh, tanhf, fabs
+from libc.math cimport isfinite, NAN
+from libc.stdint cimport int64_t, uint64_t
+from libc.string cimport memset, memcpy
+
+from cython.parallel cimport parallel, prange, threadid
+import numpy as np
+
+from ._blas cimport gemm, small_gemm_ok
+
+
+cdef extern from *:
+    """
+    /* OpenMP is optional at build time: without it every parallel region runs on one
+       thread, and these stand-ins answer for the runtime. */
+    #ifdef _OPENMP
+    #include <omp.h>
+    #define FASTBP_OPENMP _OPENMP
+    #else
+    #define FASTBP_OPENMP 0
+    static int omp_get_num_threads(void) { return 1; }
+    static int omp_get_max_threads(void) { return 1; }
+    #endif
+    #if defined(_MSC_VER)
+    #define FASTBP_INLINE __inline
+    #else
+    #define FASTBP_INLINE inline
+    #endif
+    """
+    int omp_get_num_threads() noexcept nogil
+    int omp_get_max_threads() noexcept nogil
+    int OPENMP_VERSION "FASTBP_OPENMP"
+
+
+# Hidden activations. Codes are part of the kernel ABI; the Python layer maps names.
+cdef enum:
+    ACT_IDENTITY = 0
+    ACT_LOGISTIC = 1
+    ACT_TANH = 2
+    ACT_RELU = 3
+
+# Output layers, each with its canonical loss.
+cdef enum:
+    OUT_IDENTITY = 0   # squared error
+    OUT_LOGISTIC = 1   # binary log-loss per column
+    OUT_SOFTMAX = 2    # multinomial log-loss
+    OUT_EXP = 3        # half Poisson deviance
+
+ACTIVATIONS = {"identity": ACT_IDENTITY, "logistic": ACT_LOGISTIC, "tanh": ACT_TANH,
+               "relu": ACT_RELU}
+OUTPUTS = {"identity": OUT_IDENTITY, "logistic": OUT_LOGISTIC, "softmax": OUT_SOFTMAX,
+           "exp": OUT_EXP}
+
+
+cdef struct Spec:
+    # The network: sizes has n_layers + 1 entries; offsets index the flat vector.
+    int n_layers
+    const Py_ssize_t* sizes
+    const Py_ssize_t* w_off
+    const Py_ssize_t* b_off
+    int act
+    int out
+    Py_ssize_t block        # rows per block: the workspace is sized for it
+    Py_ssize_t max_hidden   # widest hidden layer (1 when there is none)
+
+
+cdef struct Input:
+    # Dense: X with element (i, j) at X[i * ldx + j] (C order) or X[j * ldx + i] (F order).
+    # Sparse (CSR): data/indices/indptr, and X is NULL.
+    const void* X
+    Py_ssize_t ldx
+    bint x_fortran
+    const void* data
+    const int* indices
+    const Py_ssize_t* indptr
+
+
+# ---------------------------------------------------------------------------------------
+# Scalar helpers: single-precision math for float, double for double.
+
+cdef inline floating _exp(floating x) noexcept nogil:
+    if floating is float:
+        return expf(x)
+    else:
+        return exp(x)
+
+
+cdef inline floating _tanh(floating x) noexcept nogil:
+    if floating is float:
+        return tanhf(x)
+    else:
+        return tanh(x)
+
+
+cdef inline floating _sqrt(floating x) noexcept nogil:
+    if floating is float:
+        return sqrtf(x)
+    else:
+        return sqrt(x)
+
+
+cdef double _sum_squares(const floating* x, Py_ssize_t n) noexcept nogil:
+    """sum(x^2) in float64, with eight independent partial sums (one serial chain of
+    additions would be latency-bound)."""
+    cdef Py_ssize_t i, k, n8 = n - n % 8
+    cdef double acc[8]
+    cdef double sq = 0.0
+    for k in range(8):
+        acc[k] = 0.0
+    for i in range(0, n8, 8):
+        for k in range(8):
+            acc[k] += (<double> x[i + k]) * x[i + k]
+    for i in range(n8, n):
+        sq += (<double> x[i]) * x[i]
+    for k in range(8):
+        sq += acc[k]
+    return sq
+
+
+# ---------------------------------------------------------------------------------------
+# For the def entry points: typed memoryviews in, a Spec and an Input out.
+
+cdef void _fill_spec(Spec* sp, const Py_ssize_t[::1] sizes, const Py_ssize_t[::1] w_off,
+                     const Py_ssize_t[::1] b_off, int act, int out, Py_ssize_t block):
+    cdef Py_ssize_t l
+    sp.n_layers = <int> (sizes.shape[0] - 1)
+    sp.sizes = &sizes[0]
+    sp.w_off = &w_off[0]
+    sp.b_off = &b_off[0]
+    sp.act = act
+    sp.out = out
+    sp.block = block
+    sp.max_hidden = 1
+    for l in range(1, sp.n_layers):
+        if sizes[l] > sp.max_hidden:
+            sp.max_hidden = sizes[l]
+
+
+cdef int _fill(Spec* sp, Input* inp, const Py_ssize_t[::1] sizes,
+               const Py_ssize_t[::1] w_off, const Py_ssize_t[::1] b_off, int act, int out,
+               Py_ssize_t block, const floating[:, :] X, const floating[::1] data,
+               const int[::1] indices, const Py_ssize_t[::1] indptr,
+               const floating[::1] theta) except -1:
+    cdef Py_ssize_t itemsize = sizeof(floating)
+    _fill_spec(sp, sizes, w_off, b_off, act, out, block)
+    inp.X = NULL
+    inp.data = NULL
+    inp.indices = NULL
+    inp.indptr = NULL
+    inp.ldx = 0
+    inp.x_fortran = False
+    if X is not None:
+        if X.shape[0] > 0 and X.shape[1] > 0:
+            inp.X = &X[0, 0]
+            if X.strides[1] == itemsize:
+                inp.ldx = X.strides[0] // itemsize
+            elif X.strides[0] == itemsize:
+                inp.ldx = X.strides[1] // itemsize
+                inp.x_fortran = True
+            else:
+                raise ValueError("X must be C- or F-contiguous in its inner dimension")
+        else:
+            inp.X = &theta[0]  # never read: no rows or no features
+            inp.ldx = X.shape[1]
+    else:
+        inp.data = &data[0] if data.shape[0] > 0 else &theta[0]
+        inp.indices = &indices[0] if indices.shape[0] > 0 else NULL
+        inp.indptr = &indptr[0]
+    return 0

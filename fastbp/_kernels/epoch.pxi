@@ -1,0 +1,326 @@
+# One epoch of minibatch SGD or Adam, entirely without the GIL: run_epoch, called by
+# fastbp/_solvers.py. The row order is shuffled first (Fisher-Yates driven by splitmix64:
+# the same order for a seed on every machine). Then each minibatch takes two phases,
+# each ended by a team barrier:
+#
+#   1. its rows, cut into n_chunks chunks of consecutive rows: each chunk's gradient into
+#      its own buffers (block_pass over the rows, through the row-index array);
+#   2. the parameters, cut into n_chunks slices: reduce_and_step sums the chunks'
+#      gradients in chunk order, adds the L2 term and steps (updates.pxi).
+#
+# Threads take chunks and slices round-robin, so the result depends on n_chunks only,
+# never on how many threads ran. The barrier (the C below) spins within an adaptive
+# budget, else yields the CPU. The cdef functions are noexcept nogil; nothing is
+# allocated inside the parallel region, and every sum runs in chunk order.
+
+cdef extern from *:
+    """
+    /* A team barrier whose waiters spin only while spinning pays. Each thread carries a
+       spin budget (in pause instructions): a wait that ends within it doubles the budget
+       (up to FASTBP_SPIN_MAX), a wait that outlasts it halves it and yields the CPU until
+       the barrier opens. On a busy machine (more runnable threads than cores) the thread
+       a waiter waits for is off the CPU, waits outlast any budget, and budgets fall to
+       zero within a few minibatches: waiters then only yield, which lets that thread run.
+       The caller starts the budgets at zero when it already sees such a machine. */
+    #define FASTBP_SPIN_MAX 4096
+    static FASTBP_INLINE void fastbp_spin_done(int* budget, int spins, int yielded) {
+        if (yielded) {
+            *budget /= 2;
+        } else if (*budget < FASTBP_SPIN_MAX && spins * 2 > *budget) {
+            *budget = *budget * 2 + 16 > FASTBP_SPIN_MAX ? FASTBP_SPIN_MAX
+                                                          : *budget * 2 + 16;
+        }
+    }
+    #if defined(_MSC_VER)
+    #include <windows.h>
+    #include <intrin.h>
+    typedef struct { volatile long count; volatile long generation; } fastbp_barrier_t;
+    static FASTBP_INLINE void fastbp_barrier_wait(fastbp_barrier_t* b, int team,
+                                                  int* budget) {
+        long gen = InterlockedCompareExchange(&b->generation, 0, 0);
+        if (InterlockedIncrement(&b->count) == team) {
+            InterlockedExchange(&b->count, 0);
+            InterlockedExchange(&b->generation, gen + 1);
+            return;
+        }
+        int spins = 0, yielded = 0;
+        while (InterlockedCompareExchange(&b->generation, 0, 0) == gen) {
+            if (spins < *budget) {
+                ++spins;
+                YieldProcessor();
+            } else {
+                yielded = 1;
+                SwitchToThread();
+            }
+        }
+        fastbp_spin_done(budget, spins, yielded);
+    }
+    #else
+    #include <sched.h>
+    typedef struct { int count; int generation; } fastbp_barrier_t;
+    static FASTBP_INLINE void fastbp_barrier_wait(fastbp_barrier_t* b, int team,
+                                                  int* budget) {
+        int gen = __atomic_load_n(&b->generation, __ATOMIC_ACQUIRE);
+        if (__atomic_add_fetch(&b->count, 1, __ATOMIC_ACQ_REL) == team) {
+            __atomic_store_n(&b->count, 0, __ATOMIC_RELAXED);
+            __atomic_store_n(&b->generation, gen + 1, __ATOMIC_RELEASE);
+            return;
+        }
+        int spins = 0, yielded = 0;
+        while (__atomic_load_n(&b->generation, __ATOMIC_ACQUIRE) == gen) {
+            if (spins < *budget) {
+                ++spins;
+    #if defined(__x86_64__) || defined(__i386__)
+                __builtin_ia32_pause();
+    #elif defined(__aarch64__)
+                __asm__ __volatile__("yield");
+    #endif
+            } else {
+                yielded = 1;
+                sched_yield();
+            }
+        }
+        fastbp_spin_done(budget, spins, yielded);
+    }
+    #endif
+    """
+    ctypedef struct barrier_t "fastbp_barrier_t":
+        long count
+        long generation
+    void barrier_wait "fastbp_barrier_wait"(barrier_t* b, int team, int* budget) noexcept nogil
+    int SPIN_MAX "FASTBP_SPIN_MAX"
+
+
+# Solvers understood by run_epoch.
+cdef enum:
+    SOLVER_SGD_ = 0
+    SOLVER_ADAM_ = 1
+
+SOLVERS = {"sgd": SOLVER_SGD_, "adam": SOLVER_ADAM_}
+
+
+cdef inline uint64_t _splitmix64(uint64_t* state) noexcept nogil:
+    cdef uint64_t z
+    state[0] += <uint64_t> 0x9E3779B97F4A7C15
+    z = state[0]
+    z = (z ^ (z >> 30)) * <uint64_t> 0xBF58476D1CE4E5B9
+    z = (z ^ (z >> 27)) * <uint64_t> 0x94D049BB133111EB
+    return z ^ (z >> 31)
+
+
+cdef void _shuffle(Py_ssize_t* idx, Py_ssize_t n, uint64_t seed) noexcept nogil:
+    """Fisher-Yates shuffle of idx (n,) in place."""
+    cdef Py_ssize_t i, j, tmp
+    cdef uint64_t state = seed
+    for i in range(n - 1, 0, -1):
+        j = <Py_ssize_t> (_splitmix64(&state) % <uint64_t> (i + 1))
+        tmp = idx[i]
+        idx[i] = idx[j]
+        idx[j] = tmp
+
+
+cdef enum:
+    STEP_CHUNK = 1024   # parameters per chunk in reduce_and_step (4-8 KiB per array)
+
+
+cdef double reduce_and_step(const Spec* sp, floating* theta, floating* grads,
+                            const double* daccs, int chunks, Py_ssize_t lo, Py_ssize_t hi,
+                            double scale, double alpha, int solver, double lr,
+                            double momentum, bint nesterov, double beta_1, double beta_2,
+                            double epsilon, floating* state_1, floating* state_2
+                            ) noexcept nogil:
+    """Sum the chunks' gradients for parameters [lo, hi), add the L2 term, and step.
+
+    grads is (chunks, n_params) and daccs (chunks, n_intercepts), one row per chunk; the
+    reduced gradient is written to grads[0, lo:hi], summed in chunk order. lr is the step
+    size (Adam's bias-corrected lr_t). Returns sum(theta[i]^2) over the coefficients in
+    [lo, hi), taken before the step, for the penalty term of the loss.
+    """
+    cdef Py_ssize_t i, k, n_params = sp.b_off[sp.n_layers - 1] + sp.sizes[sp.n_layers]
+    cdef Py_ssize_t n_coef = sp.b_off[0], n_int = n_params - n_coef
+    cdef Py_ssize_t c_hi = min(hi, n_coef), c0, c1
+    cdef floating a = <floating> (alpha * scale)
+    cdef double acc, sq = 0.0
+    # The intercepts' gradients, from the float64 sums.
+    for i in range(max(lo, n_coef), hi):
+        acc = daccs[i - n_coef]
+        for k in range(1, chunks):
+            acc += daccs[k * n_int + i - n_coef]
+        grads[i] = <floating> acc
+    # Chunk by chunk, so that every pass over a chunk finds it in L1; within a chunk each
+    # loop runs over i innermost and vectorizes.
+    c0 = lo
+    while c0 < hi:
+        c1 = min(hi, c0 + STEP_CHUNK)
+        if c0 < c_hi:
+            for k in range(1, chunks):
+                for i in range(c0, min(c1, c_hi)):
+                    grads[i] = grads[i] + grads[k * n_params + i]
+            if alpha != 0.0:
+                sq += _sum_squares(theta + c0, min(c1, c_hi) - c0)
+                for i in range(c0, min(c1, c_hi)):
+                    grads[i] = grads[i] + a * theta[i]
+        if solver == SOLVER_ADAM_:
+            adam_step(theta + c0, grads + c0, state_1 + c0, state_2 + c0, c1 - c0, lr,
+                      beta_1, beta_2, epsilon)
+        else:
+            sgd_step(theta + c0, grads + c0, state_1 + c0, c1 - c0, lr, momentum, nesterov)
+        c0 = c1
+    return sq
+
+
+def run_epoch(floating[::1] theta, floating[:, ::1] grads, const floating[:, :] X,
+              const floating[::1] data, const int[::1] indices,
+              const Py_ssize_t[::1] indptr, const floating[:, ::1] Y,
+              const double[::1] sample_weight, const Py_ssize_t[::1] sizes,
+              const Py_ssize_t[::1] w_off, const Py_ssize_t[::1] b_off, int act, int out,
+              floating[:, ::1] work, double[:, ::1] dacc, Py_ssize_t[::1] order,
+              bint shuffle, unsigned long long seed, Py_ssize_t batch_size, double alpha,
+              int solver, double learning_rate, double momentum, bint nesterov,
+              double beta_1, double beta_2, double epsilon, floating[::1] state_1,
+              floating[::1] state_2, long long[::1] step, int n_chunks, int n_threads=0,
+              bint spin=True):
+    """One epoch of minibatch SGD or Adam, entirely without the GIL.
+
+    ``order`` (n_samples,) holds the row order and is shuffled in place first when
+    ``shuffle``. Each minibatch of ``batch_size`` rows (the last may be shorter) gets the
+    gradient of its own objective (weighted mean loss + L2 over its weight sum), then one
+    update: SGD with ``state_1`` as velocity, or Adam with moments ``state_1``/``state_2``
+    and ``step[0]`` as its step counter.
+
+    Every minibatch is cut into ``n_chunks`` chunks of consecutive rows, each with its own
+    gradient row in ``grads`` and ``dacc`` (shape (n_chunks, ...)); the chunk gradients
+    are then summed in chunk order, and the parameter vector, cut into n_chunks slices,
+    is stepped. ``n_threads`` threads (default n_chunks; at most n_chunks) share the
+    chunks and the slices round-robin, each with its own row of ``work``. So the result
+    depends on n_chunks only, never on how many threads ran: the caller may run fewer
+    threads on a busy machine and get the same model. Two barriers per minibatch; BLAS
+    must be single-threaded meanwhile (the caller sees to it). ``work`` rows are sized for
+    ceil(batch_size / n_chunks) rows. With ``spin`` false (the caller sees more runnable
+    threads than cores) barrier waiters start without a spin budget: they yield the CPU
+    at once (see fastbp_barrier_wait).
+
+    Returns (sum over batches of batch loss x batch rows, number of batches run); the
+    epoch stops at the first non-finite batch loss, which the caller detects from the sum.
+    """
+    cdef Spec sp
+    cdef Input inp
+    cdef Py_ssize_t n = order.shape[0], n_params = theta.shape[0]
+    cdef int C = n_chunks
+    cdef Py_ssize_t per_chunk = (batch_size + C - 1) // C if C > 0 else 0
+    cdef Py_ssize_t n_int = dacc.shape[1], ws = work.shape[1]
+    cdef Py_ssize_t p_per = (n_params + C - 1) // C if C > 0 else 0
+    cdef const double* sw = NULL
+    cdef floating* theta_p = &theta[0]
+    cdef floating* grads_p = &grads[0, 0]
+    cdef floating* work_p = &work[0, 0]
+    cdef double* dacc_p = &dacc[0, 0]
+    cdef Py_ssize_t* order_p = &order[0]
+    cdef const floating* Y_p
+    cdef floating* s1 = &state_1[0]
+    cdef floating* s2 = &state_2[0]
+    cdef long long t0 = step[0]
+    cdef double[::1] parts = np.zeros(4 * max(C, 1))   # [parity][loss | sq][chunk]
+    cdef double* parts_p = &parts[0]
+    cdef double[::1] result = np.zeros(3)
+    cdef double* result_p = &result[0]
+    cdef barrier_t bar
+    cdef barrier_t* bar_p = &bar
+    # Thread-private (assigned inside the parallel block):
+    cdef int tid, team, k, par, budget, c
+    cdef Py_ssize_t start, nb, lo, hi, i, rows_per
+    cdef double total, wsum, scale, loss, sq, lr_t, n_batches
+    cdef long long t
+
+    if n_threads <= 0:
+        n_threads = n_chunks
+    if n_chunks < 1 or n_threads > n_chunks:
+        raise ValueError("need 1 <= n_threads <= n_chunks")
+    if grads.shape[0] < n_chunks or dacc.shape[0] < n_chunks or work.shape[0] < n_threads:
+        raise ValueError("grads and dacc need one row per chunk, work one per thread")
+    if grads.shape[1] != n_params or state_1.shape[0] != n_params:
+        raise ValueError("grads and state_1 must match theta's length")
+    if solver == SOLVER_ADAM_ and state_2.shape[0] != n_params:
+        raise ValueError("state_2 must match theta's length for Adam")
+    _fill(&sp, &inp, sizes, w_off, b_off, act, out, per_chunk, X, data, indices, indptr,
+          theta)
+    if sample_weight is not None:
+        sw = &sample_weight[0]
+    if n == 0:
+        return 0.0, 0
+    Y_p = &Y[0, 0]
+    if shuffle:
+        with nogil:
+            _shuffle(order_p, n, seed)
+    bar.count = 0
+    bar.generation = 0
+    with nogil, parallel(num_threads=n_threads):
+        tid = threadid()
+        team = omp_get_num_threads()   # OpenMP may give fewer threads than asked
+        budget = SPIN_MAX if spin else 0
+        total = 0.0
+        n_batches = 0
+        t = t0
+        par = 0
+        start = 0
+        while start < n:
+            nb = min(batch_size, n - start)
+            if sw != NULL:
+                wsum = 0.0
+                for i in range(start, start + nb):
+                    wsum = wsum + sw[order_p[i]]
+            else:
+                wsum = nb
+            scale = 1.0 / wsum if wsum > 0 else 0.0
+            # Phase 1: this thread's chunks of the batch, each into its own buffers.
+            rows_per = (nb + C - 1) // C
+            c = tid
+            while c < C:
+                lo = min(nb, c * rows_per)
+                hi = min(nb, lo + rows_per)
+                memset(dacc_p + c * n_int, 0, n_int * sizeof(double))
+                loss = 0.0
+                if hi > lo:
+                    loss = block_pass(&sp, &inp, order_p, start + lo, hi - lo, Y_p, sw,
+                                      scale, theta_p, grads_p + c * n_params,
+                                      dacc_p + c * n_int, work_p + tid * ws, False, NULL)
+                else:
+                    memset(grads_p + c * n_params, 0, b_off[0] * sizeof(floating))
+                parts_p[par * 2 * C + c] = loss
+                c = c + team
+            barrier_wait(bar_p, team, &budget)
+            # Phase 2: this thread's slices of the parameters: reduce, then step.
+            if solver == SOLVER_ADAM_:
+                t = t + 1
+                lr_t = learning_rate * sqrt(1 - beta_2 ** t) / (1 - beta_1 ** t)
+            else:
+                lr_t = learning_rate
+            c = tid
+            while c < C:
+                lo = min(n_params, c * p_per)
+                hi = min(n_params, lo + p_per)
+                sq = reduce_and_step(&sp, theta_p, grads_p, dacc_p, C, lo, hi, scale,
+                                     alpha, solver, lr_t, momentum, nesterov, beta_1,
+                                     beta_2, epsilon, s1, s2)
+                parts_p[par * 2 * C + C + c] = sq
+                c = c + team
+            barrier_wait(bar_p, team, &budget)
+            # Every thread forms the same batch loss from the parts, in chunk order.
+            loss = 0.0
+            sq = 0.0
+            for k in range(C):
+                loss = loss + parts_p[par * 2 * C + k]
+                sq = sq + parts_p[par * 2 * C + C + k]
+            loss = loss * scale + 0.5 * alpha * scale * sq
+            total = total + loss * nb
+            n_batches = n_batches + 1
+            if not isfinite(loss):
+                break
+            start = start + nb
+            par = 1 - par
+        if tid == 0:
+            result_p[0] = total
+            result_p[1] = n_batches
+            result_p[2] = <double> t
+    step[0] = <long long> result[2]
+    return result[0], int(result[1])

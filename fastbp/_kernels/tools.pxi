@@ -1,0 +1,105 @@
+# What this variant is, and hooks for tests and benchmarks; none is on a training path.
+#
+#   build_info           the widest vector ISA this variant was compiled for, and its
+#                        OpenMP version (fastbp/_config.py's show_config, _threads.py)
+#   openmp_max_threads   OpenMP's default thread count (_config.py, _threads.py)
+#   gemm_rowmajor        the kernels' own GEMM entry point (tests/test_small_gemm.py)
+#   gemm_only            exactly loss_grad's GEMM calls and nothing else: the floor of
+#                        one loss_grad call (benchmarks/bench_loss_grad.py)
+
+cdef extern from *:
+    """
+    /* The widest vector ISA the compiler was allowed to use for this variant. */
+    #if defined(__AVX512F__)
+    #define FASTBP_ISA "avx512"
+    #elif defined(__AVX2__)
+    #define FASTBP_ISA "avx2"
+    #else
+    #define FASTBP_ISA "baseline"
+    #endif
+    """
+    const char* COMPILED_ISA "FASTBP_ISA"
+
+
+def build_info():
+    """The widest vector ISA this variant was compiled for, and its OpenMP version (0:
+    built without OpenMP)."""
+    return {"isa": COMPILED_ISA.decode(), "openmp": OPENMP_VERSION}
+
+
+def openmp_max_threads():
+    """omp_get_max_threads(): honours OMP_NUM_THREADS and threadpoolctl's limits."""
+    return omp_get_max_threads()
+
+
+def gemm_rowmajor(bint trans_a, bint trans_b, const floating[:, ::1] A,
+                  const floating[:, ::1] B, floating[:, ::1] C, double beta):
+    """C = op(A) @ op(B) + beta * C through the kernels' own GEMM entry point (BLAS, or
+    the small-product loops of _small_gemm.h when the shape qualifies); for tests.
+    Returns whether the small-product path was taken."""
+    cdef int m = C.shape[0], n = C.shape[1]
+    cdef int k = A.shape[0] if trans_a else A.shape[1]
+    if (A.shape[1] if trans_a else A.shape[0]) != m or \
+            (B.shape[0] if trans_b else B.shape[1]) != n or \
+            (B.shape[1] if trans_b else B.shape[0]) != k:
+        raise ValueError("shapes do not match")
+    if m == 0 or n == 0 or k == 0:
+        raise ValueError("empty operands")
+    cdef bint small = (beta == 0 or beta == 1) and small_gemm_ok(
+        trans_a, trans_b, m, n, k, sizeof(floating))
+    with nogil:
+        gemm(trans_a, trans_b, m, n, k, <floating> 1.0, &A[0, 0], <int> A.shape[1],
+             &B[0, 0], <int> B.shape[1], <floating> beta, &C[0, 0], n)
+    return small
+
+
+cdef void _block_gemms(const Spec* sp, const floating* X, Py_ssize_t start, Py_ssize_t nb,
+                       const floating* theta, floating* grad, floating* work,
+                       bint accumulate) noexcept nogil:
+    """Exactly the GEMM calls that block_pass makes for one dense C-ordered block."""
+    cdef int L = sp.n_layers, l
+    cdef const Py_ssize_t* s = sp.sizes
+    cdef floating* scratch = work + _scratch_offset(sp)
+    cdef floating beta = 1 if accumulate else 0
+    cdef const floating* A0 = X + start * s[0]
+    for l in range(1, L + 1):
+        gemm(False, False, <int> nb, <int> s[l], <int> s[l - 1], <floating> 1.0,
+             A0 if l == 1 else (work + _act_offset(sp, l - 1)), <int> s[l - 1],
+             theta + sp.w_off[l - 1], <int> s[l], <floating> 0.0,
+             work + _act_offset(sp, l), <int> s[l])
+    for l in range(L, 0, -1):
+        gemm(True, False, <int> s[l - 1], <int> s[l], <int> nb, <floating> 1.0,
+             A0 if l == 1 else (work + _act_offset(sp, l - 1)), <int> s[l - 1],
+             work + _act_offset(sp, l), <int> s[l], beta, grad + sp.w_off[l - 1], <int> s[l])
+        if l > 1:
+            gemm(False, True, <int> nb, <int> s[l - 1], <int> s[l], <floating> 1.0,
+                 work + _act_offset(sp, l), <int> s[l], theta + sp.w_off[l - 1], <int> s[l],
+                 <floating> 0.0, scratch + (l % 2) * sp.block * sp.max_hidden,
+                 <int> s[l - 1])
+
+
+def gemm_only(const floating[::1] theta, const floating[:, ::1] X,
+              const Py_ssize_t[::1] sizes, const Py_ssize_t[::1] w_off,
+              floating[:, ::1] work, floating[:, ::1] tgrad, Py_ssize_t block,
+              int n_threads):
+    """Run exactly the GEMM calls that ``loss_grad`` makes on dense C-ordered X, with the
+    same blocks, threads and buffers, and nothing else. For benchmarks: the floor of one
+    loss_grad call. Buffers as for loss_grad."""
+    cdef Spec sp
+    cdef Py_ssize_t n = X.shape[0], n_params = theta.shape[0], ws = work.shape[1]
+    cdef Py_ssize_t n_blocks = (n + block - 1) // block
+    cdef const floating* X_p = &X[0, 0]
+    cdef const floating* theta_p = &theta[0]
+    cdef floating* work_p = &work[0, 0]
+    cdef floating* tg = &tgrad[0, 0]
+    cdef int tid
+    cdef Py_ssize_t b, start
+    if work.shape[0] < n_threads or tgrad.shape[0] < n_threads:
+        raise ValueError("thread buffers do not match")
+    _fill_spec(&sp, sizes, w_off, w_off, 0, 0, block)
+    with nogil, parallel(num_threads=n_threads):
+        tid = threadid()
+        for b in prange(n_blocks, schedule="dynamic", chunksize=1):
+            start = b * block
+            _block_gemms(&sp, X_p, start, min(block, n - start), theta_p,
+                         tg + tid * n_params, work_p + tid * ws, False)

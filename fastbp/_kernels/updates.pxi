@@ -1,0 +1,66 @@
+# Update rules over the flat vector (scikit-learn's formulas), in place, elementwise in
+# index order, in the network's dtype:
+#
+#   SGD    v = mu v - lr g;  theta += v        (Nesterov: theta += mu v - lr g)
+#   Adam   m1 = b1 m1 + (1-b1) g;  m2 = b2 m2 + (1-b2) g^2;
+#          theta -= lr_t m1 / (sqrt(m2) + eps),  lr_t = lr sqrt(1 - b2^t) / (1 - b1^t)
+#
+# sgd_step and adam_step (noexcept nogil, no allocation) step any slice of the vector:
+# epoch.pxi's reduce_and_step steps each thread's slices with them. sgd_update and
+# adam_update step the whole vector once, for tests/test_core.py.
+
+cdef void sgd_step(floating* theta, const floating* grad, floating* velocity, Py_ssize_t n,
+                   double lr, double momentum, bint nesterov) noexcept nogil:
+    """velocity = momentum * velocity - lr * grad; theta += velocity, or with Nesterov
+    theta += momentum * velocity - lr * grad."""
+    cdef Py_ssize_t i
+    cdef floating v, g, mu = <floating> momentum, eta = <floating> lr
+    for i in range(n):
+        g = grad[i]
+        v = mu * velocity[i] - eta * g
+        velocity[i] = v
+        if nesterov:
+            theta[i] = theta[i] + (mu * v - eta * g)
+        else:
+            theta[i] = theta[i] + v
+
+
+cdef void adam_step(floating* theta, const floating* grad, floating* m1, floating* m2,
+                    Py_ssize_t n, double lr_t, double beta_1, double beta_2,
+                    double epsilon) noexcept nogil:
+    """m1 = b1 m1 + (1-b1) g; m2 = b2 m2 + (1-b2) g^2; theta -= lr_t m1 / (sqrt(m2) + eps),
+    where lr_t = lr * sqrt(1 - b2^t) / (1 - b1^t) is computed by the caller."""
+    cdef Py_ssize_t i
+    cdef floating g, b1 = <floating> beta_1, b2 = <floating> beta_2
+    cdef floating c1 = <floating> (1 - beta_1), c2 = <floating> (1 - beta_2)
+    cdef floating eta = <floating> lr_t, eps = <floating> epsilon
+    for i in range(n):
+        g = grad[i]
+        m1[i] = b1 * m1[i] + c1 * g
+        m2[i] = b2 * m2[i] + c2 * g * g
+        theta[i] = theta[i] - eta * m1[i] / (_sqrt(m2[i]) + eps)
+
+
+def sgd_update(floating[::1] theta, const floating[::1] grad, floating[::1] velocity,
+               double learning_rate, double momentum, bint nesterov):
+    """One SGD/momentum/Nesterov step over the flat vector, in place."""
+    if not (theta.shape[0] == grad.shape[0] == velocity.shape[0]):
+        raise ValueError("theta, grad and velocity must have the same length")
+    with nogil:
+        sgd_step(&theta[0], &grad[0], &velocity[0], theta.shape[0], learning_rate,
+                 momentum, nesterov)
+
+
+def adam_update(floating[::1] theta, const floating[::1] grad, floating[::1] m1,
+                floating[::1] m2, long long t, double learning_rate, double beta_1,
+                double beta_2, double epsilon):
+    """One Adam step (t is the step number, from 1) over the flat vector, in place."""
+    cdef double lr_t
+    if not (theta.shape[0] == grad.shape[0] == m1.shape[0] == m2.shape[0]):
+        raise ValueError("theta, grad, m1 and m2 must have the same length")
+    if t < 1:
+        raise ValueError(f"t counts Adam steps from 1, got {t}")
+    lr_t = learning_rate * sqrt(1 - beta_2 ** t) / (1 - beta_1 ** t)
+    with nogil:
+        adam_step(&theta[0], &grad[0], &m1[0], &m2[0], theta.shape[0], lr_t, beta_1,
+                  beta_2, epsilon)
