@@ -22,7 +22,7 @@
 #
 # Everything declared ``cdef ... noexcept nogil`` allocates nothing and never touches
 # Python: the ``def`` entry points (called through ``_core`` by fastbp/_network.py,
-# _solvers.py and distributed.py) validate every argument, take workspaces that Python
+# _stochastic.py and distributed.py) validate every argument, take workspaces that Python
 # allocated (see the ``*_size`` functions), release the GIL once per call and turn
 # status codes into exceptions. tests/test_nogil_kernels.py checks every file below.
 #
