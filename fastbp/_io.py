@@ -71,6 +71,28 @@ def _json_value(v):
     return v
 
 
+def _class_weight_to_json(cw):
+    """A class_weight dict keeps its keys' types (JSON objects take strings only): each
+    dict is stored as ``{"items": [[class, weight], ...]}``."""
+    if isinstance(cw, dict):
+        return {"items": [[_json_value(k), _json_value(v)] for k, v in cw.items()]}
+    if isinstance(cw, list):
+        return [_class_weight_to_json(d) for d in cw]
+    return cw
+
+
+def _class_weight_from_json(cw):
+    if isinstance(cw, dict):
+        items = cw.get("items")
+        if set(cw) != {"items"} or not isinstance(items, list) or not all(
+                isinstance(p, list) and len(p) == 2 for p in items):
+            raise ValueError("class_weight is not a list of [class, weight] pairs")
+        return {k: v for k, v in items}
+    if isinstance(cw, list):
+        return [_class_weight_from_json(d) for d in cw]
+    return cw
+
+
 def _plain_array(a, what):
     a = np.asarray(a)
     if a.dtype == object:
@@ -116,6 +138,8 @@ def save(model, path, *, metadata=None):
     if not hasattr(est, "_theta"):
         raise ValueError("the model is not fitted: call fit before save")
     params = {k: _json_value(v) for k, v in est.get_params().items()}
+    if "class_weight" in params:
+        params["class_weight"] = _class_weight_to_json(est.class_weight)
     if params.get("random_state") is not None and not isinstance(params["random_state"],
                                                                  int):
         params["random_state"] = None
@@ -278,6 +302,8 @@ def _build(meta, arrays):
     params = dict(meta["params"])
     if isinstance(params.get("hidden_layer_sizes"), list):
         params["hidden_layer_sizes"] = tuple(params["hidden_layer_sizes"])
+    if "class_weight" in params:
+        params["class_weight"] = _class_weight_from_json(params["class_weight"])
     valid = cls().get_params()
     unknown = set(params) - set(valid)
     if unknown:

@@ -11,12 +11,13 @@ few numbers comes back, and builds the targets per chunk. Both give the same err
 ``DaskData``, whose ``objective`` is the Dask objective the full-batch drivers take.
 """
 import math
-from numbers import Integral
+from numbers import Integral, Real
 
 import numpy as np
 import scipy.sparse as sp
 from sklearn.base import is_classifier
 from sklearn.preprocessing import LabelBinarizer
+from sklearn.utils.class_weight import compute_class_weight, compute_sample_weight
 from sklearn.utils.multiclass import (_check_partial_fit_first_call, type_of_target,
                                       unique_labels)
 from sklearn.utils.validation import _check_sample_weight, column_or_1d, validate_data
@@ -24,7 +25,8 @@ from sklearn.utils.validation import _check_sample_weight, column_or_1d, validat
 from ._network import block_rows
 from .distributed import DaskObjective, get_client, is_dask_collection
 
-__all__ = ["validate_fit", "validate_local", "validate_dask", "checked_sample_weight",
+__all__ = ["validate_fit", "validate_local", "validate_dask", "validate_val",
+           "checked_sample_weight", "class_weight_rows",
            "check_two_classes", "hidden_sizes", "start_classes", "decode_targets",
            "DaskData", "STOCHASTIC"]
 
@@ -85,13 +87,26 @@ def validate_fit(est, X, y, sample_weight, client, incremental, first_pass):
                 "locally.")
         return None, None, None, validate_dask(est, X, y, sample_weight, client,
                                                first_pass, on_dask)
-    X, Y = validate_local(est, X, y, incremental, reset=first_pass)
-    return X, Y, checked_sample_weight(sample_weight, X), None
+    X, Y, y = validate_local(est, X, y, incremental, reset=first_pass)
+    return X, Y, _weighted(est, y, checked_sample_weight(sample_weight, X),
+                           incremental), None
+
+
+def _weighted(est, y, sample_weight, incremental=False):
+    """Sample weights times the rows' class weights (either may be None)."""
+    class_rows = class_weight_rows(est, y, sample_weight, incremental)
+    if class_rows is None:
+        return sample_weight
+    weights = class_rows if sample_weight is None else sample_weight * class_rows
+    if not weights.sum() > 0:
+        raise ValueError("class_weight times sample_weight is zero for every sample: at "
+                         "least one sample must keep a positive weight.")
+    return weights
 
 
 def validate_local(est, X, y, incremental, reset):
-    """Validated X (float32 or float64, dense or CSR/CSC) and 2-D targets Y in X's
-    dtype, for a classifier or a regressor."""
+    """Validated X (float32 or float64, dense or CSR/CSC), 2-D targets Y in X's dtype,
+    and the validated y as given (labels), for a classifier or a regressor."""
     if is_classifier(est):
         return _validate_classes(est, X, y, incremental, reset)
     return _validate_regression(est, X, y, reset)
@@ -119,7 +134,83 @@ def _validate_classes(est, X, y, incremental, reset):
         elif len(np.setdiff1d(classes, est.classes_, assume_unique=True)):
             raise ValueError(f"`y` has classes not in `self.classes_`. "
                              f"`self.classes_` has {est.classes_}. 'y' has {classes}.")
-    return X, _encode_labels(est._label_binarizer, y, X.dtype)
+    return X, _encode_labels(est._label_binarizer, y, X.dtype), y
+
+
+def _check_weight_dict(weights, where, classes):
+    if not isinstance(weights, dict):
+        raise ValueError(f"{where} must be a dict {{class: weight}}, got "
+                         f"{type(weights).__name__}")
+    unknown = [k for k in weights if not np.isin(np.asarray([k], dtype=object),
+                                                 np.asarray(classes, dtype=object))[0]]
+    if unknown:
+        raise ValueError(f"{where} names {unknown}, which are not classes of y; the "
+                         f"classes are {list(np.asarray(classes).tolist())}")
+    for label, w in weights.items():
+        if (isinstance(w, bool) or not isinstance(w, (Real, np.number))
+                or not math.isfinite(float(w)) or w < 0):
+            raise ValueError(f"{where} gives class {label!r} the weight {w!r}: class "
+                             "weights must be finite non-negative numbers")
+
+
+def _balanced(labels, sample_weight):
+    """'balanced' weights of each row's class, as scikit-learn's compute_class_weight
+    computes them: sum(w) / (n_classes * sum of w over the class), w the sample weights
+    (ones without them), so that a weight of 2 is a repeated row."""
+    classes, idx = np.unique(labels, return_inverse=True)
+    w = np.ones(len(labels)) if sample_weight is None else sample_weight
+    return _per_class_balanced(np.bincount(idx, weights=w))[idx]
+
+
+def _per_class_balanced(counts):
+    """sum / (n_classes * count) per class; 0 for a class whose rows all weigh 0."""
+    counts = np.asarray(counts, dtype=np.float64)
+    with np.errstate(divide="ignore"):
+        return np.where(counts > 0, counts.sum() / (len(counts) * counts), 0.0)
+
+
+def class_weight_rows(est, y, sample_weight=None, incremental=False):
+    """Each row's weight from ``est.class_weight`` (None when it is None), with
+    scikit-learn's semantics (``LogisticRegression``'s): a dict {class: weight} (classes
+    not in it weigh 1), or 'balanced', ``sum(w) / (n_classes * sum of w over the
+    class)`` with w the sample weights (``n_samples / (n_classes * count)`` without
+    them). Multilabel targets take one dict per output, or 'balanced' per output, as
+    ``compute_sample_weight`` does; the rows' weights are the product over outputs."""
+    if not is_classifier(est):
+        return None
+    class_weight = getattr(est, "class_weight", None)
+    if class_weight is None:
+        return None
+    if incremental and isinstance(class_weight, str):
+        raise ValueError(
+            "class_weight='balanced' does not work with partial_fit: one batch's class "
+            "frequencies are not the data's. Compute the weights once, with "
+            "sklearn.utils.class_weight.compute_class_weight('balanced', classes=classes, "
+            "y=y) on the whole target (or a large sample of it), and pass them as a dict.")
+    lb = est._label_binarizer
+    if lb.y_type_ == "multilabel-indicator":
+        if isinstance(class_weight, dict):
+            raise ValueError(
+                "multilabel targets take class_weight as a list with one dict per output "
+                f"({len(lb.classes_)} here, each {{0: weight, 1: weight}}), or 'balanced'")
+        if isinstance(class_weight, list):
+            if len(class_weight) != len(lb.classes_):
+                raise ValueError(f"class_weight has {len(class_weight)} dicts, but y has "
+                                 f"{len(lb.classes_)} outputs: give one dict per output")
+            for k, weights in enumerate(class_weight):
+                _check_weight_dict(weights, f"class_weight[{k}]", [0, 1])
+            return compute_sample_weight(class_weight, y).astype(np.float64)
+        return np.prod([_balanced(y[:, k], sample_weight) for k in range(y.shape[1])],
+                       axis=0)
+    if isinstance(class_weight, list):
+        raise ValueError("a list of dicts as class_weight is for multilabel targets; "
+                         "with one output, pass one dict {class: weight} or 'balanced'")
+    if isinstance(class_weight, dict):
+        _check_weight_dict(class_weight, "class_weight", lb.classes_)
+    if isinstance(class_weight, str):
+        return _balanced(y, sample_weight)
+    per_class = compute_class_weight(class_weight, classes=lb.classes_, y=y)
+    return np.asarray(per_class, dtype=np.float64)[np.searchsorted(lb.classes_, y)]
 
 
 def _encode_labels(lb, y, dtype):
@@ -145,7 +236,55 @@ def _validate_regression(est, X, y, reset):
     if est.loss == "poisson" and (y < 0).any():
         raise ValueError(_POISSON_NEGATIVE)
     Y = y.reshape(-1, 1) if y.ndim == 1 else y
-    return X, np.asarray(Y, dtype=X.dtype)
+    return X, np.asarray(Y, dtype=X.dtype), y
+
+
+def validate_val(est, X_val, y_val, sample_weight_val, dtype):
+    """The user's validation set, checked against the fitted training input (features,
+    classes, outputs), in the training dtype, or None when not given. Returns
+    ``(X_val, y_val, sample_weight_val)`` with y_val in the user's form (what ``score``
+    takes) and the weights times the class weights."""
+    if X_val is None and y_val is None:
+        if sample_weight_val is not None:
+            raise ValueError("sample_weight_val was given without X_val and y_val")
+        return None
+    if X_val is None or y_val is None:
+        given, missing = ("X_val", "y_val") if y_val is None else ("y_val", "X_val")
+        raise ValueError(f"{given} was given without {missing}: a validation set needs "
+                         "both")
+    if any(is_dask_collection(a) for a in (X_val, y_val, sample_weight_val)):
+        raise TypeError("X_val, y_val and sample_weight_val must be in memory (NumPy or "
+                        "SciPy): validation scores are computed in this process; call "
+                        ".compute() on them first")
+    X_val, y_val = validate_data(est, X_val, y_val, accept_sparse=["csr", "csc"],
+                                 multi_output=True, dtype=dtype, reset=False,
+                                 y_numeric=not is_classifier(est))
+    if y_val.ndim == 2 and y_val.shape[1] == 1:
+        y_val = column_or_1d(y_val)
+    if is_classifier(est):
+        lb = est._label_binarizer
+        if lb.y_type_ == "multilabel-indicator":
+            if (type_of_target(y_val) != "multilabel-indicator"
+                    or y_val.shape[1] != len(lb.classes_)):
+                raise ValueError(f"y_val must be a multilabel indicator matrix with "
+                                 f"{len(lb.classes_)} columns, like y")
+        else:
+            if y_val.ndim != 1:
+                raise ValueError("y_val must hold one label per row, like y")
+            unknown = np.setdiff1d(unique_labels(y_val), est.classes_)
+            if len(unknown):
+                raise ValueError(f"y_val has classes {unknown.tolist()} that are not in "
+                                 f"the training classes {est.classes_.tolist()}")
+    else:
+        outputs = 1 if y_val.ndim == 1 else y_val.shape[1]
+        if outputs != est.n_outputs_:
+            raise ValueError(f"y_val has {outputs} outputs, but y has {est.n_outputs_}")
+        if est.loss == "poisson" and (y_val < 0).any():
+            raise ValueError("loss='poisson' needs non-negative targets; y_val has "
+                             "negative values.")
+    sample_weight_val = _weighted(est, y_val, checked_sample_weight(sample_weight_val,
+                                                                     X_val))
+    return X_val, y_val, sample_weight_val
 
 
 def start_classes(est, y, classes):
@@ -209,8 +348,8 @@ def _numpy_to_dask(est, X, y, sample_weight, client, first_pass):
     if sp.issparse(X):
         raise ValueError("backend='dask' takes dense X; sparse input trains locally "
                          "(backend=None)")
-    X, Y = validate_local(est, X, y, False, reset=first_pass)
-    sample_weight = checked_sample_weight(sample_weight, X)
+    X, Y, y = validate_local(est, X, y, False, reset=first_pass)
+    sample_weight = _weighted(est, y, checked_sample_weight(sample_weight, X))
     # One chunk per worker thread, in whole blocks of rows.
     n_threads = max(1, sum(client.nthreads().values()))
     block = block_rows(X.shape[0])
@@ -267,7 +406,15 @@ def validate_dask(est, X, y, sample_weight, client, first_pass, on_dask):
         if y.ndim != 1:
             raise ValueError("Dask training of a classifier takes 1-D class labels "
                              "(multilabel targets train locally)")
-        checks["classes"] = da.unique(y)
+        class_weight = getattr(est, "class_weight", None)
+        if isinstance(class_weight, list):
+            raise ValueError("a list of dicts as class_weight is for multilabel targets; "
+                             "with one output, pass one dict {class: weight} or "
+                             "'balanced'")
+        if class_weight == "balanced":
+            checks["classes"], checks["class counts"] = da.unique(y, return_counts=True)
+        else:
+            checks["classes"] = da.unique(y)
         if y.dtype.kind == "f":
             checks["y finite"] = da.isfinite(y).all()
     else:
@@ -297,6 +444,8 @@ def validate_dask(est, X, y, sample_weight, client, first_pass, on_dask):
         est.n_features_in_ = n_features
     if classifier:
         classes = np.asarray(results["classes"])
+        counts = results.get("class counts")  # for class_weight='balanced'
+
         check_two_classes(classes)
         if first_pass:
             est._label_binarizer = LabelBinarizer().fit(classes)
@@ -309,9 +458,43 @@ def validate_dask(est, X, y, sample_weight, client, first_pass, on_dask):
         k = 1 if lb.y_type_ == "binary" else len(lb.classes_)
         Y = y.map_blocks(_binarize, lb, dtype, dtype=dtype, new_axis=1,
                          chunks=(y.chunks[0], (k,)))
+        if est.class_weight is not None:
+            sample_weight = _dask_class_weights(client, est.class_weight, y, classes,
+                                                counts, sample_weight)
     else:
         Y = y.astype(dtype)
         if Y.ndim == 1:
             Y = Y[:, None]
         Y = Y.rechunk({1: -1})
     return DaskData(client, X, Y, sample_weight)
+
+
+def _row_weights(block, classes, per_class):
+    return per_class[np.searchsorted(classes, block)]
+
+
+def _class_index(block, classes):
+    return np.searchsorted(classes, block)
+
+
+def _dask_class_weights(client, class_weight, y, classes, counts, sample_weight):
+    """Sample weights times the class weights of the rows, as a Dask array."""
+    if counts is not None:  # 'balanced', from the class counts computed with the checks
+        counts = np.asarray(counts, dtype=np.float64)
+        if sample_weight is not None:  # weighted counts: one more pass over y and w
+            import dask.array as da
+
+            index = y.map_blocks(_class_index,
+                                 classes, dtype=np.intp)
+            counts = client.compute(da.bincount(index, weights=sample_weight,
+                                                minlength=len(classes))).result()
+        per_class = _per_class_balanced(counts)
+    else:  # a dict: y only matters for 'balanced'
+        _check_weight_dict(class_weight, "class_weight", classes)
+        per_class = compute_class_weight(class_weight, classes=classes, y=classes)
+    rows = y.map_blocks(_row_weights, classes, per_class, dtype=np.float64)
+    weights = rows if sample_weight is None else sample_weight * rows
+    if (per_class == 0).any() and not client.compute(weights.sum()).result() > 0:
+        raise ValueError("class_weight times sample_weight is zero for every sample: at "
+                         "least one sample must keep a positive weight.")
+    return weights
