@@ -26,12 +26,61 @@ from ._solvers import fit_full_batch
 from ._stochastic import StochasticOptimizer, TrainingRecord, fit_stochastic
 from ._threads import effective_n_jobs, minibatch_plan
 from ._validation import (STOCHASTIC, decode_targets, hidden_sizes, start_classes,
-                          validate_fit)
+                          validate_fit, validate_val)
+
+try:  # scikit-learn >= 1.9: its callback protocol (set_callbacks, sklearn.callback)
+    from sklearn.callback import CallbackSupportMixin as _CallbackSupport
+except ImportError:  # older versions: the estimators work without set_callbacks
+    class _CallbackSupport:
+        pass
 
 __all__ = ["MLPClassifier", "MLPRegressor"]
 
 
-class _BaseMLP(BaseEstimator):
+class _FitCallbacks:
+    """scikit-learn's callbacks (``set_callbacks``) around one ``fit``: the fit is the
+    root task, each epoch (or full-batch iteration) one subtask. A callback's
+    ``on_fit_task_end`` returning True stops training after that epoch. Callbacks that
+    ask for a ``fitted_estimator`` get a copy holding that moment's parameters."""
+
+    def __init__(self, est, X, y, sample_weight, max_iter):
+        self.est, self.X, self.y, self.max_iter = est, X, y, max_iter
+        self.metadata = None if sample_weight is None else {"sample_weight": sample_weight}
+        self.ctx = est._init_callback_context(max_subtasks=max_iter)
+        self.ctx.call_on_fit_task_begin(estimator=est, X=X, y=y, metadata=self.metadata)
+        self.n_iter = 0
+        self.task = self._begin()
+
+    def _snapshot(self):
+        theta = self.est._theta.copy()
+        coefs, intercepts = self.est._net.unpack(theta)
+        return {"_theta": theta, "coefs_": coefs, "intercepts_": intercepts,
+                "n_iter_": self.n_iter, "loss_curve_": list(self.est.loss_curve_)}
+
+    def _begin(self):
+        task = self.ctx.subcontext(task_name="epoch")
+        task.call_on_fit_task_begin(estimator=self.est, X=self.X, y=self.y,
+                                    metadata=self.metadata,
+                                    reconstruction_attributes=self._snapshot)
+        return task
+
+    def iteration_done(self, n_iter, loss):
+        """End this epoch's subtask; True when a callback asks to stop."""
+        self.n_iter = n_iter
+        stop = self.task.call_on_fit_task_end(estimator=self.est, X=self.X, y=self.y,
+                                              metadata=self.metadata,
+                                              reconstruction_attributes=self._snapshot)
+        self.task = None if stop or n_iter >= self.max_iter else self._begin()
+        return stop
+
+    def finish(self):
+        if self.task is not None:  # begun, but training ended before it ran
+            self.task.call_on_fit_task_end(estimator=self.est)
+        self.ctx.call_on_fit_task_end(estimator=self.est, X=self.X, y=self.y,
+                                      metadata=self.metadata, reconstruction_attributes={})
+
+
+class _BaseMLP(_CallbackSupport, BaseEstimator):
     """Shared fitting machinery. Do not use directly."""
 
     _parameter_constraints: dict = {
@@ -41,7 +90,7 @@ class _BaseMLP(BaseEstimator):
                                "trust-krylov", "hessian-free"})],
         "alpha": [Interval(Real, 0, None, closed="left")],
         "batch_size": [StrOptions({"auto"}), Interval(Integral, 1, None, closed="left")],
-        "learning_rate": [StrOptions({"constant", "invscaling", "adaptive"})],
+        "learning_rate": [StrOptions({"constant", "invscaling", "adaptive", "cosine"})],
         "learning_rate_init": [Interval(Real, 0, None, closed="neither")],
         "power_t": [Interval(Real, 0, None, closed="left")],
         "max_iter": [Interval(Integral, 1, None, closed="left")],
@@ -143,7 +192,8 @@ class _BaseMLP(BaseEstimator):
             self.best_validation_score_ = None
             self.best_loss_ = np.inf
 
-    def _fit(self, X, y, sample_weight=None, incremental=False, client=None):
+    def _fit(self, X, y, sample_weight=None, incremental=False, client=None, val=None):
+        raw = (X, y, sample_weight)  # as given, for callbacks
         hidden = hidden_sizes(self.hidden_layer_sizes)
         first_pass = not hasattr(self, "coefs_") or (not self.warm_start and not incremental)
         X, Y, sample_weight, data = validate_fit(self, X, y, sample_weight, client,
@@ -170,30 +220,56 @@ class _BaseMLP(BaseEstimator):
             self._net.n_jobs = self.n_jobs
         else:
             self._initialize(n_features, n_outputs, dtype)
+        val = validate_val(self, *(val or (None, None, None)), dtype=self._net.dtype)
+        if val is not None and self.validation_scores_ is None:
+            self.validation_scores_ = []
+            self.best_validation_score_ = -np.inf
+        callbacks = (_FitCallbacks(self, *raw, self.max_iter)
+                     if not incremental and getattr(self, "_skl_callbacks", None) else None)
+        watch = self._watchers(callbacks)
 
         if data is not None:
             objective = data.objective(self._net, self.alpha)
             try:
-                self._fit_full_batch(objective)
+                self._fit_full_batch(objective, val, watch)
             finally:
                 objective.close()
         elif self.solver in STOCHASTIC:
-            self._fit_stochastic(X, Y, sample_weight, incremental)
+            self._fit_stochastic(X, Y, sample_weight, incremental, val, watch)
         else:
             self._fit_full_batch(LocalObjective(
-                self._net, self._net.prepare(X, Y, sample_weight), self.alpha))
+                self._net, self._net.prepare(X, Y, sample_weight), self.alpha), val, watch)
         if not np.isfinite(self._theta).all():  # defensive: the solvers never leave these
             raise diverged("at the end of training")
+        if callbacks is not None:
+            callbacks.finish()
         return self
 
-    def _fit_full_batch(self, objective):
+    def _watchers(self, callbacks):
+        """What watches training after every epoch or iteration, as one
+        ``watch(n_iter, loss) -> stop``: scikit-learn's callbacks, and
+        ``_progress_callback(n_iter, loss)``, a private hook for front ends (the
+        ``fastbp`` command's progress bar). None when nothing watches."""
+        hooks = [h for h in (getattr(self, "_progress_callback", None),
+                             callbacks and callbacks.iteration_done) if h]
+        if not hooks:
+            return None
+
+        def watch(n_iter, loss):
+            stop = False
+            for hook in hooks:
+                stop = bool(hook(n_iter, loss)) or stop
+            return stop
+        return watch
+
+    def _fit_full_batch(self, objective, val=None, watch=None):
         client = getattr(objective, "client", None)  # a DaskObjective
         self.parallelism_ = (
             {"mode": "dask", "threads": max(1, sum(client.nthreads().values()))}
             if client is not None else
             {"mode": "blocks", "threads": effective_n_jobs(self.n_jobs)})
         curve = []
-        callback = getattr(self, "_progress_callback", None)
+        callback = self._iteration_hook(watch, val)
         if self.solver == "hessian-free":
             # warm_start keeps the damping and the last CG direction.
             state = self._optimizer
@@ -230,7 +306,7 @@ class _BaseMLP(BaseEstimator):
             self.learning_rate, self.momentum, self.nesterovs_momentum, self.power_t,
             self.beta_1, self.beta_2, self.epsilon)
 
-    def _fit_stochastic(self, X, Y, sample_weight, incremental):
+    def _fit_stochastic(self, X, Y, sample_weight, incremental, val=None, watch=None):
         net, theta = self._net, self._theta
         if self.early_stopping and incremental:
             raise ValueError("partial_fit does not support early_stopping=True")
@@ -246,7 +322,9 @@ class _BaseMLP(BaseEstimator):
                                     self.beta_1, self.beta_2, self.epsilon)
 
         validation = None
-        if self.early_stopping:
+        if val is not None:
+            validation = functools.partial(self._score, *val)
+        elif self.early_stopping:
             stratify = Y if (is_classifier(self) and self.n_outputs_ == 1) else None
             split = train_test_split(
                 X, Y, *([] if sample_weight is None else [sample_weight]),
@@ -276,14 +354,14 @@ class _BaseMLP(BaseEstimator):
             best_validation_score=self.best_validation_score_,
             no_improvement_count=self._no_improvement_count,
             best_theta=getattr(self, "_best_theta", None))
-        progress = getattr(self, "_progress_callback", None)
         try:
             fit_stochastic(
                 objective, opt, theta, record, max_iter=self.max_iter,
                 batch_size=batch_size, shuffle=self.shuffle, rng=self._random_state,
                 plan=plan, tol=self.tol, n_iter_no_change=self.n_iter_no_change,
                 early_stopping=self.early_stopping, validation=validation,
-                on_epoch=self._epoch_hook(progress), incremental=incremental,
+                on_epoch=watch and (lambda r: watch(r.n_iter, r.loss_curve[-1])),
+                incremental=incremental,
                 verbose=self.verbose)
         except DivergenceError:
             self._optimizer = None  # its moments/velocities may be non-finite too
@@ -297,13 +375,19 @@ class _BaseMLP(BaseEstimator):
             self._no_improvement_count = record.no_improvement_count
             self._best_theta = record.best_theta
 
-    @staticmethod
-    def _epoch_hook(progress):
-        # ``_progress_callback(n_iter, loss)``: a private hook for front ends (the
-        # ``fastbp`` command's progress bar), called after every epoch or iteration.
-        if progress is None:
-            return None
-        return lambda record: progress(record.n_iter, record.loss_curve[-1])
+    def _iteration_hook(self, watch, val):
+        """A full-batch solver's ``progress(n_iter, loss) -> stop``: records the
+        validation score of each iteration when a validation set ``val`` was given,
+        then asks ``watch``."""
+        if val is None:
+            return watch
+
+        def hook(n_iter, loss):
+            score = self._score(*val)
+            self.validation_scores_.append(score)
+            self.best_validation_score_ = max(self.best_validation_score_, score)
+            return watch(n_iter, loss) if watch is not None else False
+        return hook
 
     def _forward(self, X, check_input=True, raw=False):
         if check_input:
@@ -318,7 +402,8 @@ class _BaseMLP(BaseEstimator):
         return score_function(y, y_pred, sample_weight=sample_weight)
 
     @_fit_context(prefer_skip_nested_validation=True)
-    def fit(self, X, y, sample_weight=None, *, client=None):
+    def fit(self, X, y, sample_weight=None, *, X_val=None, y_val=None,
+            sample_weight_val=None, client=None):
         """Fit the model to data matrix X and target(s) y.
 
         Parameters
@@ -332,6 +417,19 @@ class _BaseMLP(BaseEstimator):
             regression).
         sample_weight : {array-like, dask array} of shape (n_samples,), default=None
             Non-negative sample weights.
+        X_val : {array-like, sparse matrix} of shape (n_val, n_features), default=None
+            Your own validation set (not in scikit-learn's MLP; as
+            ``HistGradientBoostingClassifier`` takes it). Its score (``score``'s metric)
+            is recorded in ``validation_scores_`` after every epoch, or every iteration
+            of a full-batch solver. With ``early_stopping=True`` ('sgd'/'adam'), stopping
+            and the restored best parameters use it, and ``validation_fraction`` is not
+            held out of X. In a Pipeline, ``transform_input=["X_val"]`` sends it through
+            the preceding steps (with metadata routing enabled and
+            ``set_fit_request(X_val=True, y_val=True)``).
+        y_val : array-like of shape (n_val,) or (n_val, n_outputs), default=None
+            Targets of ``X_val``; required with it.
+        sample_weight_val : array-like of shape (n_val,), default=None
+            Weights of the validation samples (times ``class_weight``'s).
         client : distributed.Client, default=None
             The Dask client for Dask training; None uses the active one.
 
@@ -341,7 +439,7 @@ class _BaseMLP(BaseEstimator):
             The fitted estimator.
         """
         return self._fit(X, y, sample_weight=sample_weight, incremental=False,
-                         client=client)
+                         client=client, val=(X_val, y_val, sample_weight_val))
 
     def _check_solver(self):
         if self.solver not in STOCHASTIC:
@@ -372,8 +470,13 @@ _COMMON_PARAMS_DOC = """
         Strength of the L2 penalty (divided by the sum of sample weights).
     batch_size : int or 'auto', default='auto'
         Minibatch size for 'sgd' and 'adam'; 'auto' is ``min(200, n_samples)``.
-    learning_rate : {'constant', 'invscaling', 'adaptive'}, default='constant'
-        Learning-rate schedule for 'sgd'.
+    learning_rate : {'constant', 'invscaling', 'adaptive', 'cosine'}, default='constant'
+        Learning-rate schedule: 'invscaling' and 'adaptive' for 'sgd', as in
+        scikit-learn; 'cosine' (not in scikit-learn) for 'sgd' and 'adam', decays the
+        step size per minibatch from ``learning_rate_init`` to 0 over ``max_iter``
+        epochs: ``learning_rate_init * (1 + cos(pi * s / S)) / 2`` at step s of S. A
+        warm start restarts the schedule; ``partial_fit`` calls continue it, and it stays
+        at 0 after S steps.
     learning_rate_init : float, default=0.001
         Initial step size for 'sgd' and 'adam'.
     power_t : float, default=0.5
@@ -445,9 +548,9 @@ _COMMON_ATTRS_DOC = """
     loss_curve_ : list of float
         The loss after each epoch ('sgd'/'adam') or each iteration ('lbfgs').
     validation_scores_ : list of float or None
-        Validation scores per epoch, with early stopping.
+        Validation scores per epoch (or iteration), with early stopping or ``X_val``.
     best_validation_score_ : float or None
-        Best validation score, with early stopping.
+        Best validation score, with early stopping or ``X_val``.
     t_ : int
         Number of training samples seen by the solver.
     coefs_ : list of ndarray
@@ -485,6 +588,10 @@ _NOTES_DOC = """
       probability clipping; multi-output squared error is summed over outputs (see
       :class:`fastbp.Network`).
     - A whole 'sgd'/'adam' epoch runs in one compiled call without the GIL.
+    - Not in scikit-learn's MLP: ``class_weight`` (classifier), ``learning_rate='cosine'``,
+      your own validation set (``fit(..., X_val=, y_val=, sample_weight_val=)``), and
+      scikit-learn's callbacks (``set_callbacks``, scikit-learn >= 1.9) with one subtask
+      per epoch or full-batch iteration.
 """
 
 
@@ -495,7 +602,15 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
     multilabel targets) with L-BFGS, SGD or Adam on fastbp's compiled kernels.
 
     Parameters
-    ----------""" + _COMMON_PARAMS_DOC + """
+    ----------""" + _COMMON_PARAMS_DOC + """    class_weight : dict, list of dict, 'balanced' or None, default=None
+        Weights of the classes (not in scikit-learn's MLP), with the semantics of
+        ``SGDClassifier`` and ``LogisticRegression``: a dict ``{class: weight}``
+        (classes not in it weigh 1), or 'balanced', ``n_samples / (n_classes *
+        np.bincount(y))``. They multiply ``sample_weight``. Multilabel targets take a
+        list with one dict ``{0: w0, 1: w1}`` per output, or 'balanced' per output, as
+        ``sklearn.utils.class_weight.compute_sample_weight``. ``partial_fit`` takes a
+        dict only: one batch's class frequencies are not the data's.
+
     Attributes
     ----------
     classes_ : ndarray or list of ndarray
@@ -522,7 +637,8 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
                  momentum=0.9, nesterovs_momentum=True, early_stopping=False,
                  validation_fraction=0.1, beta_1=0.9, beta_2=0.999, epsilon=1e-8,
                  n_iter_no_change=10, max_fun=15000, n_jobs=None,
-                 curvature="gauss-newton", backend=None):
+                 curvature="gauss-newton", backend=None, class_weight=None):
+        self.class_weight = class_weight
         super().__init__(
             hidden_layer_sizes=hidden_layer_sizes, activation=activation, solver=solver,
             alpha=alpha, batch_size=batch_size, learning_rate=learning_rate,
@@ -533,6 +649,11 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
             validation_fraction=validation_fraction, beta_1=beta_1, beta_2=beta_2,
             epsilon=epsilon, n_iter_no_change=n_iter_no_change, max_fun=max_fun,
             n_jobs=n_jobs, curvature=curvature, backend=backend)
+
+    _parameter_constraints: dict = {
+        **_BaseMLP._parameter_constraints,
+        "class_weight": [None, dict, list, StrOptions({"balanced"})],
+    }
 
     def _out_activation(self):
         if self._label_binarizer.y_type_ == "multiclass":

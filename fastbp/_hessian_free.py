@@ -140,7 +140,8 @@ def fit_hessian_free(objective, theta, max_iter, tol, verbose, loss_curve,
     Stops when the largest gradient entry is at most ``tol`` (as L-BFGS's ``gtol``),
     after ``max_iter`` outer iterations (with a ConvergenceWarning), or when no step
     decreases the loss even under heavy damping. Appends the loss after each outer
-    iteration to ``loss_curve`` and calls ``progress(n_iter, loss)``. ``state`` (a
+    iteration to ``loss_curve`` and calls ``progress(n_iter, loss)``, which stops the
+    solver by returning True. ``state`` (a
     ``HessianFreeState``) carries the damping and the last direction across warm
     starts. On Ctrl-C the best parameters evaluated so far are restored, with a warning.
     """
@@ -241,8 +242,8 @@ def fit_hessian_free(objective, theta, max_iter, tol, verbose, loss_curve,
                 if verbose:
                     print(f"Iteration {n_iter}, loss = {loss:.8f}, damping = "
                           f"{state.lam:.3g}, CG iterations = {kept[-1][0]}")
-                if progress is not None:
-                    progress(n_iter, float(loss))
+                if progress is not None and progress(n_iter, float(loss)):
+                    break  # asked to stop: keep this iterate
                 if stalled:
                     break
     except KeyboardInterrupt:

@@ -50,7 +50,9 @@ def fit_full_batch(solver, objective, theta, max_iter, max_fun, tol, verbose,
     this boundary only (TNC refuses a float32 x0). Newton-CG and trust-krylov get exact
     curvature products as ``hessp`` (Gauss-Newton by default, or the Hessian); repeated
     products at one point reuse the cached forward pass. Appends the loss after each
-    iteration to ``loss_curve`` and calls ``progress(n_iter, loss)`` when given. On
+    iteration to ``loss_curve`` and calls ``progress(n_iter, loss)`` when given, with
+    ``theta`` holding that iteration's parameters; a true result stops the solver there
+    (without a convergence warning). On
     Ctrl-C, restores the best parameters evaluated so far and warns. Returns
     ``(loss, n_iter)``.
     """
@@ -62,7 +64,7 @@ def fit_full_batch(solver, objective, theta, max_iter, max_fun, tol, verbose,
     prod = np.empty(net.n_params, dtype=net.dtype)
     vec = np.empty(net.n_params, dtype=net.dtype)
     best = BestTracker(theta)
-    last = {"x": None, "loss": math.inf}
+    last = {"x": None, "loss": math.inf, "stop": False}
     n_iter = 0
 
     def point(x):
@@ -109,7 +111,11 @@ def fit_full_batch(solver, objective, theta, max_iter, max_fun, tol, verbose,
         if verbose:
             print(f"Iteration {n_iter}, loss = {loss:.8f}")
         if progress is not None:
-            progress(n_iter, float(loss))
+            theta[...] = x  # the model shows this iterate to whoever watches
+            if progress(n_iter, float(loss)):
+                last["x"], last["loss"], last["stop"] = np.array(x, dtype=np.float64), \
+                    loss, True
+                raise _StopSolver
         if n_iter >= max_iter and solver == "tnc":
             raise _StopSolver  # TNC has no iteration limit of its own
 
@@ -145,9 +151,11 @@ def fit_full_batch(solver, objective, theta, max_iter, max_fun, tol, verbose,
     except _NonFinite:
         theta[...] = best.theta
         raise diverged(f"during {solver} (iteration {n_iter + 1})") from None
-    if res is None:  # stopped at max_iter from the callback: keep the last iterate
+    if res is None:  # stopped from the callback: keep the last iterate
         x_final, loss_final = last["x"], last["loss"]
         status, message = 1, "maximum number of iterations reached"
+        if last["stop"]:
+            status, message = 0, "stopped at progress's request"
     else:
         x_final, loss_final = res.x, float(res.fun)
         status, message = res.status, res.message
@@ -156,7 +164,8 @@ def fit_full_batch(solver, objective, theta, max_iter, max_fun, tol, verbose,
         raise diverged(f"during {solver} (iteration {n_iter})")
     theta[...] = x_final
     # TNC's statuses 1 and 2 are convergence in f and in x.
-    converged = res is not None and (status == 0 or (solver == "tnc" and status in (1, 2)))
+    converged = (last["stop"] or res is not None
+                 and (status == 0 or (solver == "tnc" and status in (1, 2))))
     if not converged:
         warnings.warn(
             f"{solver} failed to converge after {n_iter} iteration(s) (status={status}): "

@@ -55,6 +55,10 @@ class StochasticOptimizer:
         self.learning_rate_init = float(learning_rate_init)
         self.learning_rate = float(learning_rate_init)
         self.lr_schedule = lr_schedule
+        # 'cosine': minibatch steps taken on the schedule, and its length (set by the
+        # loop from max_iter and the number of minibatches per epoch).
+        self.cosine_step = 0
+        self.cosine_steps = 0
         self.momentum = float(momentum) if self.solver == "sgd" else 0.0
         self.nesterov = bool(nesterov)
         self.power_t = float(power_t)
@@ -87,13 +91,21 @@ class StochasticOptimizer:
         """
         grads, work, dacc = self._buffers(net, n_chunks, batch_size, data.X is None)
         n_threads, spin = team_for_now(n_chunks)
+        cosine = self.lr_schedule == "cosine"
+        rate = self.learning_rate_init if cosine else self.learning_rate  # the kernel decays
         total, n_batches = _core.run_epoch(
             theta, grads, data.X, data.data, data.indices, data.indptr, data.Y,
             data.sample_weight, net._sizes, net._w_off, net._b_off, net._act, net._out,
             work, dacc, order, shuffle, seed, batch_size, float(alpha),
-            _core.SOLVERS[self.solver], self.learning_rate, self.momentum, self.nesterov,
+            _core.SOLVERS[self.solver], rate, self.momentum, self.nesterov,
             self.beta_1, self.beta_2, self.epsilon, self.state_1, self.state_2, self.step,
-            n_chunks, n_threads, spin)
+            n_chunks, n_threads, spin, self.cosine_steps if cosine else 0,
+            self.cosine_step if cosine else 0)
+        if cosine:
+            self.cosine_step += n_batches
+            done = min(self.cosine_step, self.cosine_steps) / max(self.cosine_steps, 1)
+            self.learning_rate = self.learning_rate_init * 0.5 * (1 + math.cos(math.pi
+                                                                              * done))
         return total
 
     def iteration_ends(self, time_step):
@@ -186,6 +198,8 @@ def fit_stochastic(objective, optimizer, theta, record, *, max_iter, batch_size,
     record.best_theta[...] = theta
     team = n_threads if mode == "team" else 1
     start = None if incremental else theta.copy()
+    if optimizer.lr_schedule == "cosine":  # decays to 0 over max_iter epochs
+        optimizer.cosine_steps = max_iter * -(-objective.n_samples // batch_size)
     with blas_threads(n_threads if mode == "blas" else 1):
         _run_epochs(objective, optimizer, theta, record, max_iter, batch_size, shuffle,
                     rng, team, tol, n_iter_no_change, early_stopping, validation,
@@ -272,6 +286,9 @@ def _count_no_improvement(record, theta, tol, early_stopping, validation, verbos
             record.best_validation_score = score
             record.best_theta[...] = theta
     else:
+        if validation is not None and (record.best_validation_score is None
+                                       or score > record.best_validation_score):
+            record.best_validation_score = score
         if record.loss_curve[-1] > record.best_loss - tol:
             record.no_improvement_count += 1
         else:

@@ -33,6 +33,9 @@ ESTIMATORS = [
     MLPRegressor(solver="lbfgs", max_iter=100, random_state=0),
     MLPClassifier(max_iter=100, random_state=0),
     MLPRegressor(max_iter=100, random_state=0),
+    # Features scikit-learn's MLP lacks, each checked as scikit-learn checks its own.
+    MLPClassifier(solver="lbfgs", max_iter=100, random_state=0, class_weight="balanced"),
+    MLPClassifier(max_iter=100, random_state=0, learning_rate="cosine"),
 ]
 
 

@@ -179,7 +179,7 @@ def run_epoch(floating[::1] theta, floating[:, ::1] grads, const floating[:, :] 
               int solver, double learning_rate, double momentum, bint nesterov,
               double beta_1, double beta_2, double epsilon, floating[::1] state_1,
               floating[::1] state_2, long long[::1] step, int n_chunks, int n_threads=0,
-              bint spin=True):
+              bint spin=True, long long cosine_steps=0, long long cosine_start=0):
     """One epoch of minibatch SGD or Adam, entirely without the GIL.
 
     ``order`` (n_samples,) holds the row order and is shuffled in place first when
@@ -199,6 +199,11 @@ def run_epoch(floating[::1] theta, floating[:, ::1] grads, const floating[:, :] 
     ceil(batch_size / n_chunks) rows. With ``spin`` false (the caller sees more runnable
     threads than cores) barrier waiters start without a spin budget: they yield the CPU
     at once (see fastbp_barrier_wait).
+
+    With ``cosine_steps`` S > 0 the step size decays per minibatch: the minibatch that is
+    step s of the schedule (s = cosine_start, cosine_start + 1, ...) uses
+    ``learning_rate * (1 + cos(pi * min(s, S) / S)) / 2``, from the full rate at s = 0
+    to 0 at s = S.
 
     Returns (sum over batches of batch loss x batch rows, number of batches run); the
     epoch stops at the first non-finite batch loss, which the caller detects from the sum.
@@ -229,11 +234,13 @@ def run_epoch(floating[::1] theta, floating[:, ::1] grads, const floating[:, :] 
     # Thread-private (assigned inside the parallel block):
     cdef int tid, team, k, par, budget, c
     cdef Py_ssize_t start, nb, lo, hi, i, rows_per
-    cdef double total, wsum, scale, loss, sq, lr_t, n_batches
-    cdef long long t
+    cdef double total, wsum, scale, loss, sq, lr_t, lr_b, n_batches
+    cdef long long t, s_cos
 
     if n_threads <= 0:
         n_threads = n_chunks
+    if cosine_steps < 0 or cosine_start < 0:
+        raise ValueError("cosine_steps and cosine_start must be non-negative")
     if n_chunks < 1 or n_threads > n_chunks:
         raise ValueError("need 1 <= n_threads <= n_chunks")
     if grads.shape[0] < n_chunks or dacc.shape[0] < n_chunks or work.shape[0] < n_threads:
@@ -261,6 +268,7 @@ def run_epoch(floating[::1] theta, floating[:, ::1] grads, const floating[:, :] 
         total = 0.0
         n_batches = 0
         t = t0
+        s_cos = cosine_start
         par = 0
         start = 0
         while start < n:
@@ -290,11 +298,16 @@ def run_epoch(floating[::1] theta, floating[:, ::1] grads, const floating[:, :] 
                 c = c + team
             barrier_wait(bar_p, team, &budget)
             # Phase 2: this thread's slices of the parameters: reduce, then step.
+            lr_b = learning_rate
+            if cosine_steps > 0:
+                lr_b = learning_rate * 0.5 * (
+                    1.0 + cos(M_PI * <double> min(s_cos, cosine_steps) / cosine_steps))
+                s_cos = s_cos + 1
             if solver == SOLVER_ADAM_:
                 t = t + 1
-                lr_t = learning_rate * sqrt(1 - beta_2 ** t) / (1 - beta_1 ** t)
+                lr_t = lr_b * sqrt(1 - beta_2 ** t) / (1 - beta_1 ** t)
             else:
-                lr_t = learning_rate
+                lr_t = lr_b
             c = tid
             while c < C:
                 lo = min(n_params, c * p_per)
