@@ -2,14 +2,16 @@
 
 Public names: :class:`Network` (the low-level core), :class:`MLPClassifier` and
 :class:`MLPRegressor` (scikit-learn estimators), :class:`DivergenceError`,
-:func:`save`/:func:`load` for pickle-free model files, and :func:`show_config`.
+:func:`save`/:func:`load` for pickle-free model files, :func:`show_config`, and
+:func:`check_gradients` (with its :class:`GradientReport`) for kernel work.
 """
 from ._estimators import MLPClassifier, MLPRegressor
 from ._config import show_config
 from ._io import load, save
 from ._network import Network
 from ._divergence import DivergenceError
+from ._gradcheck import GradientReport, check_gradients
 from ._version import __version__
 
 __all__ = ["Network", "MLPClassifier", "MLPRegressor", "DivergenceError", "save", "load",
-           "show_config"]
+           "show_config", "check_gradients", "GradientReport"]

@@ -22,7 +22,7 @@ LAYERS = {
     "objectives": {"_objective", "distributed"},
     "drivers": {"_divergence", "_solvers", "_hessian_free", "_stochastic"},
     "estimators": {"_validation", "_estimators"},
-    "face": {"_config", "_io", "cli", "_bench"},
+    "face": {"_config", "_io", "cli", "_bench", "_gradcheck"},
     "package": {"__init__"},
 }
 RANK = {name: rank for rank, names in enumerate(LAYERS.values()) for name in names}
