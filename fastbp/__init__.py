@@ -3,7 +3,8 @@
 Public names: :class:`Network` (the low-level core), :class:`MLPClassifier` and
 :class:`MLPRegressor` (scikit-learn estimators), :class:`DivergenceError`,
 :func:`save`/:func:`load` for pickle-free model files, :func:`show_config`, and
-:func:`check_gradients` (with its :class:`GradientReport`) for kernel work.
+:func:`check_gradients` (with its :class:`GradientReport`) for kernel work, and
+:func:`to_onnx` (with the ``onnx`` extra).
 """
 from ._estimators import MLPClassifier, MLPRegressor
 from ._config import show_config
@@ -11,7 +12,8 @@ from ._io import load, save
 from ._network import Network
 from ._divergence import DivergenceError
 from ._gradcheck import GradientReport, check_gradients
+from ._onnx import to_onnx
 from ._version import __version__
 
 __all__ = ["Network", "MLPClassifier", "MLPRegressor", "DivergenceError", "save", "load",
-           "show_config", "check_gradients", "GradientReport"]
+           "show_config", "check_gradients", "GradientReport", "to_onnx"]

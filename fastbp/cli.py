@@ -26,6 +26,7 @@ from tqdm import tqdm
 from . import _bench
 from ._estimators import MLPClassifier, MLPRegressor
 from ._io import load, save
+from ._onnx import to_onnx
 
 __all__ = ["main"]
 
@@ -249,6 +250,26 @@ def _plot(path, est, quiet):
         print(f"loss curve written to {path}")
 
 
+def _export_onnx(model, X, path, quiet):
+    """``--onnx``: the fitted Pipeline as an ONNX file (float32 input)."""
+    if hasattr(X, "tocsr"):
+        raise CLIError("--onnx needs dense input data; this data set is sparse")
+    try:
+        onx = to_onnx(model, np.asarray(X[:1], dtype=np.float32))
+    except ImportError as exc:
+        raise CLIError(f"--onnx: {exc}") from None
+    except ValueError as exc:
+        raise CLIError(f"--onnx: {exc}") from None
+    try:
+        with open(path, "wb") as fh:
+            fh.write(onx.SerializeToString())
+    except OSError as exc:
+        raise CLIError(f"{path}: cannot write the ONNX model ({exc.strerror or exc})") \
+            from None
+    if not quiet:
+        print(f"ONNX model written to {path}")
+
+
 def _connect(address):
     """A Dask client for ``--scheduler``, or a one-line error."""
     try:
@@ -338,6 +359,8 @@ def cmd_train(args):
     except OSError as exc:
         raise CLIError(f"{args.output}: cannot write the model ({exc.strerror or exc})") \
             from None
+    if args.onnx:
+        _export_onnx(model, X_tr, args.onnx, args.quiet)
     if args.test_data_out:
         try:
             _write_split(args.test_data_out, X_te, y_te, names, tname)
@@ -474,6 +497,9 @@ def build_parser():
     t.add_argument("--test-data-out", default=None, metavar="FILE",
                    help="also write the held-out test rows (CSV or .npz)")
     t.add_argument("--plot", default=None, metavar="PNG", help="write the loss curve")
+    t.add_argument("--onnx", default=None, metavar="FILE",
+                   help="also export the model (scaler included) as ONNX (needs the "
+                        "'onnx' extra)")
     t.add_argument("--scheduler", default=None, metavar="ADDRESS",
                    help="train data-parallel on this Dask scheduler (tcp://host:8786); "
                         "the solver defaults to lbfgs")

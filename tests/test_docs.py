@@ -28,6 +28,9 @@ def test_public_object_documented_with_example(obj):
 
 @pytest.mark.parametrize("obj", PUBLIC, ids=lambda o: o.__name__)
 def test_examples_run(obj):
+    if obj.__name__ == "to_onnx":  # the optional extra 'onnx' (a test requirement)
+        pytest.importorskip("skl2onnx")
+        pytest.importorskip("onnxruntime")
     finder = doctest.DocTestFinder(recurse=True)
     runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     tests = [t for t in finder.find(obj, obj.__name__, globs={}) if t.examples]

@@ -22,7 +22,7 @@ LAYERS = {
     "objectives": {"_objective", "distributed"},
     "drivers": {"_divergence", "_solvers", "_hessian_free", "_stochastic"},
     "estimators": {"_validation", "_estimators"},
-    "face": {"_config", "_io", "cli", "_bench", "_gradcheck"},
+    "face": {"_config", "_io", "cli", "_bench", "_gradcheck", "_onnx"},
     "package": {"__init__"},
 }
 RANK = {name: rank for rank, names in enumerate(LAYERS.values()) for name in names}
@@ -30,7 +30,7 @@ COMPILED_PREFIX = "_kernels_"  # the compiled variants sit in the kernels layer
 
 # Third-party modules that are optional extras: the only ones imported inside functions.
 OPTIONAL = {"dask", "distributed", "matplotlib", "torch", "onnx", "skl2onnx",
-            "onnxruntime"}
+            "onnxruntime", "rich"}
 
 
 def _rank(module):
