@@ -8,7 +8,7 @@ reading uses ``allow_pickle=False``, so nothing in a file can execute code):
 
 ``__fastbp__``
     UTF-8 JSON as a uint8 array: ``{"format": "fastbp-model", "version": 1,
-    "estimator": "MLPClassifier" | "MLPRegressor", "params": {...constructor parameters},
+    "estimator": "MLPClassifier" | "MLPRegressor" | "MLPAutoencoder", "params": {...constructor parameters},
     "attributes": {...scalar fitted attributes}, "dtype": "float32" | "float64",
     "layer_sizes": [...], "scaler": true | false, "feature_names": [...] or null,
     "label_binarizer": {...} (classifier only)}``.
@@ -34,6 +34,7 @@ import numpy as np
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import LabelBinarizer, StandardScaler
 
+from ._autoencoder import MLPAutoencoder
 from ._estimators import MLPClassifier, MLPRegressor
 from ._network import Network
 from ._validation import hidden_sizes
@@ -42,7 +43,8 @@ __all__ = ["save", "load", "FORMAT_VERSION"]
 
 FORMAT = "fastbp-model"
 FORMAT_VERSION = 1
-_ESTIMATORS = {"MLPClassifier": MLPClassifier, "MLPRegressor": MLPRegressor}
+_ESTIMATORS = {"MLPClassifier": MLPClassifier, "MLPRegressor": MLPRegressor,
+               "MLPAutoencoder": MLPAutoencoder}
 _SCALAR_ATTRS = ("n_features_in_", "n_iter_", "t_", "n_layers_", "n_outputs_",
                  "out_activation_", "loss_", "best_loss_", "best_validation_score_")
 
@@ -51,14 +53,14 @@ def _split(model):
     if isinstance(model, Pipeline):
         steps = [s for _, s in model.steps if s != "passthrough" and s is not None]
         if (len(steps) == 2 and isinstance(steps[0], StandardScaler)
-                and isinstance(steps[1], (MLPClassifier, MLPRegressor))):
+                and isinstance(steps[1], tuple(_ESTIMATORS.values()))):
             return steps[0], steps[1]
         raise TypeError("save supports a fastbp estimator, or a Pipeline of a "
                         "StandardScaler and a fastbp estimator")
-    if isinstance(model, (MLPClassifier, MLPRegressor)):
+    if isinstance(model, tuple(_ESTIMATORS.values())):
         return None, model
-    raise TypeError(f"save needs a fitted fastbp MLPClassifier or MLPRegressor, got "
-                    f"{type(model).__name__}")
+    raise TypeError("save needs a fitted fastbp MLPClassifier, MLPRegressor or "
+                    f"MLPAutoencoder, got {type(model).__name__}")
 
 
 def _json_value(v):
@@ -111,7 +113,7 @@ def save(model, path, *, metadata=None):
 
     Parameters
     ----------
-    model : MLPClassifier, MLPRegressor, or Pipeline
+    model : MLPClassifier, MLPRegressor, MLPAutoencoder, or Pipeline
         A fitted fastbp estimator, or a ``Pipeline`` of a fitted ``StandardScaler`` and a
         fitted fastbp estimator (what ``fastbp train`` produces).
     path : str or path-like
@@ -228,7 +230,7 @@ def load(path, *, return_metadata=False):
 
     Returns
     -------
-    model : MLPClassifier, MLPRegressor, or Pipeline
+    model : MLPClassifier, MLPRegressor, MLPAutoencoder, or Pipeline
         The fitted model; its predictions are bitwise equal to the saved model's.
     metadata : dict
         Only with ``return_metadata=True``.

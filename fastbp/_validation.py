@@ -75,6 +75,9 @@ def validate_fit(est, X, y, sample_weight, client, incremental, first_pass):
                          "-1 for every CPU, "
                          "or a positive number of threads.")
     on_dask = any(is_dask_collection(a) for a in (X, y, sample_weight))
+    if getattr(est, "_reconstructs", False) and on_dask:
+        raise ValueError(f"{type(est).__name__} trains in one process: compute the Dask "
+                         "arrays first")
     if on_dask or est.backend == "dask":
         if incremental:
             raise ValueError("partial_fit does not take Dask arrays (nor "
@@ -109,7 +112,17 @@ def validate_local(est, X, y, incremental, reset):
     and the validated y as given (labels), for a classifier or a regressor."""
     if is_classifier(est):
         return _validate_classes(est, X, y, incremental, reset)
+    if getattr(est, "_reconstructs", False):
+        return _validate_reconstruction(est, X, reset)
     return _validate_regression(est, X, y, reset)
+
+
+def _validate_reconstruction(est, X, reset):
+    """An autoencoder's input; its targets are X itself, dense."""
+    X = validate_data(est, X, accept_sparse=["csr", "csc"], dtype=(np.float64, np.float32),
+                      reset=reset)
+    Y = X.toarray() if sp.issparse(X) else np.ascontiguousarray(X)
+    return X, Y, Y
 
 
 def _validate_classes(est, X, y, incremental, reset):
@@ -256,6 +269,10 @@ def validate_val(est, X_val, y_val, sample_weight_val, dtype):
         raise TypeError("X_val, y_val and sample_weight_val must be in memory (NumPy or "
                         "SciPy): validation scores are computed in this process; call "
                         ".compute() on them first")
+    if getattr(est, "_reconstructs", False):  # the targets are X_val itself
+        X_val = validate_data(est, X_val, accept_sparse=["csr", "csc"], dtype=dtype,
+                              reset=False)
+        return X_val, None, checked_sample_weight(sample_weight_val, X_val)
     X_val, y_val = validate_data(est, X_val, y_val, accept_sparse=["csr", "csc"],
                                  multi_output=True, dtype=dtype, reset=False,
                                  y_numeric=not is_classifier(est))

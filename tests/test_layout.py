@@ -21,7 +21,7 @@ LAYERS = {
     "network": {"_network"},
     "objectives": {"_objective", "distributed"},
     "drivers": {"_divergence", "_solvers", "_hessian_free", "_stochastic"},
-    "estimators": {"_validation", "_estimators"},
+    "estimators": {"_validation", "_estimators", "_autoencoder"},
     "face": {"_config", "_io", "cli", "_bench", "_gradcheck", "_onnx"},
     "package": {"__init__"},
 }

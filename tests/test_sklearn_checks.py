@@ -26,7 +26,7 @@ import pytest
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils.estimator_checks import estimator_checks_generator, parametrize_with_checks
 
-from fastbp import MLPClassifier, MLPRegressor
+from fastbp import MLPAutoencoder, MLPClassifier, MLPRegressor
 
 ESTIMATORS = [
     MLPClassifier(solver="lbfgs", max_iter=100, random_state=0),
@@ -36,6 +36,8 @@ ESTIMATORS = [
     # Features scikit-learn's MLP lacks, each checked as scikit-learn checks its own.
     MLPClassifier(solver="lbfgs", max_iter=100, random_state=0, class_weight="balanced"),
     MLPClassifier(max_iter=100, random_state=0, learning_rate="cosine"),
+    MLPAutoencoder(solver="lbfgs", max_iter=100, random_state=0),
+    MLPAutoencoder(max_iter=100, random_state=0),
 ]
 
 

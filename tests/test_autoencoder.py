@@ -1,0 +1,152 @@
+"""MLPAutoencoder: reconstruction with every solver, the code and its inverse, sparse
+input, model files, and clear errors."""
+import os
+import tempfile
+import warnings
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from scipy.special import expit
+from sklearn.datasets import load_digits
+from sklearn.metrics import r2_score
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+import fastbp
+from fastbp import MLPAutoencoder
+
+pytestmark = pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_digits().data / 16
+
+
+def _numpy_forward(ae, X, upto):
+    """A plain NumPy forward pass through the first ``upto`` weight layers."""
+    acts = {"relu": lambda z: np.maximum(z, 0), "tanh": np.tanh, "logistic": expit,
+            "identity": lambda z: z}
+    A = X
+    for coef, intercept in list(zip(ae.coefs_, ae.intercepts_))[:upto]:
+        A = acts[ae.activation](A @ coef + intercept)
+    return A
+
+
+@pytest.mark.parametrize("solver", ["adam", "sgd", "lbfgs", "tnc", "newton-cg",
+                                    "trust-krylov", "hessian-free"])
+def test_every_solver_learns_to_reconstruct(digits, solver):
+    X = digits[:400]
+    kw = dict(learning_rate_init=0.01) if solver in ("adam", "sgd") else {}
+    ae = MLPAutoencoder((16, 8, 16), solver=solver, max_iter=60, random_state=0, **kw)
+    ae.fit(X)
+    start = MLPAutoencoder((16, 8, 16), solver=solver, max_iter=1, random_state=0, **kw)
+    assert ae.score(X) > start.fit(X).score(X) + 0.05
+    assert ae.loss_curve_[-1] < ae.loss_curve_[0]
+
+
+@pytest.mark.parametrize("activation", ["relu", "tanh", "logistic", "identity"])
+@pytest.mark.parametrize("code_layer", [None, 0, 2])
+def test_code_and_its_inverse(digits, activation, code_layer):
+    X = digits[:200]
+    ae = MLPAutoencoder((24, 6, 24), activation=activation, code_layer=code_layer,
+                        solver="lbfgs", max_iter=30, random_state=0).fit(X)
+    code = 1 if code_layer is None else code_layer
+    Z = ae.transform(X)
+    assert Z.shape == (200, (24, 6, 24)[code])
+    np.testing.assert_allclose(Z, _numpy_forward(ae, X, code + 1), rtol=1e-10,
+                               atol=1e-12)
+    # Decoding the code gives the full network's reconstruction.
+    np.testing.assert_allclose(ae.inverse_transform(Z), ae._forward(X), rtol=1e-10,
+                               atol=1e-12)
+    assert list(ae.get_feature_names_out()) == [f"mlpautoencoder{i}"
+                                                for i in range(Z.shape[1])]
+
+
+def test_score_is_variance_weighted_r2(digits):
+    X = digits[:300]
+    ae = MLPAutoencoder(solver="lbfgs", max_iter=40, random_state=0).fit(X)
+    X_rec = ae.inverse_transform(ae.transform(X))
+    expected = r2_score(X, X_rec, multioutput="variance_weighted")
+    assert ae.score(X) == pytest.approx(expected, rel=1e-10)
+    # Near-constant pixels would swamp a plain average of per-pixel R^2.
+    assert expected != pytest.approx(r2_score(X, X_rec), rel=1e-3)
+
+
+def test_sparse_input_trains_the_same_model(digits):
+    X = digits[:200]
+    dense = MLPAutoencoder((16, 4, 16), solver="lbfgs", max_iter=20,
+                           random_state=0).fit(X)
+    sparse = MLPAutoencoder((16, 4, 16), solver="lbfgs", max_iter=20,
+                            random_state=0).fit(sp.csr_matrix(X))
+    # The first layer's sums run in another order for CSR rows: equal to rounding,
+    # amplified by 20 L-BFGS iterations.
+    np.testing.assert_allclose(sparse._theta, dense._theta, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(sparse.transform(sp.csr_matrix(X)), dense.transform(X),
+                               atol=1e-6)
+
+
+def test_float32_trains_in_float32(digits):
+    ae = MLPAutoencoder(max_iter=5, random_state=0).fit(digits.astype(np.float32))
+    assert ae._theta.dtype == np.float32
+    assert ae.transform(digits[:3].astype(np.float32)).dtype == np.float32
+
+
+def test_validation_set_and_early_stopping(digits):
+    X, X_val = digits[:1200], digits[1200:]
+    ae = MLPAutoencoder(max_iter=200, early_stopping=True, n_iter_no_change=3,
+                        learning_rate_init=0.01, random_state=0)
+    ae.fit(X, X_val=X_val)
+    assert len(ae.validation_scores_) == ae.n_iter_ < 200
+    assert ae.best_validation_score_ == max(ae.validation_scores_)
+    assert ae.score(X_val) == pytest.approx(ae.best_validation_score_, rel=1e-12)
+    assert ae.t_ == ae.n_iter_ * len(X)  # nothing was held out of X
+
+
+def test_partial_fit_and_pipeline(digits):
+    ae = MLPAutoencoder((16, 4, 16), random_state=0)
+    for k in range(3):
+        ae.partial_fit(digits[k * 300:(k + 1) * 300])
+    assert ae.n_iter_ == 1 and ae.t_ == 900
+    pipe = make_pipeline(StandardScaler(), MLPAutoencoder((16, 4, 16), max_iter=20,
+                                                          random_state=0))
+    assert pipe.fit_transform(digits).shape == (len(digits), 4)
+
+
+def test_model_file_round_trip(digits):
+    ae = MLPAutoencoder((16, 4, 16), code_layer=0, solver="lbfgs", max_iter=20,
+                        random_state=0).fit(digits)
+    path = os.path.join(tempfile.mkdtemp(), "ae.fbp")
+    fastbp.save(ae, path)
+    loaded = fastbp.load(path)
+    assert isinstance(loaded, MLPAutoencoder) and loaded.code_layer == 0
+    np.testing.assert_array_equal(loaded.transform(digits), ae.transform(digits))
+    np.testing.assert_array_equal(loaded.inverse_transform(ae.transform(digits)),
+                                  ae.inverse_transform(ae.transform(digits)))
+
+
+def test_bad_input(digits):
+    with pytest.raises(ValueError, match="code_layer=3, but there are 3 hidden layers"):
+        MLPAutoencoder(code_layer=3).fit(digits)
+    ae = MLPAutoencoder((16, 4, 16), max_iter=2, random_state=0).fit(digits)
+    with pytest.raises(ValueError, match="the code layer has 4 units"):
+        ae.inverse_transform(np.zeros((2, 5)))
+    with pytest.raises(ValueError, match="features"):
+        ae.transform(np.zeros((2, 3)))
+    with pytest.raises(ValueError, match="NaN"):
+        MLPAutoencoder().fit(np.full((10, 3), np.nan))
+    with pytest.raises(ValueError, match="code_layer"):
+        MLPAutoencoder(code_layer=-1).fit(digits)
+    # y is accepted and ignored, as for any transformer.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        a = MLPAutoencoder((8, 2, 8), max_iter=2, random_state=0).fit(digits, np.ones(len(digits)))
+        b = MLPAutoencoder((8, 2, 8), max_iter=2, random_state=0).fit(digits)
+    np.testing.assert_array_equal(a._theta, b._theta)
+
+
+def test_dask_input_is_refused(digits):
+    da = pytest.importorskip("dask.array")
+    with pytest.raises(ValueError, match="trains in one process"):
+        MLPAutoencoder(solver="lbfgs").fit(da.from_array(digits, chunks=(500, -1)))
