@@ -13,10 +13,12 @@ Add with the coefficients and intercepts as initializers, then the layer's activ
 
 A classifier gives two outputs, as skl2onnx's converters for scikit-learn's do: the
 labels (argmax over the classes; 0/1 indicators for multilabel targets) and the
-probabilities (``predict_proba``'s columns). Regressors give ``predict``'s values.
+probabilities (``predict_proba``'s columns). Regressors give ``predict``'s values, an
+autoencoder ``transform``'s code (the encoder half of the network).
 """
 import numpy as np
 
+from ._autoencoder import MLPAutoencoder
 from ._estimators import MLPClassifier, MLPRegressor
 
 __all__ = ["to_onnx"]
@@ -75,15 +77,17 @@ def _apply(scope, container, name, x, proto_dtype):
     return out
 
 
-def _forward(scope, container, model, x, proto_dtype, np_dtype, output=True):
-    """The network on tensor ``x``: every layer, with the output activation when
-    ``output``. Returns the last tensor's name."""
+def _forward(scope, container, model, x, proto_dtype, np_dtype, upto=None):
+    """The network on tensor ``x``: every layer with the output activation, or the first
+    ``upto`` layers (all with hidden activations: an autoencoder's code). Returns the
+    last tensor's name."""
     acts = _activation_list(model)
+    layers = list(zip(model.coefs_, model.intercepts_))[:upto]
     cast = scope.get_unique_variable_name("cast_input")
     container.add_node("Cast", [x], [cast], to=proto_dtype,
                        name=scope.get_unique_operator_name("Cast"))
     a = cast
-    for i, (coef, intercept) in enumerate(zip(model.coefs_, model.intercepts_)):
+    for i, (coef, intercept) in enumerate(layers):
         w, b, prod, z = (scope.get_unique_variable_name(n) for n in
                          ("coefficient", "intercept", "mul_result", "add_result"))
         container.add_initializer(w, proto_dtype, list(coef.shape),
@@ -93,10 +97,8 @@ def _forward(scope, container, model, x, proto_dtype, np_dtype, output=True):
         container.add_node("MatMul", [a, w], [prod],
                            name=scope.get_unique_operator_name("MatMul"))
         container.add_node("Add", [prod, b], [z], name=scope.get_unique_operator_name("Add"))
-        last = i == len(model.coefs_) - 1
-        if last:
-            a = _apply(scope, container, model.out_activation_, z, proto_dtype) \
-                if output else z
+        if i == len(model.coefs_) - 1:
+            a = _apply(scope, container, model.out_activation_, z, proto_dtype)
         else:
             a = _apply(scope, container, acts[i], z, proto_dtype)
     return a
@@ -117,6 +119,25 @@ def _convert_regressor(scope, operator, container):
     proto, np_dtype = _dtypes(operator)
     y = _forward(scope, container, model, operator.inputs[0].full_name, proto, np_dtype)
     container.add_node("Identity", [y], [operator.outputs[0].full_name],
+                       name=scope.get_unique_operator_name("Identity"))
+
+
+def _autoencoder_shape(operator):
+    from skl2onnx.common.data_types import DoubleTensorType, FloatTensorType
+
+    model = operator.raw_operator
+    kind = DoubleTensorType if isinstance(operator.inputs[0].type, DoubleTensorType) \
+        else FloatTensorType
+    operator.outputs[0].type = kind([operator.inputs[0].get_first_dimension(),
+                                     model._n_features_out])
+
+
+def _convert_autoencoder(scope, operator, container):
+    model = operator.raw_operator
+    proto, np_dtype = _dtypes(operator)
+    code = _forward(scope, container, model, operator.inputs[0].full_name, proto, np_dtype,
+                    upto=model._code_index() + 1)
+    container.add_node("Identity", [code], [operator.outputs[0].full_name],
                        name=scope.get_unique_operator_name("Identity"))
 
 
@@ -180,6 +201,8 @@ def _register():
     update_registered_converter(
         MLPRegressor, "FastbpMLPRegressor", calculate_linear_regressor_output_shapes,
         _convert_regressor)
+    update_registered_converter(
+        MLPAutoencoder, "FastbpMLPAutoencoder", _autoencoder_shape, _convert_autoencoder)
     _registered.append(True)
 
 
@@ -193,7 +216,7 @@ def to_onnx(model, X_sample, *, target_opset=TARGET_OPSET):
 
     Parameters
     ----------
-    model : MLPClassifier, MLPRegressor or Pipeline
+    model : MLPClassifier, MLPRegressor, MLPAutoencoder or Pipeline
         A fitted fastbp estimator, or a fitted scikit-learn Pipeline of convertible steps
         (a ``StandardScaler``, say) ending in one.
     X_sample : ndarray of shape (n_samples, n_features)
@@ -207,7 +230,8 @@ def to_onnx(model, X_sample, *, target_opset=TARGET_OPSET):
     onnx_model : onnx.ModelProto
         The graph. A classifier's outputs are ``label`` (class labels, or 0/1 indicators
         for multilabel targets) and ``probabilities`` (``predict_proba``'s columns, as an
-        array: no ZipMap); a regressor's is ``variable`` (``predict``'s values, 2-D).
+        array: no ZipMap); a regressor's is ``variable`` (``predict``'s values, 2-D); an
+        autoencoder's is ``transform``'s code.
 
     Raises
     ------
@@ -234,9 +258,10 @@ def to_onnx(model, X_sample, *, target_opset=TARGET_OPSET):
     True
     """
     last = model.steps[-1][1] if hasattr(model, "steps") else model
-    if not isinstance(last, (MLPClassifier, MLPRegressor)):
-        raise TypeError("to_onnx exports a fastbp MLPClassifier or MLPRegressor, or a "
-                        f"Pipeline ending in one; got {type(last).__name__}")
+    if not isinstance(last, (MLPClassifier, MLPRegressor, MLPAutoencoder)):
+        raise TypeError("to_onnx exports a fastbp MLPClassifier, MLPRegressor or "
+                        "MLPAutoencoder, or a Pipeline ending in one; got "
+                        f"{type(last).__name__}")
     if not hasattr(last, "_theta"):
         raise ValueError("the model is not fitted: call fit before to_onnx")
     X_sample = np.asarray(X_sample)

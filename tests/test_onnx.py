@@ -10,7 +10,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 import fastbp
-from fastbp import MLPClassifier, MLPRegressor, _core
+from fastbp import MLPAutoencoder, MLPClassifier, MLPRegressor, _core
 
 pytest.importorskip("skl2onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -66,6 +66,20 @@ def test_regressor_every_activation(diabetes, activation, loss):
     np.testing.assert_allclose(out.ravel(), reg.predict(X), rtol=TOL32, atol=TOL32)
 
 
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_autoencoder_code(digits, activation):
+    X, _ = digits
+    ae = MLPAutoencoder((24, 6, 24), activation=activation, max_iter=10,
+                        random_state=0).fit(X)
+    (code,) = _run(fastbp.to_onnx(ae, X[:2]), X)
+    np.testing.assert_allclose(code, ae.transform(X), rtol=TOL32, atol=TOL32)
+    pipe = make_pipeline(StandardScaler(), MLPAutoencoder(
+        (16, 4, 16), activation=activation, code_layer=0, max_iter=5,
+        random_state=0)).fit(X)
+    (code,) = _run(fastbp.to_onnx(pipe, X[:2]), X)
+    np.testing.assert_allclose(code, pipe.transform(X), rtol=TOL32, atol=TOL32)
+
+
 def test_float64_graph_is_exact_to_rounding(digits):
     X, y = digits
     X64 = X.astype(np.float64)
@@ -110,7 +124,7 @@ def test_multilabel(digits):
 
 @pytest.mark.parametrize("model, X_sample, error, match", [
     ("unfitted", "ok", ValueError, "not fitted"),
-    ("scaler", "ok", TypeError, "fastbp MLPClassifier or MLPRegressor"),
+    ("scaler", "ok", TypeError, "fastbp MLPClassifier, MLPRegressor or MLPAutoencoder"),
     ("fitted", "1d", ValueError, "2-D float32 or float64"),
     ("fitted", "int", ValueError, "2-D float32 or float64"),
     ("fitted", "narrow", ValueError, "features"),
