@@ -181,7 +181,8 @@ class Network:
         self._b_off = n_coef + np.cumsum([0] + sizes[1:], dtype=np.intp)[:-1]
         self.n_params = int(n_coef + sum(sizes[1:]))
         self._n_intercepts = self.n_params - n_coef
-        self._act = _core.ACTIVATIONS[activation]
+        # One activation code per hidden layer: the kernels' int array.
+        self._acts = np.full(self.n_layers - 1, _core.ACTIVATIONS[activation], dtype=np.intc)
         self._out = _core.OUTPUTS[output]
         self._pool = {}
         self._lock = threading.Lock()
@@ -194,6 +195,10 @@ class Network:
 
     def __setstate__(self, state):
         self.__dict__.update(state)
+        if "_acts" not in state:  # pickled before per-layer codes: one code, `_act`
+            self.__dict__.pop("_act", None)
+            self._acts = np.full(self.n_layers - 1, _core.ACTIVATIONS[self.activation],
+                                 dtype=np.intc)
         self._pool = {}
         self._lock = threading.Lock()
 
@@ -510,7 +515,7 @@ class Network:
             with self._blas_guard(b, limit_blas):
                 loss = _core.loss_grad(
                     theta, grad, d.X, d.data, d.indices, d.indptr, d.Y, d.sample_weight,
-                    self._sizes, self._w_off, self._b_off, self._act, self._out,
+                    self._sizes, self._w_off, self._b_off, self._acts, self._out,
                     b["work"], b["tgrad"], b["tdacc"], b["acc"], b["block"], scale,
                     float(alpha), b["threads"], acc is None)
                 if acc is not None:
@@ -527,7 +532,7 @@ class Network:
         try:
             with self._blas_guard(b, True):
                 _core.forward(theta, out, d.X, d.data, d.indices, d.indptr, self._sizes,
-                              self._w_off, self._b_off, self._act,
+                              self._w_off, self._b_off, self._acts,
                               _core.OUTPUTS["identity"] if raw else self._out, b["work"],
                               b["block"], b["threads"])
         finally:
@@ -552,7 +557,7 @@ class Network:
             with self._blas_guard(b, True):
                 _core.curvature_product(
                     theta, v, out, d.X, d.data, d.indices, d.indptr, d.Y, d.sample_weight,
-                    self._sizes, self._w_off, self._b_off, self._act, self._out,
+                    self._sizes, self._w_off, self._b_off, self._acts, self._out,
                     b["work"], b["tgrad"], b["tdacc"], b["acc"], d.acts, have, b["block"],
                     scale, float(alpha), exact, b["threads"], acc is None)
                 if acc is not None:
@@ -572,7 +577,7 @@ class Network:
             with self._blas_guard(b, True):
                 _core.fisher_diag(
                     theta, out, d.X, d.data, d.indices, d.indptr, d.Y, d.sample_weight,
-                    self._sizes, self._w_off, self._b_off, self._act, self._out,
+                    self._sizes, self._w_off, self._b_off, self._acts, self._out,
                     b["work"], b["tgrad"], b["tdacc"], b["acc"], b["block"], scale,
                     b["threads"], acc is None)
                 if acc is not None:

@@ -95,7 +95,7 @@ class StochasticOptimizer:
         rate = self.learning_rate_init if cosine else self.learning_rate  # the kernel decays
         total, n_batches = _core.run_epoch(
             theta, grads, data.X, data.data, data.indices, data.indptr, data.Y,
-            data.sample_weight, net._sizes, net._w_off, net._b_off, net._act, net._out,
+            data.sample_weight, net._sizes, net._w_off, net._b_off, net._acts, net._out,
             work, dacc, order, shuffle, seed, batch_size, float(alpha),
             _core.SOLVERS[self.solver], rate, self.momentum, self.nesterov,
             self.beta_1, self.beta_2, self.epsilon, self.state_1, self.state_2, self.step,

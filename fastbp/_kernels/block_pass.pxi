@@ -129,7 +129,7 @@ cdef double block_pass(const Spec* sp, const Input* inp, const Py_ssize_t* rows,
                  work + _act_offset(sp, l - 1), <int> s[l - 1], theta + sp.w_off[l - 1],
                  <int> s[l], <floating> 0.0, Z, <int> s[l])
         if l < L:
-            bias_activate(Z, theta + sp.b_off[l - 1], n, s[l], sp.act)
+            bias_activate(Z, theta + sp.b_off[l - 1], n, s[l], _act(sp, l))
 
     Z = work + _act_offset(sp, L)
     if Y == NULL:
@@ -162,7 +162,7 @@ cdef double block_pass(const Spec* sp, const Input* inp, const Py_ssize_t* rows,
         gemm(False, True, <int> n, <int> s[l - 1], <int> s[l], <floating> 1.0,
              D, <int> s[l], theta + sp.w_off[l - 1], <int> s[l], <floating> 0.0,
              Dnext, <int> s[l - 1])
-        activation_backward(Dnext, Aprev, n, s[l - 1], sp.act,
+        activation_backward(Dnext, Aprev, n, s[l - 1], _act(sp, l - 1),
                             dacc + (sp.b_off[l - 2] - sp.b_off[0]))
         D = Dnext
     return loss

@@ -2,8 +2,9 @@
 # output codes, the two structs every kernel takes, and small shared helpers.
 #
 #   Spec   the network: n_layers, sizes s_0..s_L, where W_l and b_l start in the flat
-#          vector (w_off, b_off), the activation and output codes, the rows per block
-#          (workspaces are sized for it) and the widest hidden layer.
+#          vector (w_off, b_off), one activation code per hidden layer (acts; _act(sp, l)
+#          reads hidden layer l's), the output code, the rows per block (workspaces are
+#          sized for it) and the widest hidden layer.
 #   Input  the rows: a dense matrix (C or F order, leading dimension ldx) or CSR arrays.
 #
 # ACTIVATIONS and OUTPUTS map names to the codes for fastbp/_network.py. The math helpers
@@ -54,6 +55,7 @@ cdef enum:
     ACT_LOGISTIC = 1
     ACT_TANH = 2
     ACT_RELU = 3
+    ACT_END = 4        # one past the last code
 
 # Output layers, each with its canonical loss.
 cdef enum:
@@ -74,7 +76,8 @@ cdef struct Spec:
     const Py_ssize_t* sizes
     const Py_ssize_t* w_off
     const Py_ssize_t* b_off
-    int act
+    const int* acts         # n_layers - 1 codes, hidden layer l's at acts[l - 1]; NULL
+                            # when there is no hidden layer (or for sums only: identity)
     int out
     Py_ssize_t block        # rows per block: the workspace is sized for it
     Py_ssize_t max_hidden   # widest hidden layer (1 when there is none)
@@ -89,6 +92,11 @@ cdef struct Input:
     const void* data
     const int* indices
     const Py_ssize_t* indptr
+
+
+cdef inline int _act(const Spec* sp, int l) noexcept nogil:
+    """The activation code of hidden layer l (1 <= l < n_layers)."""
+    return sp.acts[l - 1] if sp.acts != NULL else ACT_IDENTITY
 
 
 # ---------------------------------------------------------------------------------------
@@ -136,29 +144,43 @@ cdef double _sum_squares(const floating* x, Py_ssize_t n) noexcept nogil:
 # ---------------------------------------------------------------------------------------
 # For the def entry points: typed memoryviews in, a Spec and an Input out.
 
-cdef void _fill_spec(Spec* sp, const Py_ssize_t[::1] sizes, const Py_ssize_t[::1] w_off,
-                     const Py_ssize_t[::1] b_off, int act, int out, Py_ssize_t block):
+cdef int _fill_spec(Spec* sp, const Py_ssize_t[::1] sizes, const Py_ssize_t[::1] w_off,
+                    const Py_ssize_t[::1] b_off, const int[::1] acts, int out,
+                    Py_ssize_t block) except -1:
+    """acts: one activation code per hidden layer (None: identity everywhere, for the
+    passes that only finish sums). Never takes the address of an empty view's first
+    element: a network without hidden layers gets acts = NULL."""
     cdef Py_ssize_t l
     sp.n_layers = <int> (sizes.shape[0] - 1)
     sp.sizes = &sizes[0]
     sp.w_off = &w_off[0]
     sp.b_off = &b_off[0]
-    sp.act = act
+    sp.acts = NULL
+    if acts is not None:
+        if acts.shape[0] != sp.n_layers - 1:
+            raise ValueError(f"acts needs one activation code per hidden layer "
+                             f"({sp.n_layers - 1}), got {acts.shape[0]}")
+        for l in range(acts.shape[0]):
+            if acts[l] < 0 or acts[l] >= ACT_END:
+                raise ValueError(f"activation code {acts[l]} is not one of the kernels'")
+        if acts.shape[0] > 0:
+            sp.acts = &acts[0]
     sp.out = out
     sp.block = block
     sp.max_hidden = 1
     for l in range(1, sp.n_layers):
         if sizes[l] > sp.max_hidden:
             sp.max_hidden = sizes[l]
+    return 0
 
 
 cdef int _fill(Spec* sp, Input* inp, const Py_ssize_t[::1] sizes,
-               const Py_ssize_t[::1] w_off, const Py_ssize_t[::1] b_off, int act, int out,
-               Py_ssize_t block, const floating[:, :] X, const floating[::1] data,
-               const int[::1] indices, const Py_ssize_t[::1] indptr,
+               const Py_ssize_t[::1] w_off, const Py_ssize_t[::1] b_off,
+               const int[::1] acts, int out, Py_ssize_t block, const floating[:, :] X,
+               const floating[::1] data, const int[::1] indices, const Py_ssize_t[::1] indptr,
                const floating[::1] theta) except -1:
     cdef Py_ssize_t itemsize = sizeof(floating)
-    _fill_spec(sp, sizes, w_off, b_off, act, out, block)
+    _fill_spec(sp, sizes, w_off, b_off, acts, out, block)
     inp.X = NULL
     inp.data = NULL
     inp.indices = NULL

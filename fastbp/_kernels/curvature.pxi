@@ -202,7 +202,7 @@ cdef void block_rop(const Spec* sp, const Input* inp, Py_ssize_t start, Py_ssize
                      acts + _act_offset(sp, l - 1), <int> s[l - 1], theta + sp.w_off[l - 1],
                      <int> s[l], <floating> 0.0, Z, <int> s[l])
             if l < L:
-                bias_activate(Z, theta + sp.b_off[l - 1], n, s[l], sp.act)
+                bias_activate(Z, theta + sp.b_off[l - 1], n, s[l], _act(sp, l))
             else:
                 output_activate(Z, theta + sp.b_off[L - 1], n, s[L], sp.out)
 
@@ -221,7 +221,7 @@ cdef void block_rop(const Spec* sp, const Input* inp, Py_ssize_t start, Py_ssize
         _add_bias(RZ, v + sp.b_off[l - 1], n, s[l])
         if l < L:
             memcpy(work + _rop_rz(sp, l), RZ, n * s[l] * sizeof(floating))
-            _act_deriv_mul(RZ, acts + _act_offset(sp, l), n, s[l], sp.act)
+            _act_deriv_mul(RZ, acts + _act_offset(sp, l), n, s[l], _act(sp, l))
 
     # Output curvature: RD_L (in RA_L's place) and, for the Hessian, D_L.
     RD = work + _rop_ra(sp, L)
@@ -262,10 +262,12 @@ cdef void block_rop(const Spec* sp, const Input* inp, Py_ssize_t start, Py_ssize
                  <int> s[l], theta + sp.w_off[l - 1], <int> s[l], <floating> 0.0, Dn,
                  <int> s[l - 1])
             activation_rbackward(RDn, Dn, acts + _act_offset(sp, l - 1),
-                                 work + _rop_rz(sp, l - 1), n, s[l - 1], sp.act, db)
+                                 work + _rop_rz(sp, l - 1), n, s[l - 1], _act(sp, l - 1),
+                                 db)
             D = Dn
         else:
-            activation_backward(RDn, acts + _act_offset(sp, l - 1), n, s[l - 1], sp.act, db)
+            activation_backward(RDn, acts + _act_offset(sp, l - 1), n, s[l - 1],
+                                _act(sp, l - 1), db)
         RD = RDn
 
 
@@ -274,17 +276,19 @@ def curvature_product(const floating[::1] theta, const floating[::1] v,
                       const floating[::1] data, const int[::1] indices,
                       const Py_ssize_t[::1] indptr, const floating[:, ::1] Y,
                       const double[::1] sample_weight, const Py_ssize_t[::1] sizes,
-                      const Py_ssize_t[::1] w_off, const Py_ssize_t[::1] b_off, int act,
-                      int out, floating[:, ::1] work, floating[:, ::1] tgrad,
-                      double[:, ::1] tdacc, int64_t[:, ::1] acc, floating[::1] acts,
+                      const Py_ssize_t[::1] w_off, const Py_ssize_t[::1] b_off,
+                      const int[::1] acts, int out, floating[:, ::1] work,
+                      floating[:, ::1] tgrad, double[:, ::1] tdacc, int64_t[:, ::1] acc,
+                      floating[::1] cache,
                       bint have_forward, Py_ssize_t block, double scale, double alpha,
                       bint exact, int n_threads, bint finish=True):
     """Gauss-Newton (or exact Hessian) times v over all rows, into out_arr (n_params,).
 
     Blocks, threads, buffers and exact sums as in ``loss_grad`` (bitwise the same for any
     n_threads; ``finish`` False leaves the sums in acc[0], see ``finish_product``). work
-    is (n_threads, rop_workspace_size(sizes, block)); acts (acts_size(...)) caches the
-    forward activations: pass ``have_forward`` when it holds them for this theta.
+    is (n_threads, rop_workspace_size(sizes, block)); cache (acts_size(...)) holds the
+    forward activations: pass ``have_forward`` when it holds them for this theta. acts:
+    one activation code per hidden layer.
     """
     cdef Spec sp
     cdef Input inp
@@ -301,19 +305,19 @@ def curvature_product(const floating[::1] theta, const floating[::1] v,
     cdef floating* tg = &tgrad[0, 0]
     cdef double* td = &tdacc[0, 0]
     cdef int64_t* acc_p = &acc[0, 0]
-    cdef floating* acts_p = &acts[0]
+    cdef floating* cache_p = &cache[0]
     cdef Py_ssize_t per_block = 0
     cdef int tid
     cdef Py_ssize_t b, start
     cdef bint ok
     for i in range(1, sizes.shape[0]):
         per_block += block * sizes[i]
-    if acts.shape[0] < n_blocks * per_block:
+    if cache.shape[0] < n_blocks * per_block:
         raise ValueError("the activation cache is too small")
     if v.shape[0] != n_params or out_arr.shape[0] != n_params:
         raise ValueError("direction or output does not match theta")
     _check_exact_buffers(n_params, n_params - n_coef, n_threads, work, tgrad, tdacc, acc)
-    _fill(&sp, &inp, sizes, w_off, b_off, act, out, block, X, data, indices, indptr, theta)
+    _fill(&sp, &inp, sizes, w_off, b_off, acts, out, block, X, data, indices, indptr, theta)
     if sample_weight is not None:
         sw = &sample_weight[0]
     if n > 0:
@@ -326,7 +330,7 @@ def curvature_product(const floating[::1] theta, const floating[::1] v,
             memset(td + tid * n_int, 0, n_int * sizeof(double))
             block_rop(&sp, &inp, start, min(block, n - start), Y_p, sw, scale, theta_p,
                       v_p, tg + tid * n_params, td + tid * n_int, work_p + tid * ws,
-                      acts_p + b * per_block, have_forward, False, exact)
+                      cache_p + b * per_block, have_forward, False, exact)
             ok = _fx_block(acc_p + tid * asz, tg + tid * n_params, n_coef, 0)
             ok = _fx_block64(acc_p + tid * asz, td + tid * n_int, n_int, n_coef) and ok
             if not ok:
