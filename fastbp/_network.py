@@ -181,8 +181,10 @@ class Network:
         self._b_off = n_coef + np.cumsum([0] + sizes[1:], dtype=np.intp)[:-1]
         self.n_params = int(n_coef + sum(sizes[1:]))
         self._n_intercepts = self.n_params - n_coef
-        # One activation code per hidden layer: the kernels' int array.
-        self._acts = np.full(self.n_layers - 1, _core.ACTIVATIONS[activation], dtype=np.intc)
+        # One activation per hidden layer: the names, and the kernels' int array of codes.
+        self._layer_activations = (activation,) * (self.n_layers - 1)
+        self._acts = np.array([_core.ACTIVATIONS[a] for a in self._layer_activations],
+                              dtype=np.intc)
         self._out = _core.OUTPUTS[output]
         self._pool = {}
         self._lock = threading.Lock()
@@ -197,8 +199,9 @@ class Network:
         self.__dict__.update(state)
         if "_acts" not in state:  # pickled before per-layer codes: one code, `_act`
             self.__dict__.pop("_act", None)
-            self._acts = np.full(self.n_layers - 1, _core.ACTIVATIONS[self.activation],
-                                 dtype=np.intc)
+            self._layer_activations = (self.activation,) * (self.n_layers - 1)
+            self._acts = np.array([_core.ACTIVATIONS[a] for a in self._layer_activations],
+                                  dtype=np.intc)
         self._pool = {}
         self._lock = threading.Lock()
 
@@ -396,8 +399,10 @@ class Network:
 
         Propagates a bound on every |z| and |a| through the layers: with |a_{l-1}| <= A
         elementwise, |z_l[j]| <= A * sum_i |W_l[i, j]| + |b_l[j]|, widened for the
-        rounding of a sum of fan_in + 1 terms; tanh and logistic bound |a_l| by 1, relu
-        and identity by the bound of z. The loss (computed in float64 from z, see the
+        rounding of a sum of fan_in + 1 terms. Each hidden layer's activation then bounds
+        |a_l| by: 1 (tanh, logistic); the bound of z (relu, identity, leaky_relu, silu:
+        |f(z)| <= |z|, also after rounding; gelu: the same, widened by 4 ulps for the
+        rounding of Phi); max(z, 1) (elu); z + log 2, widened by 4 ulps (softplus). The loss (computed in float64 from z, see the
         kernels) is finite when every z and the output differences stay far below the
         dtype's overflow threshold, and, for the exp output, when exp(z) cannot overflow.
         ``data`` carries max |x| and max |y| from ``prepare``.
@@ -423,10 +428,16 @@ class Network:
             z *= 1 + 2 * (W.shape[0] + 1) * float(info.eps)
             if not z <= limit:
                 return False
-            last = l == n_layers - 1
-            if not last and self.activation in ("tanh", "logistic"):
+            name = self._layer_activations[l] if l < n_layers - 1 else "identity"
+            if name in ("tanh", "logistic"):
                 bound = 1.0
-            else:
+            elif name == "softplus":
+                bound = (z + math.log(2.0)) * (1 + 4 * float(info.eps))
+            elif name == "elu":
+                bound = max(z, 1.0)
+            elif name == "gelu":
+                bound = z * (1 + 4 * float(info.eps))
+            else:  # relu, identity, leaky_relu, silu: |f(z)| <= |z|, rounded too
                 bound = z
         # A bound on one row's loss (see the kernels' output_loss_backward), then on the
         # weighted sum over the rows, which must stay inside the exact accumulators'
@@ -467,9 +478,10 @@ class Network:
             free = self._pool.get(key)
             if free:
                 return key, free.pop()
-        ws = {"grad": lambda: _core.workspace_size(self._sizes, block, False),
+        ws = {"grad": lambda: _core.workspace_size(self._sizes, self._acts, block, False),
               "curvature": lambda: _core.rop_workspace_size(self._sizes, block),
-              "fisher": lambda: _core.fisher_workspace_size(self._sizes, block)}[kind]()
+              "fisher": lambda: _core.fisher_workspace_size(self._sizes, self._acts,
+                                                            block)}[kind]()
         bufs = {"work": np.empty((threads, ws), dtype=self.dtype), "block": block,
                 "threads": threads, "n_blocks": n_blocks}
         if exact:
@@ -548,7 +560,7 @@ class Network:
         """
         scale = self._scale(d, scale)
         key, b = self._acquire(d.n_samples, True, kind="curvature", block=d.block)
-        size = _core.acts_size(self._sizes, d.n_samples, b["block"])
+        size = _core.acts_size(self._sizes, self._acts, d.n_samples, b["block"])
         if d.acts is None or d.acts.shape[0] != max(size, 1) or d.acts.dtype != self.dtype:
             d.acts = np.empty(max(size, 1), dtype=self.dtype)
             d.acts_theta = None

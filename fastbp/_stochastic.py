@@ -72,9 +72,9 @@ class StochasticOptimizer:
         """Per-chunk gradient and intercept-sum rows and per-thread workspaces (at most
         one thread per chunk), reused across epochs."""
         per_chunk = -(-batch_size // n_chunks)
-        key = (n_chunks, per_chunk, net.layer_sizes, sparse)
+        key = (n_chunks, per_chunk, net.layer_sizes, tuple(net._acts), sparse)
         if getattr(self, "_buf_key", None) != key:
-            ws = _core.workspace_size(net._sizes, per_chunk, not sparse)
+            ws = _core.workspace_size(net._sizes, net._acts, per_chunk, not sparse)
             self._grads = np.empty((n_chunks, net.n_params), dtype=net.dtype)
             self._work = np.empty((n_chunks, ws), dtype=net.dtype)
             self._dacc = np.empty((n_chunks, net._n_intercepts), dtype=np.float64)

@@ -8,14 +8,16 @@
 #   Input  the rows: a dense matrix (C or F order, leading dimension ldx) or CSR arrays.
 #
 # ACTIVATIONS and OUTPUTS map names to the codes for fastbp/_network.py. The math helpers
-# (_exp, _tanh, _sqrt in their argument's precision; _sum_squares, a float64 sum of
-# squares in one fixed order) are noexcept nogil. _fill_spec and _fill hold the GIL: they
+# (_exp, _expm1, _log1p, _erfc, _tanh, _sqrt in their argument's precision: expf, erfcf
+# ... for float, exp, erfc ... for double; _sum_squares, a float64 sum of squares in one
+# fixed order) are noexcept nogil. _fill_spec and _fill hold the GIL: they
 # turn a def entry point's typed memoryviews into a Spec and an Input, and raise on a
 # layout the kernels cannot read. The C here is shared: the OpenMP stand-ins serve
 # epoch.pxi and tools.pxi, FASTBP_INLINE the C of exact_sums.pxi and epoch.pxi.
 
 from cython cimport floating
 from libc.math cimport exp, expf, log, log1p, logf, sqrt, sqrtf, tanh, tanhf, fabs
+from libc.math cimport expm1, expm1f, log1pf, erfc, erfcf
 from libc.math cimport isfinite, NAN, cos, M_PI
 from libc.stdint cimport int64_t, uint64_t
 from libc.string cimport memset, memcpy
@@ -50,12 +52,19 @@ cdef extern from *:
 
 
 # Hidden activations. Codes are part of the kernel ABI; the Python layer maps names.
+# GELU and SiLU are the two whose derivatives cannot be written from f(z): their layers
+# keep Z as well (see _keeps_z and the workspace layout in block_pass.pxi).
 cdef enum:
     ACT_IDENTITY = 0
     ACT_LOGISTIC = 1
     ACT_TANH = 2
     ACT_RELU = 3
-    ACT_END = 4        # one past the last code
+    ACT_LEAKY_RELU = 4   # z, or 0.01 z for z < 0
+    ACT_ELU = 5          # z, or e^z - 1 for z <= 0 (alpha 1)
+    ACT_GELU = 6         # z Phi(z), exact (with erfc)
+    ACT_SILU = 7         # z sigmoid(z)
+    ACT_SOFTPLUS = 8     # log(1 + e^z) = max(z, 0) + log1p(e^-|z|)
+    ACT_END = 9          # one past the last code
 
 # Output layers, each with its canonical loss.
 cdef enum:
@@ -65,7 +74,8 @@ cdef enum:
     OUT_EXP = 3        # half Poisson deviance
 
 ACTIVATIONS = {"identity": ACT_IDENTITY, "logistic": ACT_LOGISTIC, "tanh": ACT_TANH,
-               "relu": ACT_RELU}
+               "relu": ACT_RELU, "leaky_relu": ACT_LEAKY_RELU, "elu": ACT_ELU,
+               "gelu": ACT_GELU, "silu": ACT_SILU, "softplus": ACT_SOFTPLUS}
 OUTPUTS = {"identity": OUT_IDENTITY, "logistic": OUT_LOGISTIC, "softmax": OUT_SOFTMAX,
            "exp": OUT_EXP}
 
@@ -99,6 +109,16 @@ cdef inline int _act(const Spec* sp, int l) noexcept nogil:
     return sp.acts[l - 1] if sp.acts != NULL else ACT_IDENTITY
 
 
+cdef inline bint _z_code(int act) noexcept nogil:
+    """Whether an activation's layers keep Z: f' and f'' need z, not f(z)."""
+    return act == ACT_GELU or act == ACT_SILU
+
+
+cdef inline bint _keeps_z(const Spec* sp, int l) noexcept nogil:
+    """Whether layer l (1 <= l <= n_layers) is a hidden layer that keeps Z_l."""
+    return 1 <= l < sp.n_layers and _z_code(_act(sp, l))
+
+
 # ---------------------------------------------------------------------------------------
 # Scalar helpers: single-precision math for float, double for double.
 
@@ -107,6 +127,27 @@ cdef inline floating _exp(floating x) noexcept nogil:
         return expf(x)
     else:
         return exp(x)
+
+
+cdef inline floating _expm1(floating x) noexcept nogil:
+    if floating is float:
+        return expm1f(x)
+    else:
+        return expm1(x)
+
+
+cdef inline floating _log1p(floating x) noexcept nogil:
+    if floating is float:
+        return log1pf(x)
+    else:
+        return log1p(x)
+
+
+cdef inline floating _erfc(floating x) noexcept nogil:
+    if floating is float:
+        return erfcf(x)
+    else:
+        return erfc(x)
 
 
 cdef inline floating _tanh(floating x) noexcept nogil:

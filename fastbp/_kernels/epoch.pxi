@@ -250,6 +250,8 @@ def run_epoch(floating[::1] theta, floating[:, ::1] grads, const floating[:, :] 
         raise ValueError("grads and state_1 must match theta's length")
     if solver == SOLVER_ADAM_ and state_2.shape[0] != n_params:
         raise ValueError("state_2 must match theta's length for Adam")
+    if ws < workspace_size(sizes, acts, per_chunk, X is not None):
+        raise ValueError("the workspace is too small for ceil(batch_size / n_chunks) rows")
     _fill(&sp, &inp, sizes, w_off, b_off, acts, out, per_chunk, X, data, indices, indptr,
           theta)
     if sample_weight is not None:

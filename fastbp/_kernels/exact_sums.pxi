@@ -226,6 +226,8 @@ def loss_grad(const floating[::1] theta, floating[::1] grad, const floating[:, :
     cdef bint ok
     cdef int tid
     _check_exact_buffers(n_params, n_params - n_coef, n_threads, work, tgrad, tdacc, acc)
+    if ws < workspace_size(sizes, acts, block, False):
+        raise ValueError("the workspace is too small")
     _fill(&sp, &inp, sizes, w_off, b_off, acts, out, block, X, data, indices, indptr, theta)
     if grad is not None:
         g = &grad[0]
@@ -333,6 +335,8 @@ def forward(const floating[::1] theta, floating[:, ::1] out_arr, const floating[
     cdef int tid
     if work.shape[0] < n_threads:
         raise ValueError("work needs one row per thread")
+    if ws < workspace_size(sizes, acts, block, False):
+        raise ValueError("the workspace is too small")
     _fill(&sp, &inp, sizes, w_off, b_off, acts, out, block, X, data, indices, indptr, theta)
     if n == 0:
         return
