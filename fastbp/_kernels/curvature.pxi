@@ -101,51 +101,80 @@ cdef void _act_deriv_mul(floating* R, const floating* A, const floating* Zpre,
             R[i] = R[i] * _silu_d1(Zpre[i])
 
 
+cdef inline void _rstep(floating* rd, floating* d, const floating* rz, Py_ssize_t j,
+                        floating d1, floating d2) noexcept nogil:
+    """One element of activation_rbackward: rd <- rd f' + d f'' rz, d <- d f'."""
+    rd[j] = rd[j] * d1 + d[j] * d2 * rz[j]
+    d[j] = d[j] * d1
+
+
 cdef void activation_rbackward(floating* RD, floating* D, const floating* A,
                                const floating* Zpre, const floating* RZ, Py_ssize_t n,
                                Py_ssize_t m, int act, double* db) noexcept nogil:
     """RD <- RD .* f' + D .* f'' .* RZ and D <- D .* f'; db += colsum(RD). f' and f''
     are written in terms of A = f(Z), or of Zpre for gelu and silu (NULL otherwise):
-    leaky_relu f' = 1 or 0.01 by the sign of A, f'' = 0; elu f' = 1 or A + 1, f'' = 0 or
-    A + 1; softplus f' = sigmoid(z) = -expm1(-A), f'' = f'(1 - f'); gelu and silu as in
-    layers.pxi's helpers.
+    tanh f' = 1 - A^2, f'' = -2 A f'; logistic f' = A (1 - A), f'' = f' (1 - 2 A); relu
+    f' = [A > 0], f'' = 0; leaky_relu f' = 1 or 0.01 by the sign of A, f'' = 0; elu f' =
+    1 or A + 1, f'' = 0 or A + 1; softplus f' = sigmoid(z) = -expm1(-A), f'' = f'(1 - f');
+    gelu and silu from layers.pxi's helpers.
 
-    On entry RD = RD_l W_l^T + D_l V_l^T and D = D_l W_l^T (both (n, m))."""
+    On entry RD = RD_l W_l^T + D_l V_l^T and D = D_l W_l^T (both (n, m)). One loop per
+    activation, the choice made once per row, so that each loop can vectorize."""
     cdef Py_ssize_t i, j
     cdef floating a, d1, d2
+    cdef floating* rd
+    cdef floating* d
+    cdef const floating* ar
+    cdef const floating* zp
+    cdef const floating* rz
     for i in range(n):
-        for j in range(m):
-            a = A[i * m + j]
-            if act == ACT_TANH:
+        rd = RD + i * m
+        d = D + i * m
+        ar = A + i * m
+        rz = RZ + i * m
+        zp = Zpre + i * m if Zpre != NULL else NULL
+        if act == ACT_TANH:
+            for j in range(m):
+                a = ar[j]
                 d1 = 1 - a * a
                 d2 = -2 * a * d1
-            elif act == ACT_LOGISTIC:
+                _rstep(rd, d, rz, j, d1, d2)
+        elif act == ACT_LOGISTIC:
+            for j in range(m):
+                a = ar[j]
                 d1 = a * (1 - a)
                 d2 = d1 * (1 - 2 * a)
-            elif act == ACT_RELU:
-                d1 = 1 if a > 0 else 0
-                d2 = 0
-            elif act == ACT_LEAKY_RELU:
-                d1 = 1 if a > 0 else <floating> 0.01
-                d2 = 0
-            elif act == ACT_ELU:
+                _rstep(rd, d, rz, j, d1, d2)
+        elif act == ACT_RELU:
+            for j in range(m):
+                d1 = 1 if ar[j] > 0 else 0
+                _rstep(rd, d, rz, j, d1, 0)
+        elif act == ACT_LEAKY_RELU:
+            for j in range(m):
+                d1 = 1 if ar[j] > 0 else <floating> 0.01
+                _rstep(rd, d, rz, j, d1, 0)
+        elif act == ACT_ELU:
+            for j in range(m):
+                a = ar[j]
                 d1 = 1 if a > 0 else a + 1
                 d2 = 0 if a > 0 else a + 1
-            elif act == ACT_SOFTPLUS:
-                d1 = -_expm1(-a)
+                _rstep(rd, d, rz, j, d1, d2)
+        elif act == ACT_SOFTPLUS:
+            for j in range(m):
+                d1 = -_expm1(-ar[j])
                 d2 = d1 * (1 - d1)
-            elif act == ACT_GELU:
-                d1 = _gelu_d1(Zpre[i * m + j])
-                d2 = _gelu_d2(Zpre[i * m + j])
-            elif act == ACT_SILU:
-                d1 = _silu_d1(Zpre[i * m + j])
-                d2 = _silu_d2(Zpre[i * m + j])
-            else:
-                d1 = 1
-                d2 = 0
-            RD[i * m + j] = RD[i * m + j] * d1 + D[i * m + j] * d2 * RZ[i * m + j]
-            D[i * m + j] = D[i * m + j] * d1
-            db[j] += RD[i * m + j]
+                _rstep(rd, d, rz, j, d1, d2)
+        elif act == ACT_GELU:
+            for j in range(m):
+                _rstep(rd, d, rz, j, _gelu_d1(zp[j]), _gelu_d2(zp[j]))
+        elif act == ACT_SILU:
+            for j in range(m):
+                _rstep(rd, d, rz, j, _silu_d1(zp[j]), _silu_d2(zp[j]))
+        else:
+            for j in range(m):
+                _rstep(rd, d, rz, j, 1, 0)
+        for j in range(m):
+            db[j] += rd[j]
 
 
 cdef void output_curvature(floating* R, const floating* P, floating* D, const floating* Y,
