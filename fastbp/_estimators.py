@@ -20,7 +20,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 from ._divergence import DivergenceError, diverged
 from ._hessian_free import HessianFreeState, fit_hessian_free
-from ._network import Network
+from ._network import ACTIVATION_NAMES, Network, check_activation
 from ._objective import LocalObjective
 from ._solvers import fit_full_batch
 from ._stochastic import StochasticOptimizer, TrainingRecord, fit_stochastic
@@ -85,7 +85,7 @@ class _BaseMLP(_CallbackSupport, BaseEstimator):
 
     _parameter_constraints: dict = {
         "hidden_layer_sizes": ["array-like", Interval(Integral, 1, None, closed="left")],
-        "activation": [StrOptions({"identity", "logistic", "tanh", "relu"})],
+        "activation": [StrOptions(set(ACTIVATION_NAMES)), list, tuple],
         "solver": [StrOptions({"lbfgs", "sgd", "adam", "tnc", "newton-cg",
                                "trust-krylov", "hessian-free"})],
         "alpha": [Interval(Real, 0, None, closed="left")],
@@ -195,6 +195,7 @@ class _BaseMLP(_CallbackSupport, BaseEstimator):
     def _fit(self, X, y, sample_weight=None, incremental=False, client=None, val=None):
         raw = (X, y, sample_weight)  # as given, for callbacks
         hidden = hidden_sizes(self.hidden_layer_sizes)
+        _, per_layer = check_activation(self.activation, len(hidden))
         first_pass = not hasattr(self, "coefs_") or (not self.warm_start and not incremental)
         X, Y, sample_weight, data = validate_fit(self, X, y, sample_weight, client,
                                                  incremental, first_pass)
@@ -205,7 +206,7 @@ class _BaseMLP(_CallbackSupport, BaseEstimator):
         if not first_pass:
             expected = [n_features] + hidden + [n_outputs]
             if (list(self._net.layer_sizes) != expected
-                    or self.activation != self._net.activation):
+                    or per_layer != self._net._layer_activations):
                 raise ValueError(
                     "warm_start/partial_fit needs the same network as the previous fit: "
                     f"layers {list(self._net.layer_sizes)} with activation "
@@ -456,8 +457,14 @@ class _BaseMLP(_CallbackSupport, BaseEstimator):
 _COMMON_PARAMS_DOC = """
     hidden_layer_sizes : array-like of shape (n_layers - 2,), default=(100,)
         The ith element is the number of neurons in the ith hidden layer.
-    activation : {'identity', 'logistic', 'tanh', 'relu'}, default='relu'
-        Activation function for the hidden layers.
+    activation : str or list of str, default='relu'
+        Activation function for the hidden layers: scikit-learn's 'identity',
+        'logistic', 'tanh' and 'relu', and (not in scikit-learn) 'leaky_relu' (``x``, or
+        ``0.01 x`` below 0), 'elu' (``x``, or ``e^x - 1`` below 0), 'gelu' (``x Phi(x)``,
+        exact, with erf), 'silu' (``x sigmoid(x)``) and 'softplus' (``log(1 + e^x)``,
+        computed without overflow). A list or tuple (not in scikit-learn) gives one name
+        per hidden layer, e.g. ``hidden_layer_sizes=(64, 32),
+        activation=['gelu', 'tanh']``; a string applies to every hidden layer.
     solver : {'lbfgs', 'sgd', 'adam', 'tnc', 'newton-cg', 'trust-krylov', \
 'hessian-free'}, default='adam'
         Weight optimizer: minibatch SGD or Adam, or a full-batch solver on the flat
@@ -589,9 +596,11 @@ _NOTES_DOC = """
       :class:`fastbp.Network`).
     - A whole 'sgd'/'adam' epoch runs in one compiled call without the GIL.
     - Not in scikit-learn's MLP: ``class_weight`` (classifier), ``learning_rate='cosine'``,
-      your own validation set (``fit(..., X_val=, y_val=, sample_weight_val=)``), and
-      scikit-learn's callbacks (``set_callbacks``, scikit-learn >= 1.9) with one subtask
-      per epoch or full-batch iteration.
+      the activations 'leaky_relu', 'elu', 'gelu', 'silu' and 'softplus', one activation
+      per hidden layer (``activation`` as a list), your own validation set
+      (``fit(..., X_val=, y_val=, sample_weight_val=)``), and scikit-learn's callbacks
+      (``set_callbacks``, scikit-learn >= 1.9) with one subtask per epoch or full-batch
+      iteration.
 """
 
 

@@ -10,7 +10,8 @@ reading uses ``allow_pickle=False``, so nothing in a file can execute code):
     UTF-8 JSON as a uint8 array: ``{"format": "fastbp-model", "version": 1,
     "estimator": "MLPClassifier" | "MLPRegressor" | "MLPAutoencoder", "params": {...constructor parameters},
     "attributes": {...scalar fitted attributes}, "dtype": "float32" | "float64",
-    "layer_sizes": [...], "scaler": true | false, "feature_names": [...] or null,
+    "layer_sizes": [...], "activation": "name" | ["name per hidden layer", ...],
+    "scaler": true | false, "feature_names": [...] or null,
     "label_binarizer": {...} (classifier only)}``.
 ``theta``
     The flat parameter vector (scikit-learn's packing order), in the model's dtype.
@@ -36,7 +37,7 @@ from sklearn.preprocessing import LabelBinarizer, StandardScaler
 
 from ._autoencoder import MLPAutoencoder
 from ._estimators import MLPClassifier, MLPRegressor
-from ._network import Network
+from ._network import Network, check_activation
 from ._validation import hidden_sizes
 
 __all__ = ["save", "load", "FORMAT_VERSION"]
@@ -304,6 +305,8 @@ def _build(meta, arrays):
     params = dict(meta["params"])
     if isinstance(params.get("hidden_layer_sizes"), list):
         params["hidden_layer_sizes"] = tuple(params["hidden_layer_sizes"])
+    if isinstance(params.get("activation"), list):  # one name per hidden layer
+        params["activation"] = tuple(params["activation"])
     if "class_weight" in params:
         params["class_weight"] = _class_weight_from_json(params["class_weight"])
     valid = cls().get_params()
@@ -338,6 +341,11 @@ def _build(meta, arrays):
                          f"a {meta['estimator']}")
     net = Network(sizes, activation=est.activation, output=attrs["out_activation_"],
                   dtype=dtype, n_jobs=est.n_jobs)
+    stored = meta.get("activation", net.activation)
+    if check_activation(tuple(stored) if isinstance(stored, list) else stored,
+                        len(sizes) - 2)[1] != net._layer_activations:
+        raise ValueError(f"the network's activation {stored!r} does not match the "
+                         f"parameters' {est.activation!r}")
     theta = _array(arrays, "theta", "f", (net.n_params,))
     if theta.dtype != dtype:
         raise ValueError(f"theta has dtype {theta.dtype}, metadata says {dtype}")

@@ -16,7 +16,7 @@ from sklearn.utils import check_random_state
 from . import _core
 from ._threads import effective_n_jobs, single_threaded_blas
 
-__all__ = ["Network"]
+__all__ = ["Network", "ACTIVATION_NAMES", "check_activation"]
 
 _DTYPES = (np.float32, np.float64)
 # Rows per block for full-batch passes. Fixed (it never depends on the thread count), so
@@ -44,6 +44,44 @@ def _max_abs(a):
     return max(abs(float(a.max())), abs(float(a.min())))
 
 
+# The hidden activations, in the kernels' code order.
+ACTIVATION_NAMES = tuple(sorted(_core.ACTIVATIONS, key=_core.ACTIVATIONS.get))
+
+
+def check_activation(activation, n_hidden):
+    """Validate ``activation`` for a network with ``n_hidden`` hidden layers.
+
+    A string names the activation of every hidden layer; a list or tuple gives one name
+    per hidden layer. Returns ``(normalized, per_layer)``: the string as it is, or the
+    names as a tuple; and the tuple of ``n_hidden`` names, layer by layer. Raises
+    ValueError, naming what is wrong: an unknown name, an entry that is not a string, or
+    a list of the wrong length.
+    """
+    known = sorted(ACTIVATION_NAMES)
+    if isinstance(activation, str):
+        if activation not in _core.ACTIVATIONS:
+            raise ValueError(f"activation must be one of {known} (or a list of them, one "
+                             f"per hidden layer), got {activation!r}")
+        return str(activation), (str(activation),) * n_hidden
+    if not isinstance(activation, (list, tuple)):
+        raise ValueError(f"activation must be one of {known}, or a list or tuple of them "
+                         f"with one per hidden layer; got {activation!r} of type "
+                         f"{type(activation).__name__}")
+    if len(activation) != n_hidden:
+        raise ValueError(f"activation lists {len(activation)} name(s), but the network has "
+                         f"{n_hidden} hidden layer(s): give one name per hidden layer, or "
+                         "one string for all of them")
+    names = []
+    for i, name in enumerate(activation):
+        if not isinstance(name, str):
+            raise ValueError(f"activation[{i}] must be a string, one of {known}; got "
+                             f"{name!r} of type {type(name).__name__}")
+        if name not in _core.ACTIVATIONS:
+            raise ValueError(f"activation[{i}] must be one of {known}, got {name!r}")
+        names.append(str(name))
+    return tuple(names), tuple(names)
+
+
 class _Data:
     """Kernel-ready (X, Y, sample_weight): converted once, reused by every evaluation."""
 
@@ -65,8 +103,14 @@ class Network:
     layer_sizes : sequence of int
         Units per layer, input and output included: ``(n_features, *hidden, n_outputs)``.
         At least two entries; a network with no hidden layer is a linear model.
-    activation : {'identity', 'logistic', 'tanh', 'relu'}, default='relu'
-        Activation of the hidden layers.
+    activation : str or list of str, default='relu'
+        Activation of the hidden layers: 'identity', 'logistic', 'tanh', 'relu',
+        'leaky_relu' (``x``, or ``0.01 x`` below 0), 'elu' (``x``, or ``e^x - 1`` below
+        0), 'gelu' (``x Phi(x)``, exact, with erf), 'silu' (``x sigmoid(x)``) or
+        'softplus' (``log(1 + e^x)``, computed without overflow). A string applies to
+        every hidden layer; a list or tuple gives one name per hidden layer, in order
+        (``len(layer_sizes) - 2`` names). Gradients, curvature products and the Fisher
+        diagonal are exact for each of them.
     output : {'softmax', 'logistic', 'identity', 'exp'}, default='softmax'
         Output activation, which fixes the loss: multinomial log-loss, binary log-loss per
         column, squared error, or half Poisson deviance.
@@ -92,6 +136,8 @@ class Network:
     Attributes
     ----------
     layer_sizes : tuple of int
+    activation : str or tuple of str
+        As given: a string, or a tuple of one name per hidden layer.
     n_layers : int
         Number of weight layers (``len(layer_sizes) - 1``).
     n_params : int
@@ -129,6 +175,15 @@ class Network:
     (67,)
     >>> net.forward(theta, X).sum(axis=1).round(6)
     array([1., 1., 1., 1., 1.])
+
+    One activation per hidden layer:
+
+    >>> deep = fastbp.Network([4, 8, 6, 3], activation=["gelu", "tanh"])
+    >>> deep.activation
+    ('gelu', 'tanh')
+    >>> loss, grad = deep.loss_grad(deep.init_params(random_state=0), X, Y)
+    >>> grad.shape
+    (115,)
     """
 
     def __init__(self, layer_sizes, activation="relu", output="softmax",
@@ -149,10 +204,7 @@ class Network:
             for s in layer_sizes
         ):
             raise ValueError(f"layer_sizes must be positive integers, got {sizes}")
-        if activation not in _core.ACTIVATIONS:
-            raise ValueError(
-                f"activation must be one of {sorted(_core.ACTIVATIONS)}, got {activation!r}"
-            )
+        activation, per_layer = check_activation(activation, len(sizes) - 2)
         if output not in _core.OUTPUTS:
             raise ValueError(
                 f"output must be one of {sorted(_core.OUTPUTS)}, got {output!r}"
@@ -181,7 +233,10 @@ class Network:
         self._b_off = n_coef + np.cumsum([0] + sizes[1:], dtype=np.intp)[:-1]
         self.n_params = int(n_coef + sum(sizes[1:]))
         self._n_intercepts = self.n_params - n_coef
-        self._act = _core.ACTIVATIONS[activation]
+        # One activation per hidden layer: the names, and the kernels' int array of codes.
+        self._layer_activations = per_layer
+        self._acts = np.array([_core.ACTIVATIONS[a] for a in self._layer_activations],
+                              dtype=np.intc)
         self._out = _core.OUTPUTS[output]
         self._pool = {}
         self._lock = threading.Lock()
@@ -194,6 +249,11 @@ class Network:
 
     def __setstate__(self, state):
         self.__dict__.update(state)
+        if "_acts" not in state:  # pickled before per-layer codes: one code, `_act`
+            self.__dict__.pop("_act", None)
+            self._layer_activations = (self.activation,) * (self.n_layers - 1)
+            self._acts = np.array([_core.ACTIVATIONS[a] for a in self._layer_activations],
+                                  dtype=np.intc)
         self._pool = {}
         self._lock = threading.Lock()
 
@@ -209,7 +269,9 @@ class Network:
         Each layer draws its coefficients, then its intercepts, from
         ``U(-b, b)`` with ``b = sqrt(6 / (fan_in + fan_out))`` (``sqrt(2 / ...)`` for
         the logistic activation), in scikit-learn's order, so the same ``random_state``
-        gives scikit-learn's initial weights.
+        gives scikit-learn's initial weights. With one activation per hidden layer, a
+        hidden layer takes the logistic factor when its own activation is logistic, the
+        output layer when every hidden layer's is (as for ``activation='logistic'``).
 
         Parameters
         ----------
@@ -232,8 +294,12 @@ class Network:
         rng = check_random_state(random_state)
         theta = np.empty(self.n_params, dtype=self.dtype)
         coefs, intercepts = self.unpack(theta)
-        factor = 2.0 if self.activation == "logistic" else 6.0
-        for W, b in zip(coefs, intercepts):
+        names = self._layer_activations
+        out_logistic = self.activation == "logistic" or (
+            bool(names) and all(a == "logistic" for a in names))
+        for l, (W, b) in enumerate(zip(coefs, intercepts)):
+            logistic = names[l] == "logistic" if l < len(names) else out_logistic
+            factor = 2.0 if logistic else 6.0
             fan_in, fan_out = W.shape
             bound = np.sqrt(factor / (fan_in + fan_out))
             W[...] = rng.uniform(-bound, bound, (fan_in, fan_out))
@@ -391,8 +457,10 @@ class Network:
 
         Propagates a bound on every |z| and |a| through the layers: with |a_{l-1}| <= A
         elementwise, |z_l[j]| <= A * sum_i |W_l[i, j]| + |b_l[j]|, widened for the
-        rounding of a sum of fan_in + 1 terms; tanh and logistic bound |a_l| by 1, relu
-        and identity by the bound of z. The loss (computed in float64 from z, see the
+        rounding of a sum of fan_in + 1 terms. Each hidden layer's activation then bounds
+        |a_l| by: 1 (tanh, logistic); the bound of z (relu, identity, leaky_relu, silu:
+        |f(z)| <= |z|, also after rounding; gelu: the same, widened by 4 ulps for the
+        rounding of Phi); max(z, 1) (elu); z + log 2, widened by 4 ulps (softplus). The loss (computed in float64 from z, see the
         kernels) is finite when every z and the output differences stay far below the
         dtype's overflow threshold, and, for the exp output, when exp(z) cannot overflow.
         ``data`` carries max |x| and max |y| from ``prepare``.
@@ -414,14 +482,21 @@ class Network:
             return False
         for l, (W, b) in enumerate(zip(coefs, intercepts)):
             col = np.abs(W).sum(axis=0, dtype=np.float64)
-            z = float(np.max(bound * col + np.abs(b))) if W.shape[1] else 0.0
+            with np.errstate(over="ignore"):  # infinity: "cannot tell", just below
+                z = float(np.max(bound * col + np.abs(b))) if W.shape[1] else 0.0
             z *= 1 + 2 * (W.shape[0] + 1) * float(info.eps)
             if not z <= limit:
                 return False
-            last = l == n_layers - 1
-            if not last and self.activation in ("tanh", "logistic"):
+            name = self._layer_activations[l] if l < n_layers - 1 else "identity"
+            if name in ("tanh", "logistic"):
                 bound = 1.0
-            else:
+            elif name == "softplus":
+                bound = (z + math.log(2.0)) * (1 + 4 * float(info.eps))
+            elif name == "elu":
+                bound = max(z, 1.0)
+            elif name == "gelu":
+                bound = z * (1 + 4 * float(info.eps))
+            else:  # relu, identity, leaky_relu, silu: |f(z)| <= |z|, rounded too
                 bound = z
         # A bound on one row's loss (see the kernels' output_loss_backward), then on the
         # weighted sum over the rows, which must stay inside the exact accumulators'
@@ -462,9 +537,10 @@ class Network:
             free = self._pool.get(key)
             if free:
                 return key, free.pop()
-        ws = {"grad": lambda: _core.workspace_size(self._sizes, block, False),
+        ws = {"grad": lambda: _core.workspace_size(self._sizes, self._acts, block, False),
               "curvature": lambda: _core.rop_workspace_size(self._sizes, block),
-              "fisher": lambda: _core.fisher_workspace_size(self._sizes, block)}[kind]()
+              "fisher": lambda: _core.fisher_workspace_size(self._sizes, self._acts,
+                                                            block)}[kind]()
         bufs = {"work": np.empty((threads, ws), dtype=self.dtype), "block": block,
                 "threads": threads, "n_blocks": n_blocks}
         if exact:
@@ -510,7 +586,7 @@ class Network:
             with self._blas_guard(b, limit_blas):
                 loss = _core.loss_grad(
                     theta, grad, d.X, d.data, d.indices, d.indptr, d.Y, d.sample_weight,
-                    self._sizes, self._w_off, self._b_off, self._act, self._out,
+                    self._sizes, self._w_off, self._b_off, self._acts, self._out,
                     b["work"], b["tgrad"], b["tdacc"], b["acc"], b["block"], scale,
                     float(alpha), b["threads"], acc is None)
                 if acc is not None:
@@ -527,7 +603,7 @@ class Network:
         try:
             with self._blas_guard(b, True):
                 _core.forward(theta, out, d.X, d.data, d.indices, d.indptr, self._sizes,
-                              self._w_off, self._b_off, self._act,
+                              self._w_off, self._b_off, self._acts,
                               _core.OUTPUTS["identity"] if raw else self._out, b["work"],
                               b["block"], b["threads"])
         finally:
@@ -543,7 +619,7 @@ class Network:
         """
         scale = self._scale(d, scale)
         key, b = self._acquire(d.n_samples, True, kind="curvature", block=d.block)
-        size = _core.acts_size(self._sizes, d.n_samples, b["block"])
+        size = _core.acts_size(self._sizes, self._acts, d.n_samples, b["block"])
         if d.acts is None or d.acts.shape[0] != max(size, 1) or d.acts.dtype != self.dtype:
             d.acts = np.empty(max(size, 1), dtype=self.dtype)
             d.acts_theta = None
@@ -552,7 +628,7 @@ class Network:
             with self._blas_guard(b, True):
                 _core.curvature_product(
                     theta, v, out, d.X, d.data, d.indices, d.indptr, d.Y, d.sample_weight,
-                    self._sizes, self._w_off, self._b_off, self._act, self._out,
+                    self._sizes, self._w_off, self._b_off, self._acts, self._out,
                     b["work"], b["tgrad"], b["tdacc"], b["acc"], d.acts, have, b["block"],
                     scale, float(alpha), exact, b["threads"], acc is None)
                 if acc is not None:
@@ -572,7 +648,7 @@ class Network:
             with self._blas_guard(b, True):
                 _core.fisher_diag(
                     theta, out, d.X, d.data, d.indices, d.indptr, d.Y, d.sample_weight,
-                    self._sizes, self._w_off, self._b_off, self._act, self._out,
+                    self._sizes, self._w_off, self._b_off, self._acts, self._out,
                     b["work"], b["tgrad"], b["tdacc"], b["acc"], b["block"], scale,
                     b["threads"], acc is None)
                 if acc is not None:

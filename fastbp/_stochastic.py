@@ -72,9 +72,9 @@ class StochasticOptimizer:
         """Per-chunk gradient and intercept-sum rows and per-thread workspaces (at most
         one thread per chunk), reused across epochs."""
         per_chunk = -(-batch_size // n_chunks)
-        key = (n_chunks, per_chunk, net.layer_sizes, sparse)
+        key = (n_chunks, per_chunk, net.layer_sizes, tuple(net._acts), sparse)
         if getattr(self, "_buf_key", None) != key:
-            ws = _core.workspace_size(net._sizes, per_chunk, not sparse)
+            ws = _core.workspace_size(net._sizes, net._acts, per_chunk, not sparse)
             self._grads = np.empty((n_chunks, net.n_params), dtype=net.dtype)
             self._work = np.empty((n_chunks, ws), dtype=net.dtype)
             self._dacc = np.empty((n_chunks, net._n_intercepts), dtype=np.float64)
@@ -95,7 +95,7 @@ class StochasticOptimizer:
         rate = self.learning_rate_init if cosine else self.learning_rate  # the kernel decays
         total, n_batches = _core.run_epoch(
             theta, grads, data.X, data.data, data.indices, data.indptr, data.Y,
-            data.sample_weight, net._sizes, net._w_off, net._b_off, net._act, net._out,
+            data.sample_weight, net._sizes, net._w_off, net._b_off, net._acts, net._out,
             work, dacc, order, shuffle, seed, batch_size, float(alpha),
             _core.SOLVERS[self.solver], rate, self.momentum, self.nesterov,
             self.beta_1, self.beta_2, self.epsilon, self.state_1, self.state_2, self.step,

@@ -26,6 +26,7 @@ from tqdm import tqdm
 from . import _bench
 from ._estimators import MLPClassifier, MLPRegressor
 from ._io import load, save
+from ._network import ACTIVATION_NAMES
 from ._onnx import to_onnx
 
 __all__ = ["main"]
@@ -189,6 +190,18 @@ def _task(y, task):
 
 # Commands ------------------------------------------------------------------------------
 
+def _activation(text):
+    """--activation: one name for every hidden layer, or comma-separated names, one per
+    hidden layer (a tuple)."""
+    names = [s.strip() for s in text.split(",")]
+    for name in names:
+        if name not in ACTIVATION_NAMES:
+            raise argparse.ArgumentTypeError(
+                f"{name!r} is not an activation (choose from {', '.join(ACTIVATION_NAMES)}; "
+                "or give one per hidden layer, comma-separated)")
+    return names[0] if len(names) == 1 else tuple(names)
+
+
 def _parse_hidden(text):
     try:
         sizes = tuple(int(s) for s in text.split(",") if s.strip())
@@ -287,6 +300,10 @@ def _connect(address):
 
 def cmd_train(args):
     hidden = _parse_hidden(args.hidden)
+    if isinstance(args.activation, tuple) and len(args.activation) != len(hidden):
+        raise CLIError(f"--activation lists {len(args.activation)} activations for "
+                       f"{len(hidden)} hidden layers (--hidden {args.hidden}): give one per "
+                       "hidden layer, or one for all")
     if args.solver is None:  # a cluster trains full-batch
         args.solver = "lbfgs" if args.scheduler else "adam"
     if args.scheduler and args.solver in ("adam", "sgd"):
@@ -480,8 +497,10 @@ def build_parser():
     t.add_argument("--target", default=None,
                    help="CSV target column (default: the last column)")
     t.add_argument("--hidden", default="100", help="hidden layer sizes, e.g. 100,50")
-    t.add_argument("--activation", default="relu",
-                   choices=["identity", "logistic", "tanh", "relu"])
+    t.add_argument("--activation", default="relu", type=_activation,
+                   metavar="{" + ",".join(ACTIVATION_NAMES) + "}",
+                   help="hidden activation; or one per hidden layer, comma-separated, "
+                   "e.g. gelu,tanh (default: relu)")
     t.add_argument("--solver", default=None,
                    choices=["adam", "sgd", "lbfgs", "tnc", "newton-cg", "trust-krylov",
                             "hessian-free"])

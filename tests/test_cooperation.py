@@ -182,7 +182,7 @@ def test_epoch_result_depends_on_chunks_not_threads(dtype, solver):
         order = np.arange(1000, dtype=np.intp)
         total, _ = _core.run_epoch(
             theta, grads, data.X, None, None, None, data.Y, None, net._sizes, net._w_off,
-            net._b_off, net._act, net._out, work, dacc, order, True, 7, 96, 1e-4,
+            net._b_off, net._acts, net._out, work, dacc, order, True, 7, 96, 1e-4,
             _core.SOLVERS[solver], 1e-3, 0.9, True, 0.9, 0.999, 1e-8, opt.state_1,
             opt.state_2, opt.step, 3, threads, threads == 1)
         results[threads] = (total, theta)
@@ -201,7 +201,7 @@ def test_run_epoch_refuses_more_threads_than_chunks():
     grads, work, dacc = opt._buffers(net, 2, 32, False)
     with pytest.raises(ValueError, match="n_threads <= n_chunks"):
         _core.run_epoch(theta, grads, data.X, None, None, None, data.Y, None, net._sizes,
-                        net._w_off, net._b_off, net._act, net._out, work, dacc,
+                        net._w_off, net._b_off, net._acts, net._out, work, dacc,
                         np.arange(64, dtype=np.intp), False, 0, 32, 0.0, 1, 1e-3, 0.9,
                         True, 0.9, 0.999, 1e-8, opt.state_1, opt.state_2, opt.step, 2, 3)
 

@@ -3,7 +3,9 @@
 Each variant is run in its own process (``FASTBP_KERNELS=...``), on every path that has
 an elementwise or update loop: full-batch loss/gradient, curvature products, the Fisher
 diagonal, the forward pass, and whole minibatch epochs (SGD with Nesterov momentum, Adam)
-on one and on two threads, dense and sparse, float32 and float64. No variant fuses
+on one and on two threads, dense and sparse, float32 and float64; with every hidden
+activation (the ones that call libm per element, and gelu/silu layers that keep Z,
+mixed per layer). No variant fuses
 multiply-adds, the reductions keep their order, and all call the same BLAS, so their
 results must agree bit for bit: a vector path that computed anything else would show.
 """
@@ -38,7 +40,9 @@ y = (X[:, 0] * X[:, 1] + np.sin(X[:, 2]) > 0).astype(int) + (X[:, 3] > 1)
 Xs = sp.random(700, 13, density=0.3, random_state=1, format="csr")
 for dtype in (np.float32, np.float64):
     for act, output, k in (("relu", "softmax", 3), ("tanh", "logistic", 2),
-                           ("logistic", "identity", 2), ("identity", "exp", 1)):
+                           ("logistic", "identity", 2), ("identity", "exp", 1),
+                           ("gelu", "softmax", 3), (("silu", "softplus"), "logistic", 2),
+                           (("leaky_relu", "elu"), "identity", 2)):
         net = fastbp.Network((13, 17, 9, k), activation=act, output=output, dtype=dtype)
         theta = net.init_params(0)
         Y = np.eye(3)[y][:, :k] if output != "exp" else np.abs(X[:, :1])
@@ -48,18 +52,21 @@ for dtype in (np.float32, np.float64):
             Yd = Y.astype(dtype)
             loss, grad = net.loss_grad(theta, data, Yd, alpha=1e-3)
             key = f"{np.dtype(dtype).name}-{act}-{output}-{name}"
+            prepared = net.prepare(data, Yd)
             out[key] = digest(np.array([loss]), grad,
                               net.gnvp(theta, v, data, Yd, alpha=1e-3),
                               net.hessp(theta, v, data, Yd, alpha=1e-3),
-                              net.forward(theta, data))
+                              net.forward(theta, data),
+                              net._fisher(theta, prepared, np.empty_like(theta)))
     for solver, extra in (("sgd", {"momentum": 0.9, "nesterovs_momentum": True}),
-                          ("adam", {})):
+                          ("adam", {}), ("adam", {"activation": ["gelu", "silu"]})):
         for n_jobs in (1, 2):
             clf = fastbp.MLPClassifier((32, 16), solver=solver, batch_size=64,
                                        max_iter=4, tol=0.0, random_state=0,
                                        n_jobs=n_jobs, **extra)
             clf.fit(X.astype(dtype), y)
-            out[f"{np.dtype(dtype).name}-{solver}-{n_jobs}"] = digest(
+            act = "-".join(extra.get("activation", ["relu"]))
+            out[f"{np.dtype(dtype).name}-{solver}-{act}-{n_jobs}"] = digest(
                 clf._theta, np.array(clf.loss_curve_))
 print(json.dumps(out))
 """
@@ -108,7 +115,7 @@ def test_every_runnable_variant_computes_bitwise_the_same_numbers(tmp_path):
     results = {v: _probe(v, tmp_path) for v in runnable}
     reference = results.pop("baseline")
     assert reference["variant"] == reference["isa"] == "baseline"
-    assert len(reference) == 2 + 2 * 4 * 2 + 2 * 2 * 2  # every case ran
+    assert len(reference) == 2 + 2 * 7 * 2 + 2 * 3 * 2  # every case ran
     for variant, got in results.items():
         assert got.pop("variant") == got.pop("isa") == variant
         ref = {k: val for k, val in reference.items() if k not in ("variant", "isa")}

@@ -130,6 +130,20 @@ def test_classifier_matches_the_local_fit(client, digits, solver, max_iter):
     np.testing.assert_array_equal(remote.predict(X), local.predict(X))
 
 
+@pytest.mark.parametrize("solver,max_iter", [("lbfgs", 10), ("hessian-free", 3)])
+def test_per_layer_activations_match_the_local_fit(client, digits, solver, max_iter):
+    # The workers rebuild the network from its (sizes, activation, ...) spec: a tuple of
+    # one activation per hidden layer, gelu's kept pre-activations included.
+    X, y, w = digits
+    kw = dict(hidden_layer_sizes=(16, 8), activation=["gelu", "softplus"], solver=solver,
+              max_iter=max_iter, random_state=0)
+    local = _quiet_fit(MLPClassifier(**kw), X, y, sample_weight=w)
+    remote = _quiet_fit(MLPClassifier(**kw), _dask(X, 1500), _dask(y, 1500),
+                        sample_weight=_dask(w, 1333))
+    _assert_same_fit(local, remote)
+    assert remote._net.activation == ("gelu", "softplus")
+
+
 def test_regressor_matches_the_local_fit(client, diabetes):
     X, y, w = diabetes
     kw = dict(hidden_layer_sizes=(8,), solver="lbfgs", max_iter=40, random_state=0)

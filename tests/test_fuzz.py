@@ -375,7 +375,7 @@ def hyperparameters(draw, wild):
     return {
         "solver": draw(st.sampled_from(SOLVERS)),
         "hidden_layer_sizes": tuple(hidden),
-        "activation": _pick(draw, ACTIVATIONS, ["softplus"], wild),
+        "activation": _pick(draw, ACTIVATIONS, ["swish"], wild),
         "alpha": _pick(draw, [1e-4, 0.0, 1.0, 1e6, 1e300], [-1.0, NAN], wild),
         "learning_rate_init": _pick(draw, [1e-3, 1e-3, 0.1, 10.0, 1e6], [0.0, -1.0],
                                     wild),
@@ -874,7 +874,7 @@ def network_arguments(draw, wild):
     sizes = draw(st.lists(st.integers(1, 6), min_size=2, max_size=4))
     if wild and draw(st.integers(0, 3)) == 0:
         sizes[draw(st.integers(0, len(sizes) - 1))] = draw(st.sampled_from([0, -1, 2.5]))
-    activation = _pick(draw, ACTIVATIONS, ["softplus"], wild)
+    activation = _pick(draw, ACTIVATIONS, ["swish"], wild)
     output = _pick(draw, OUTPUTS, ["sigmoid"], wild)
     dtype = _pick(draw, [np.float64, np.float32], [np.int64, "float16"], wild)
     return sizes, activation, output, dtype

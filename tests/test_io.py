@@ -249,11 +249,31 @@ def test_roundtrip_hidden_layers_and_sparse_input(tmp_path):
     assert [c.shape for c in loaded.coefs_] == [(4, 6), (6, 4), (4, 3), (3, 3)]
 
 
-@pytest.mark.parametrize("activation", ["identity", "logistic", "tanh", "relu"])
+@pytest.mark.parametrize("activation", ["identity", "logistic", "tanh", "relu",
+                                        "leaky_relu", "elu", "gelu", "silu", "softplus"])
 def test_roundtrip_every_activation(activation, tmp_path):
     est, X, _ = _fitted("regression", "lbfgs", activation=activation)
     loaded, _ = _roundtrip(est, tmp_path)
     _assert_same_estimator(est, loaded, X)
+
+
+@pytest.mark.parametrize("activation", [("gelu", "tanh", "softplus"),
+                                        ["silu", "elu", "relu"]], ids=["tuple", "list"])
+def test_roundtrip_one_activation_per_hidden_layer(activation, tmp_path):
+    est, X, _ = _fitted("multiclass-int", "lbfgs", hidden_layer_sizes=(6, 5, 4),
+                        activation=activation)
+    loaded, path = _roundtrip(est, tmp_path)
+    # JSON keeps the names as a list; loading gives the tuple, as for hidden_layer_sizes.
+    assert _meta(_members(path))["activation"] == list(activation)
+    assert loaded.activation == tuple(activation)
+    assert loaded._net.activation == est._net.activation == tuple(activation)
+    if isinstance(activation, tuple):
+        _assert_same_estimator(est, loaded, X)
+    else:
+        np.testing.assert_array_equal(loaded._theta, est._theta)
+        np.testing.assert_array_equal(loaded.predict_proba(X), est.predict_proba(X))
+    # It trains on as the network it was (a warm start checks the activations).
+    loaded.set_params(warm_start=True, max_iter=2).fit(X, _data("multiclass-int")[1])
 
 
 @pytest.mark.parametrize("task", ["multiclass-str", "regression"])
@@ -537,6 +557,12 @@ def _tamper(kind, arrays, meta):
         meta["params"]["bogus"] = 1
     elif kind == "invalid-param-value":
         meta["params"]["activation"] = "swish"
+    elif kind == "activation-list-wrong-length":
+        meta["params"]["activation"] = ["relu", "relu"]   # one hidden layer
+    elif kind == "activation-not-a-name":
+        meta["params"]["activation"] = [7]
+    elif kind == "activation-mismatch":
+        meta["activation"] = "gelu"   # the parameters say relu
     elif kind == "hidden-sizes-mismatch":
         meta["params"]["hidden_layer_sizes"] = [7]
     elif kind == "layer-sizes-mismatch":
@@ -586,6 +612,7 @@ TAMPERING = ["theta-too-short", "theta-too-long", "theta-2d", "theta-float32", "
              "theta-str", "theta-nan", "theta-inf", "theta-missing", "classes-extra",
              "classes-fewer", "classes-2d", "classes-missing", "unknown-estimator",
              "foreign-estimator", "unknown-param", "invalid-param-value",
+             "activation-list-wrong-length", "activation-not-a-name", "activation-mismatch",
              "hidden-sizes-mismatch", "layer-sizes-mismatch", "n-features-mismatch",
              "bad-dtype", "not-a-dtype", "bad-output-activation", "bad-label-type",
              "wrong-format-name", "version-zero", "version-string", "params-not-a-dict",

@@ -36,6 +36,9 @@ ESTIMATORS = [
     # Features scikit-learn's MLP lacks, each checked as scikit-learn checks its own.
     MLPClassifier(solver="lbfgs", max_iter=100, random_state=0, class_weight="balanced"),
     MLPClassifier(max_iter=100, random_state=0, learning_rate="cosine"),
+    MLPClassifier(solver="lbfgs", max_iter=100, random_state=0, activation="gelu"),
+    MLPRegressor(solver="lbfgs", max_iter=100, random_state=0, hidden_layer_sizes=(8, 6),
+                 activation=["silu", "elu"]),
     MLPAutoencoder(solver="lbfgs", max_iter=100, random_state=0),
     MLPAutoencoder(max_iter=100, random_state=0),
 ]

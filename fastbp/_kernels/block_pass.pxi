@@ -7,8 +7,11 @@
 #              Delta_{l-1} = (Delta_l W_l^T) .* f'(A_{l-1})         (gemm, then one fused pass)
 #              db_l += colsum(Delta_l)                             (float64, in the fused pass)
 #
-# f' is computed from the activations (logistic a(1-a), tanh 1-a^2, relu a>0), so
-# pre-activations are never stored. Deltas overwrite the output buffer, then ping-pong
+# f' is computed from the activations where that is exact (logistic a(1-a), tanh 1-a^2,
+# relu a>0, leaky_relu, elu, softplus; see layers.pxi), so those layers store no
+# pre-activations; gelu and silu layers keep Z_l beside A_l (the layout below), and only
+# they. Each hidden layer has its own activation (Spec.acts). Deltas overwrite the output
+# buffer, then ping-pong
 # between two scratch buffers. Inputs can be a dense C- or F-ordered matrix (an F-ordered
 # one is used through gemm's transpose flag) or CSR arrays, for which the first layer
 # multiplies the sparse rows directly. A row-index array lets a minibatch address rows
@@ -18,12 +21,14 @@
 # term: grad_W += alpha * scale * W. noexcept nogil, allocation-free, one fixed order of
 # operations per block. Callers: loss_grad and forward (exact_sums.pxi), run_epoch
 # (epoch.pxi), block_fisher (fisher.pxi); curvature.pxi reuses the workspace offsets and
-# _input_product. workspace_size is called by fastbp/_network.py and _solvers.py.
+# _input_product. workspace_size is called by fastbp/_network.py and _stochastic.py.
 
 # ---------------------------------------------------------------------------------------
 # Workspace layout for a block of B rows:
-#   A_1 (B, s_1) | ... | A_L (B, s_L) | D0 (B, h) | D1 (B, h) | Xg (B, s_0)
-# with h the widest hidden layer. A_L holds the output, then Delta_L.
+#   A_1 (B, s_1) | ... | A_L (B, s_L) | Z_k (B, s_k) for each hidden layer k that keeps
+#   Z (gelu, silu), in layer order | D0 (B, h) | D1 (B, h) | Xg (B, s_0)
+# with h the widest hidden layer. A_L holds the output, then Delta_L. The part up to the
+# Zs is also the layout of one block of curvature.pxi's forward cache.
 
 cdef inline Py_ssize_t _act_offset(const Spec* sp, int l) noexcept nogil:
     """Offset of A_l (l >= 1) in the workspace."""
@@ -34,17 +39,50 @@ cdef inline Py_ssize_t _act_offset(const Spec* sp, int l) noexcept nogil:
     return off
 
 
+cdef inline Py_ssize_t _z_offset(const Spec* sp, int l) noexcept nogil:
+    """Offset of Z_l for a hidden layer l that keeps it (l = n_layers: the end of the
+    kept Zs). Relative to the start of a workspace, or of one block of the forward cache."""
+    cdef Py_ssize_t off = _act_offset(sp, sp.n_layers + 1)
+    cdef int k
+    for k in range(1, l):
+        if _keeps_z(sp, k):
+            off += sp.block * sp.sizes[k]
+    return off
+
+
+cdef inline floating* _z_ptr(const Spec* sp, floating* base, int l) noexcept nogil:
+    """Z_l in the workspace (or cache block) at base, or NULL when layer l keeps no Z."""
+    return base + _z_offset(sp, l) if _keeps_z(sp, l) else NULL
+
+
 cdef inline Py_ssize_t _scratch_offset(const Spec* sp) noexcept nogil:
-    return _act_offset(sp, sp.n_layers + 1)
+    return _z_offset(sp, sp.n_layers)
 
 
-def workspace_size(const Py_ssize_t[::1] sizes, Py_ssize_t block, bint gather=True):
-    """Number of elements in the workspace for ``sizes`` and ``block`` rows.
+cdef Py_ssize_t _kept_units(const Py_ssize_t[::1] sizes, const int[::1] acts) except -1:
+    """Units of the hidden layers that keep Z (gelu, silu), for the workspace sizes.
+    acts: one code per hidden layer, or None (no layer keeps Z)."""
+    cdef Py_ssize_t l, total = 0
+    if acts is None:
+        return 0
+    if acts.shape[0] != sizes.shape[0] - 2:
+        raise ValueError(f"acts needs one activation code per hidden layer "
+                         f"({sizes.shape[0] - 2}), got {acts.shape[0]}")
+    for l in range(acts.shape[0]):
+        if _z_code(acts[l]):
+            total += sizes[l + 1]
+    return total
+
+
+def workspace_size(const Py_ssize_t[::1] sizes, const int[::1] acts, Py_ssize_t block,
+                   bint gather=True):
+    """Number of elements in the workspace for ``sizes``, the hidden layers'
+    activation codes ``acts`` and ``block`` rows.
 
     ``gather=False`` leaves out the buffer that dense minibatch rows are gathered into
     (not needed for sparse input, nor for full-batch passes over dense rows in place).
     """
-    cdef Py_ssize_t total = 0, hidden = 1
+    cdef Py_ssize_t total = _kept_units(sizes, acts), hidden = 1
     cdef Py_ssize_t l, L = sizes.shape[0] - 1
     for l in range(1, L + 1):
         total += sizes[l]
@@ -129,7 +167,8 @@ cdef double block_pass(const Spec* sp, const Input* inp, const Py_ssize_t* rows,
                  work + _act_offset(sp, l - 1), <int> s[l - 1], theta + sp.w_off[l - 1],
                  <int> s[l], <floating> 0.0, Z, <int> s[l])
         if l < L:
-            bias_activate(Z, theta + sp.b_off[l - 1], n, s[l], sp.act)
+            bias_activate(Z, theta + sp.b_off[l - 1], _z_ptr(sp, work, l), n, s[l],
+                          _act(sp, l))
 
     Z = work + _act_offset(sp, L)
     if Y == NULL:
@@ -162,8 +201,8 @@ cdef double block_pass(const Spec* sp, const Input* inp, const Py_ssize_t* rows,
         gemm(False, True, <int> n, <int> s[l - 1], <int> s[l], <floating> 1.0,
              D, <int> s[l], theta + sp.w_off[l - 1], <int> s[l], <floating> 0.0,
              Dnext, <int> s[l - 1])
-        activation_backward(Dnext, Aprev, n, s[l - 1], sp.act,
-                            dacc + (sp.b_off[l - 2] - sp.b_off[0]))
+        activation_backward(Dnext, Aprev, _z_ptr(sp, work, l - 1), n, s[l - 1],
+                            _act(sp, l - 1), dacc + (sp.b_off[l - 2] - sp.b_off[0]))
         D = Dnext
     return loss
 

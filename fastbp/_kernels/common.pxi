@@ -2,19 +2,22 @@
 # output codes, the two structs every kernel takes, and small shared helpers.
 #
 #   Spec   the network: n_layers, sizes s_0..s_L, where W_l and b_l start in the flat
-#          vector (w_off, b_off), the activation and output codes, the rows per block
-#          (workspaces are sized for it) and the widest hidden layer.
+#          vector (w_off, b_off), one activation code per hidden layer (acts; _act(sp, l)
+#          reads hidden layer l's), the output code, the rows per block (workspaces are
+#          sized for it) and the widest hidden layer.
 #   Input  the rows: a dense matrix (C or F order, leading dimension ldx) or CSR arrays.
 #
 # ACTIVATIONS and OUTPUTS map names to the codes for fastbp/_network.py. The math helpers
-# (_exp, _tanh, _sqrt in their argument's precision; _sum_squares, a float64 sum of
-# squares in one fixed order) are noexcept nogil. _fill_spec and _fill hold the GIL: they
+# (_exp, _expm1, _log1p, _erfc, _tanh, _sqrt in their argument's precision: expf, erfcf
+# ... for float, exp, erfc ... for double; _sum_squares, a float64 sum of squares in one
+# fixed order) are noexcept nogil. _fill_spec and _fill hold the GIL: they
 # turn a def entry point's typed memoryviews into a Spec and an Input, and raise on a
 # layout the kernels cannot read. The C here is shared: the OpenMP stand-ins serve
 # epoch.pxi and tools.pxi, FASTBP_INLINE the C of exact_sums.pxi and epoch.pxi.
 
 from cython cimport floating
 from libc.math cimport exp, expf, log, log1p, logf, sqrt, sqrtf, tanh, tanhf, fabs
+from libc.math cimport expm1, expm1f, log1pf, erfc, erfcf
 from libc.math cimport isfinite, NAN, cos, M_PI
 from libc.stdint cimport int64_t, uint64_t
 from libc.string cimport memset, memcpy
@@ -49,11 +52,19 @@ cdef extern from *:
 
 
 # Hidden activations. Codes are part of the kernel ABI; the Python layer maps names.
+# GELU and SiLU are the two whose derivatives cannot be written from f(z): their layers
+# keep Z as well (see _keeps_z and the workspace layout in block_pass.pxi).
 cdef enum:
     ACT_IDENTITY = 0
     ACT_LOGISTIC = 1
     ACT_TANH = 2
     ACT_RELU = 3
+    ACT_LEAKY_RELU = 4   # z, or 0.01 z for z < 0
+    ACT_ELU = 5          # z, or e^z - 1 for z <= 0 (alpha 1)
+    ACT_GELU = 6         # z Phi(z), exact (with erfc)
+    ACT_SILU = 7         # z sigmoid(z)
+    ACT_SOFTPLUS = 8     # log(1 + e^z) = max(z, 0) + log1p(e^-|z|)
+    ACT_END = 9          # one past the last code
 
 # Output layers, each with its canonical loss.
 cdef enum:
@@ -63,7 +74,8 @@ cdef enum:
     OUT_EXP = 3        # half Poisson deviance
 
 ACTIVATIONS = {"identity": ACT_IDENTITY, "logistic": ACT_LOGISTIC, "tanh": ACT_TANH,
-               "relu": ACT_RELU}
+               "relu": ACT_RELU, "leaky_relu": ACT_LEAKY_RELU, "elu": ACT_ELU,
+               "gelu": ACT_GELU, "silu": ACT_SILU, "softplus": ACT_SOFTPLUS}
 OUTPUTS = {"identity": OUT_IDENTITY, "logistic": OUT_LOGISTIC, "softmax": OUT_SOFTMAX,
            "exp": OUT_EXP}
 
@@ -74,7 +86,8 @@ cdef struct Spec:
     const Py_ssize_t* sizes
     const Py_ssize_t* w_off
     const Py_ssize_t* b_off
-    int act
+    const int* acts         # n_layers - 1 codes, hidden layer l's at acts[l - 1]; NULL
+                            # when there is no hidden layer (or for sums only: identity)
     int out
     Py_ssize_t block        # rows per block: the workspace is sized for it
     Py_ssize_t max_hidden   # widest hidden layer (1 when there is none)
@@ -91,6 +104,21 @@ cdef struct Input:
     const Py_ssize_t* indptr
 
 
+cdef inline int _act(const Spec* sp, int l) noexcept nogil:
+    """The activation code of hidden layer l (1 <= l < n_layers)."""
+    return sp.acts[l - 1] if sp.acts != NULL else ACT_IDENTITY
+
+
+cdef inline bint _z_code(int act) noexcept nogil:
+    """Whether an activation's layers keep Z: f' and f'' need z, not f(z)."""
+    return act == ACT_GELU or act == ACT_SILU
+
+
+cdef inline bint _keeps_z(const Spec* sp, int l) noexcept nogil:
+    """Whether layer l (1 <= l <= n_layers) is a hidden layer that keeps Z_l."""
+    return 1 <= l < sp.n_layers and _z_code(_act(sp, l))
+
+
 # ---------------------------------------------------------------------------------------
 # Scalar helpers: single-precision math for float, double for double.
 
@@ -99,6 +127,27 @@ cdef inline floating _exp(floating x) noexcept nogil:
         return expf(x)
     else:
         return exp(x)
+
+
+cdef inline floating _expm1(floating x) noexcept nogil:
+    if floating is float:
+        return expm1f(x)
+    else:
+        return expm1(x)
+
+
+cdef inline floating _log1p(floating x) noexcept nogil:
+    if floating is float:
+        return log1pf(x)
+    else:
+        return log1p(x)
+
+
+cdef inline floating _erfc(floating x) noexcept nogil:
+    if floating is float:
+        return erfcf(x)
+    else:
+        return erfc(x)
 
 
 cdef inline floating _tanh(floating x) noexcept nogil:
@@ -136,29 +185,43 @@ cdef double _sum_squares(const floating* x, Py_ssize_t n) noexcept nogil:
 # ---------------------------------------------------------------------------------------
 # For the def entry points: typed memoryviews in, a Spec and an Input out.
 
-cdef void _fill_spec(Spec* sp, const Py_ssize_t[::1] sizes, const Py_ssize_t[::1] w_off,
-                     const Py_ssize_t[::1] b_off, int act, int out, Py_ssize_t block):
+cdef int _fill_spec(Spec* sp, const Py_ssize_t[::1] sizes, const Py_ssize_t[::1] w_off,
+                    const Py_ssize_t[::1] b_off, const int[::1] acts, int out,
+                    Py_ssize_t block) except -1:
+    """acts: one activation code per hidden layer (None: identity everywhere, for the
+    passes that only finish sums). Never takes the address of an empty view's first
+    element: a network without hidden layers gets acts = NULL."""
     cdef Py_ssize_t l
     sp.n_layers = <int> (sizes.shape[0] - 1)
     sp.sizes = &sizes[0]
     sp.w_off = &w_off[0]
     sp.b_off = &b_off[0]
-    sp.act = act
+    sp.acts = NULL
+    if acts is not None:
+        if acts.shape[0] != sp.n_layers - 1:
+            raise ValueError(f"acts needs one activation code per hidden layer "
+                             f"({sp.n_layers - 1}), got {acts.shape[0]}")
+        for l in range(acts.shape[0]):
+            if acts[l] < 0 or acts[l] >= ACT_END:
+                raise ValueError(f"activation code {acts[l]} is not one of the kernels'")
+        if acts.shape[0] > 0:
+            sp.acts = &acts[0]
     sp.out = out
     sp.block = block
     sp.max_hidden = 1
     for l in range(1, sp.n_layers):
         if sizes[l] > sp.max_hidden:
             sp.max_hidden = sizes[l]
+    return 0
 
 
 cdef int _fill(Spec* sp, Input* inp, const Py_ssize_t[::1] sizes,
-               const Py_ssize_t[::1] w_off, const Py_ssize_t[::1] b_off, int act, int out,
-               Py_ssize_t block, const floating[:, :] X, const floating[::1] data,
-               const int[::1] indices, const Py_ssize_t[::1] indptr,
+               const Py_ssize_t[::1] w_off, const Py_ssize_t[::1] b_off,
+               const int[::1] acts, int out, Py_ssize_t block, const floating[:, :] X,
+               const floating[::1] data, const int[::1] indices, const Py_ssize_t[::1] indptr,
                const floating[::1] theta) except -1:
     cdef Py_ssize_t itemsize = sizeof(floating)
-    _fill_spec(sp, sizes, w_off, b_off, act, out, block)
+    _fill_spec(sp, sizes, w_off, b_off, acts, out, block)
     inp.X = NULL
     inp.data = NULL
     inp.indices = NULL

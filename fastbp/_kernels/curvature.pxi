@@ -14,16 +14,22 @@
 #               H_W_l = A_{l-1}^T RD_l + RA_{l-1}^T D_l
 #               RD_{l-1} = (RD_l W_l^T + D_l V_l^T) .* f' + (D_l W_l^T) .* f'' .* RZ_{l-1}
 # Intercept parts are column sums of RD_l (float64); the L2 term adds alpha*scale*V_l.
+# f' and f'' are written in terms of A_l where that is exact (_act_deriv_mul,
+# activation_rbackward); gelu and silu layers read their Z_l from the forward cache.
 #
 # Per-thread workspace for B rows: RA_1..RA_L | RZ_1..RZ_{L-1} | 4 scratch (B, w), with w
-# the widest non-input layer (the output deltas live in scratch too). The forward
-# activations A_1..A_L of every block live in a cache, so that repeated products at the
-# same theta (Newton-CG, CG inside Hessian-free) skip the forward pass. The cdef kernels
-# are noexcept nogil and allocate nothing.
+# the widest non-input layer (the output deltas live in scratch too). The forward pass of
+# every block lives in a cache, so that repeated products at the same theta (Newton-CG,
+# CG inside Hessian-free) skip it. One block of the cache, B rows:
+#   A_1 | ... | A_L | Z_k for each hidden layer k that keeps Z (gelu, silu), in layer order
+# (the start of block_pass.pxi's workspace layout, so the same offsets serve). The cdef
+# kernels are noexcept nogil and allocate nothing.
 
-def acts_size(const Py_ssize_t[::1] sizes, Py_ssize_t n_samples, Py_ssize_t block):
-    """Elements of the forward-activation cache for n_samples rows in blocks."""
-    cdef Py_ssize_t total = 0, l
+def acts_size(const Py_ssize_t[::1] sizes, const int[::1] acts, Py_ssize_t n_samples,
+              Py_ssize_t block):
+    """Elements of the forward cache (activations, and the kept pre-activations of the
+    hidden layers ``acts`` marks as gelu or silu) for n_samples rows in blocks."""
+    cdef Py_ssize_t total = _kept_units(sizes, acts), l
     cdef Py_ssize_t n_blocks = (n_samples + block - 1) // block
     for l in range(1, sizes.shape[0]):
         total += sizes[l]
@@ -31,7 +37,8 @@ def acts_size(const Py_ssize_t[::1] sizes, Py_ssize_t n_samples, Py_ssize_t bloc
 
 def rop_workspace_size(const Py_ssize_t[::1] sizes, Py_ssize_t block):
     """Elements of one thread's workspace for curvature products over ``block`` rows
-    (the forward activations live in a separate per-block cache: ``acts_size``)."""
+    (the forward pass lives in a separate per-block cache, ``acts_size``, so this does
+    not depend on the activations)."""
     cdef Py_ssize_t total = 0, widest = 1
     cdef Py_ssize_t l, L = sizes.shape[0] - 1
     for l in range(1, L + 1):
@@ -62,9 +69,10 @@ cdef void _add_bias(floating* Z, const floating* c, Py_ssize_t n, Py_ssize_t m) 
             Z[i * m + j] = Z[i * m + j] + c[j]
 
 
-cdef void _act_deriv_mul(floating* R, const floating* A, Py_ssize_t n, Py_ssize_t m,
-                         int act) noexcept nogil:
-    """R <- R .* f'(A), with f' written in terms of A = f(Z)."""
+cdef void _act_deriv_mul(floating* R, const floating* A, const floating* Zpre,
+                         Py_ssize_t n, Py_ssize_t m, int act) noexcept nogil:
+    """R <- R .* f'(A), with f' written in terms of A = f(Z), or of the pre-activations
+    Zpre for gelu and silu (NULL for the others)."""
     cdef Py_ssize_t i
     cdef Py_ssize_t nm = n * m
     if act == ACT_RELU:
@@ -76,34 +84,97 @@ cdef void _act_deriv_mul(floating* R, const floating* A, Py_ssize_t n, Py_ssize_
     elif act == ACT_LOGISTIC:
         for i in range(nm):
             R[i] = R[i] * A[i] * (1 - A[i])
+    elif act == ACT_LEAKY_RELU:
+        for i in range(nm):
+            R[i] = R[i] if A[i] > 0 else R[i] * <floating> 0.01
+    elif act == ACT_ELU:
+        for i in range(nm):
+            R[i] = R[i] if A[i] > 0 else R[i] * (A[i] + 1)
+    elif act == ACT_SOFTPLUS:
+        for i in range(nm):
+            R[i] = R[i] * -_expm1(-A[i])
+    elif act == ACT_GELU:
+        for i in range(nm):
+            R[i] = R[i] * _gelu_d1(Zpre[i])
+    elif act == ACT_SILU:
+        for i in range(nm):
+            R[i] = R[i] * _silu_d1(Zpre[i])
+
+
+cdef inline void _rstep(floating* rd, floating* d, const floating* rz, Py_ssize_t j,
+                        floating d1, floating d2) noexcept nogil:
+    """One element of activation_rbackward: rd <- rd f' + d f'' rz, d <- d f'."""
+    rd[j] = rd[j] * d1 + d[j] * d2 * rz[j]
+    d[j] = d[j] * d1
 
 
 cdef void activation_rbackward(floating* RD, floating* D, const floating* A,
-                               const floating* RZ, Py_ssize_t n, Py_ssize_t m, int act,
-                               double* db) noexcept nogil:
-    """RD <- RD .* f'(A) + D .* f''(A) .* RZ and D <- D .* f'(A); db += colsum(RD).
+                               const floating* Zpre, const floating* RZ, Py_ssize_t n,
+                               Py_ssize_t m, int act, double* db) noexcept nogil:
+    """RD <- RD .* f' + D .* f'' .* RZ and D <- D .* f'; db += colsum(RD). f' and f''
+    are written in terms of A = f(Z), or of Zpre for gelu and silu (NULL otherwise):
+    tanh f' = 1 - A^2, f'' = -2 A f'; logistic f' = A (1 - A), f'' = f' (1 - 2 A); relu
+    f' = [A > 0], f'' = 0; leaky_relu f' = 1 or 0.01 by the sign of A, f'' = 0; elu f' =
+    1 or A + 1, f'' = 0 or A + 1; softplus f' = sigmoid(z) = -expm1(-A), f'' = f'(1 - f');
+    gelu and silu from layers.pxi's helpers.
 
-    On entry RD = RD_l W_l^T + D_l V_l^T and D = D_l W_l^T (both (n, m))."""
+    On entry RD = RD_l W_l^T + D_l V_l^T and D = D_l W_l^T (both (n, m)). One loop per
+    activation, the choice made once per row, so that each loop can vectorize."""
     cdef Py_ssize_t i, j
     cdef floating a, d1, d2
+    cdef floating* rd
+    cdef floating* d
+    cdef const floating* ar
+    cdef const floating* zp
+    cdef const floating* rz
     for i in range(n):
-        for j in range(m):
-            a = A[i * m + j]
-            if act == ACT_TANH:
+        rd = RD + i * m
+        d = D + i * m
+        ar = A + i * m
+        rz = RZ + i * m
+        zp = Zpre + i * m if Zpre != NULL else NULL
+        if act == ACT_TANH:
+            for j in range(m):
+                a = ar[j]
                 d1 = 1 - a * a
                 d2 = -2 * a * d1
-            elif act == ACT_LOGISTIC:
+                _rstep(rd, d, rz, j, d1, d2)
+        elif act == ACT_LOGISTIC:
+            for j in range(m):
+                a = ar[j]
                 d1 = a * (1 - a)
                 d2 = d1 * (1 - 2 * a)
-            elif act == ACT_RELU:
-                d1 = 1 if a > 0 else 0
-                d2 = 0
-            else:
-                d1 = 1
-                d2 = 0
-            RD[i * m + j] = RD[i * m + j] * d1 + D[i * m + j] * d2 * RZ[i * m + j]
-            D[i * m + j] = D[i * m + j] * d1
-            db[j] += RD[i * m + j]
+                _rstep(rd, d, rz, j, d1, d2)
+        elif act == ACT_RELU:
+            for j in range(m):
+                d1 = 1 if ar[j] > 0 else 0
+                _rstep(rd, d, rz, j, d1, 0)
+        elif act == ACT_LEAKY_RELU:
+            for j in range(m):
+                d1 = 1 if ar[j] > 0 else <floating> 0.01
+                _rstep(rd, d, rz, j, d1, 0)
+        elif act == ACT_ELU:
+            for j in range(m):
+                a = ar[j]
+                d1 = 1 if a > 0 else a + 1
+                d2 = 0 if a > 0 else a + 1
+                _rstep(rd, d, rz, j, d1, d2)
+        elif act == ACT_SOFTPLUS:
+            for j in range(m):
+                d1 = -_expm1(-ar[j])
+                d2 = d1 * (1 - d1)
+                _rstep(rd, d, rz, j, d1, d2)
+        elif act == ACT_GELU:
+            for j in range(m):
+                _rstep(rd, d, rz, j, _gelu_d1(zp[j]), _gelu_d2(zp[j]))
+        elif act == ACT_SILU:
+            for j in range(m):
+                _rstep(rd, d, rz, j, _silu_d1(zp[j]), _silu_d2(zp[j]))
+        else:
+            for j in range(m):
+                _rstep(rd, d, rz, j, 1, 0)
+        for j in range(m):
+            db[j] += rd[j]
 
 
 cdef void output_curvature(floating* R, const floating* P, floating* D, const floating* Y,
@@ -156,8 +227,9 @@ cdef void block_rop(const Spec* sp, const Input* inp, Py_ssize_t start, Py_ssize
     """Add this block's Gauss-Newton (or, with ``exact``, Hessian) product with v.
 
     out_w receives the coefficient part (gemm beta = 1 when accumulate, else overwritten);
-    dacc (float64, laid out like theta's intercepts) the intercept part. acts holds this
-    block's A_1..A_L: computed here unless ``have_forward`` (same theta as before).
+    dacc (float64, laid out like theta's intercepts) the intercept part. acts is this
+    block of the forward cache (A_1..A_L, then the kept Z_k): computed here unless
+    ``have_forward`` (same theta as before).
     """
     cdef int L = sp.n_layers, l
     cdef const Py_ssize_t* s = sp.sizes
@@ -202,7 +274,8 @@ cdef void block_rop(const Spec* sp, const Input* inp, Py_ssize_t start, Py_ssize
                      acts + _act_offset(sp, l - 1), <int> s[l - 1], theta + sp.w_off[l - 1],
                      <int> s[l], <floating> 0.0, Z, <int> s[l])
             if l < L:
-                bias_activate(Z, theta + sp.b_off[l - 1], n, s[l], sp.act)
+                bias_activate(Z, theta + sp.b_off[l - 1], _z_ptr(sp, acts, l), n, s[l],
+                              _act(sp, l))
             else:
                 output_activate(Z, theta + sp.b_off[L - 1], n, s[L], sp.out)
 
@@ -221,7 +294,8 @@ cdef void block_rop(const Spec* sp, const Input* inp, Py_ssize_t start, Py_ssize
         _add_bias(RZ, v + sp.b_off[l - 1], n, s[l])
         if l < L:
             memcpy(work + _rop_rz(sp, l), RZ, n * s[l] * sizeof(floating))
-            _act_deriv_mul(RZ, acts + _act_offset(sp, l), n, s[l], sp.act)
+            _act_deriv_mul(RZ, acts + _act_offset(sp, l), _z_ptr(sp, acts, l), n, s[l],
+                           _act(sp, l))
 
     # Output curvature: RD_L (in RA_L's place) and, for the Hessian, D_L.
     RD = work + _rop_ra(sp, L)
@@ -262,10 +336,13 @@ cdef void block_rop(const Spec* sp, const Input* inp, Py_ssize_t start, Py_ssize
                  <int> s[l], theta + sp.w_off[l - 1], <int> s[l], <floating> 0.0, Dn,
                  <int> s[l - 1])
             activation_rbackward(RDn, Dn, acts + _act_offset(sp, l - 1),
-                                 work + _rop_rz(sp, l - 1), n, s[l - 1], sp.act, db)
+                                 _z_ptr(sp, acts, l - 1), work + _rop_rz(sp, l - 1), n,
+                                 s[l - 1], _act(sp, l - 1), db)
             D = Dn
         else:
-            activation_backward(RDn, acts + _act_offset(sp, l - 1), n, s[l - 1], sp.act, db)
+            activation_backward(RDn, acts + _act_offset(sp, l - 1),
+                                _z_ptr(sp, acts, l - 1), n, s[l - 1], _act(sp, l - 1),
+                                db)
         RD = RDn
 
 
@@ -274,17 +351,19 @@ def curvature_product(const floating[::1] theta, const floating[::1] v,
                       const floating[::1] data, const int[::1] indices,
                       const Py_ssize_t[::1] indptr, const floating[:, ::1] Y,
                       const double[::1] sample_weight, const Py_ssize_t[::1] sizes,
-                      const Py_ssize_t[::1] w_off, const Py_ssize_t[::1] b_off, int act,
-                      int out, floating[:, ::1] work, floating[:, ::1] tgrad,
-                      double[:, ::1] tdacc, int64_t[:, ::1] acc, floating[::1] acts,
+                      const Py_ssize_t[::1] w_off, const Py_ssize_t[::1] b_off,
+                      const int[::1] acts, int out, floating[:, ::1] work,
+                      floating[:, ::1] tgrad, double[:, ::1] tdacc, int64_t[:, ::1] acc,
+                      floating[::1] cache,
                       bint have_forward, Py_ssize_t block, double scale, double alpha,
                       bint exact, int n_threads, bint finish=True):
     """Gauss-Newton (or exact Hessian) times v over all rows, into out_arr (n_params,).
 
     Blocks, threads, buffers and exact sums as in ``loss_grad`` (bitwise the same for any
     n_threads; ``finish`` False leaves the sums in acc[0], see ``finish_product``). work
-    is (n_threads, rop_workspace_size(sizes, block)); acts (acts_size(...)) caches the
-    forward activations: pass ``have_forward`` when it holds them for this theta.
+    is (n_threads, rop_workspace_size(sizes, block)); cache (acts_size(...)) holds the
+    forward activations: pass ``have_forward`` when it holds them for this theta. acts:
+    one activation code per hidden layer.
     """
     cdef Spec sp
     cdef Input inp
@@ -301,19 +380,20 @@ def curvature_product(const floating[::1] theta, const floating[::1] v,
     cdef floating* tg = &tgrad[0, 0]
     cdef double* td = &tdacc[0, 0]
     cdef int64_t* acc_p = &acc[0, 0]
-    cdef floating* acts_p = &acts[0]
-    cdef Py_ssize_t per_block = 0
+    cdef floating* cache_p = &cache[0]
+    cdef Py_ssize_t per_block
     cdef int tid
     cdef Py_ssize_t b, start
     cdef bint ok
-    for i in range(1, sizes.shape[0]):
-        per_block += block * sizes[i]
-    if acts.shape[0] < n_blocks * per_block:
-        raise ValueError("the activation cache is too small")
     if v.shape[0] != n_params or out_arr.shape[0] != n_params:
         raise ValueError("direction or output does not match theta")
     _check_exact_buffers(n_params, n_params - n_coef, n_threads, work, tgrad, tdacc, acc)
-    _fill(&sp, &inp, sizes, w_off, b_off, act, out, block, X, data, indices, indptr, theta)
+    _fill(&sp, &inp, sizes, w_off, b_off, acts, out, block, X, data, indices, indptr, theta)
+    per_block = _z_offset(&sp, sp.n_layers)  # A_1..A_L and the kept Zs of one block
+    if cache.shape[0] < n_blocks * per_block:
+        raise ValueError("the forward cache is too small")
+    if ws < rop_workspace_size(sizes, block):
+        raise ValueError("the workspace is too small")
     if sample_weight is not None:
         sw = &sample_weight[0]
     if n > 0:
@@ -326,7 +406,7 @@ def curvature_product(const floating[::1] theta, const floating[::1] v,
             memset(td + tid * n_int, 0, n_int * sizeof(double))
             block_rop(&sp, &inp, start, min(block, n - start), Y_p, sw, scale, theta_p,
                       v_p, tg + tid * n_params, td + tid * n_int, work_p + tid * ws,
-                      acts_p + b * per_block, have_forward, False, exact)
+                      cache_p + b * per_block, have_forward, False, exact)
             ok = _fx_block(acc_p + tid * asz, tg + tid * n_params, n_coef, 0)
             ok = _fx_block64(acc_p + tid * asz, td + tid * n_int, n_int, n_coef) and ok
             if not ok:

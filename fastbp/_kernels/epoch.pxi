@@ -173,8 +173,9 @@ def run_epoch(floating[::1] theta, floating[:, ::1] grads, const floating[:, :] 
               const floating[::1] data, const int[::1] indices,
               const Py_ssize_t[::1] indptr, const floating[:, ::1] Y,
               const double[::1] sample_weight, const Py_ssize_t[::1] sizes,
-              const Py_ssize_t[::1] w_off, const Py_ssize_t[::1] b_off, int act, int out,
-              floating[:, ::1] work, double[:, ::1] dacc, Py_ssize_t[::1] order,
+              const Py_ssize_t[::1] w_off, const Py_ssize_t[::1] b_off,
+              const int[::1] acts, int out, floating[:, ::1] work, double[:, ::1] dacc,
+              Py_ssize_t[::1] order,
               bint shuffle, unsigned long long seed, Py_ssize_t batch_size, double alpha,
               int solver, double learning_rate, double momentum, bint nesterov,
               double beta_1, double beta_2, double epsilon, floating[::1] state_1,
@@ -249,7 +250,9 @@ def run_epoch(floating[::1] theta, floating[:, ::1] grads, const floating[:, :] 
         raise ValueError("grads and state_1 must match theta's length")
     if solver == SOLVER_ADAM_ and state_2.shape[0] != n_params:
         raise ValueError("state_2 must match theta's length for Adam")
-    _fill(&sp, &inp, sizes, w_off, b_off, act, out, per_chunk, X, data, indices, indptr,
+    if ws < workspace_size(sizes, acts, per_chunk, X is not None):
+        raise ValueError("the workspace is too small for ceil(batch_size / n_chunks) rows")
+    _fill(&sp, &inp, sizes, w_off, b_off, acts, out, per_chunk, X, data, indices, indptr,
           theta)
     if sample_weight is not None:
         sw = &sample_weight[0]

@@ -191,13 +191,14 @@ def loss_grad(const floating[::1] theta, floating[::1] grad, const floating[:, :
               const floating[::1] data, const int[::1] indices,
               const Py_ssize_t[::1] indptr, const floating[:, ::1] Y,
               const double[::1] sample_weight, const Py_ssize_t[::1] sizes,
-              const Py_ssize_t[::1] w_off, const Py_ssize_t[::1] b_off, int act, int out,
-              floating[:, ::1] work, floating[:, ::1] tgrad, double[:, ::1] tdacc,
-              int64_t[:, ::1] acc, Py_ssize_t block, double scale, double alpha,
+              const Py_ssize_t[::1] w_off, const Py_ssize_t[::1] b_off,
+              const int[::1] acts, int out, floating[:, ::1] work, floating[:, ::1] tgrad,
+              double[:, ::1] tdacc, int64_t[:, ::1] acc, Py_ssize_t block, double scale, double alpha,
               int n_threads, bint finish=True):
     """Full-batch objective over all rows, streamed in blocks; returns the loss (float).
 
     grad (n_params,) is overwritten, or left alone when None. scale = 1 / sum(weights).
+    acts holds one activation code (``ACTIVATIONS``' values, C int) per hidden layer.
     X is dense (and data/indices/indptr None) or None (and they hold CSR arrays).
     work, tgrad (n_params), tdacc (n_intercepts) and acc (accumulator_size) have one row
     per thread. The exact sums end in acc[0]; with ``finish`` False they are left there
@@ -225,7 +226,9 @@ def loss_grad(const floating[::1] theta, floating[::1] grad, const floating[:, :
     cdef bint ok
     cdef int tid
     _check_exact_buffers(n_params, n_params - n_coef, n_threads, work, tgrad, tdacc, acc)
-    _fill(&sp, &inp, sizes, w_off, b_off, act, out, block, X, data, indices, indptr, theta)
+    if ws < workspace_size(sizes, acts, block, False):
+        raise ValueError("the workspace is too small")
+    _fill(&sp, &inp, sizes, w_off, b_off, acts, out, block, X, data, indices, indptr, theta)
     if grad is not None:
         g = &grad[0]
     if sample_weight is not None:
@@ -276,7 +279,7 @@ def finish_loss_grad(const int64_t[::1] acc, const floating[::1] theta, floating
     cdef floating* g = NULL
     if acc.shape[0] != FXW * (n_params + 2) or dacc.shape[0] < n_params - b_off[0]:
         raise ValueError("accumulator or scratch does not match theta")
-    _fill_spec(&sp, sizes, w_off, b_off, 0, 0, 1)
+    _fill_spec(&sp, sizes, w_off, b_off, None, 0, 1)
     if grad is not None:
         g = &grad[0]
     return _finish(&sp, &acc[0], &theta[0], g, &dacc[0], n_params, scale, alpha, True)
@@ -293,7 +296,7 @@ def finish_product(const int64_t[::1] acc, const floating[::1] v, floating[::1] 
     if acc.shape[0] != FXW * (n_params + 2) or out_arr.shape[0] != n_params \
             or dacc.shape[0] < n_params - b_off[0]:
         raise ValueError("accumulator, output or scratch does not match v")
-    _fill_spec(&sp, sizes, w_off, b_off, 0, 0, 1)
+    _fill_spec(&sp, sizes, w_off, b_off, None, 0, 1)
     _finish(&sp, &acc[0], &v[0], &out_arr[0], &dacc[0], n_params, scale, alpha, False)
 
 
@@ -314,8 +317,9 @@ def finish_sums(const int64_t[::1] acc, floating[::1] out_arr):
 def forward(const floating[::1] theta, floating[:, ::1] out_arr, const floating[:, :] X,
             const floating[::1] data, const int[::1] indices,
             const Py_ssize_t[::1] indptr, const Py_ssize_t[::1] sizes,
-            const Py_ssize_t[::1] w_off, const Py_ssize_t[::1] b_off, int act, int out,
-            floating[:, ::1] work, Py_ssize_t block, int n_threads):
+            const Py_ssize_t[::1] w_off, const Py_ssize_t[::1] b_off,
+            const int[::1] acts, int out, floating[:, ::1] work, Py_ssize_t block,
+            int n_threads):
     """Output activations for every row into out_arr (n_samples, n_outputs).
 
     Blocks are independent: threads take blocks; work is (n_threads, workspace).
@@ -331,7 +335,9 @@ def forward(const floating[::1] theta, floating[:, ::1] out_arr, const floating[
     cdef int tid
     if work.shape[0] < n_threads:
         raise ValueError("work needs one row per thread")
-    _fill(&sp, &inp, sizes, w_off, b_off, act, out, block, X, data, indices, indptr, theta)
+    if ws < workspace_size(sizes, acts, block, False):
+        raise ValueError("the workspace is too small")
+    _fill(&sp, &inp, sizes, w_off, b_off, acts, out, block, X, data, indices, indptr, theta)
     if n == 0:
         return
     out_p = &out_arr[0, 0]

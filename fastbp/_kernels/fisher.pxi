@@ -11,13 +11,15 @@
 # Blocks are summed with exact_sums.pxi's accumulators: bitwise the same for any thread
 # count. block_fisher is noexcept nogil and allocates nothing.
 
-def fisher_workspace_size(const Py_ssize_t[::1] sizes, Py_ssize_t block):
-    """Elements of one thread's workspace for ``fisher_diag`` over ``block`` rows."""
+def fisher_workspace_size(const Py_ssize_t[::1] sizes, const int[::1] acts,
+                          Py_ssize_t block):
+    """Elements of one thread's workspace for ``fisher_diag`` over ``block`` rows: the
+    gradient pass's (``workspace_size``, the kept Zs included), then A .* A and D .* D."""
     cdef Py_ssize_t widest = 1, l
     for l in range(sizes.shape[0]):
         if sizes[l] > widest:
             widest = sizes[l]
-    return workspace_size(sizes, block, False) + 2 * block * widest
+    return workspace_size(sizes, acts, block, False) + 2 * block * widest
 
 
 cdef inline double _row_factor(const double* sw, Py_ssize_t r, double scale) noexcept nogil:
@@ -94,7 +96,8 @@ cdef void block_fisher(const Spec* sp, const Input* inp, Py_ssize_t start, Py_ss
             Dnext = scratch + (l % 2) * sp.block * sp.max_hidden
             gemm(False, True, <int> n, <int> k, <int> m, <floating> 1.0, D, <int> m,
                  theta + sp.w_off[l - 1], <int> m, <floating> 0.0, Dnext, <int> k)
-            activation_backward(Dnext, work + _act_offset(sp, l - 1), n, k, sp.act,
+            activation_backward(Dnext, work + _act_offset(sp, l - 1),
+                                _z_ptr(sp, work, l - 1), n, k, _act(sp, l - 1),
                                 sink + (sp.b_off[l - 2] - sp.b_off[0]))
             D = Dnext
 
@@ -103,10 +106,10 @@ def fisher_diag(const floating[::1] theta, floating[::1] out_arr, const floating
                 const floating[::1] data, const int[::1] indices,
                 const Py_ssize_t[::1] indptr, const floating[:, ::1] Y,
                 const double[::1] sample_weight, const Py_ssize_t[::1] sizes,
-                const Py_ssize_t[::1] w_off, const Py_ssize_t[::1] b_off, int act, int out,
-                floating[:, ::1] work, floating[:, ::1] tgrad, double[:, ::1] tdacc,
-                int64_t[:, ::1] acc, Py_ssize_t block, double scale, int n_threads,
-                bint finish=True):
+                const Py_ssize_t[::1] w_off, const Py_ssize_t[::1] b_off,
+                const int[::1] acts, int out, floating[:, ::1] work,
+                floating[:, ::1] tgrad, double[:, ::1] tdacc, int64_t[:, ::1] acc,
+                Py_ssize_t block, double scale, int n_threads, bint finish=True):
     """Diagonal of the empirical Fisher, sum_i scale * w_i * (grad loss_i)^2, into out_arr.
 
     No L2 term. Blocks, threads, buffers and exact sums as in ``loss_grad`` (``finish``
@@ -128,10 +131,10 @@ def fisher_diag(const floating[::1] theta, floating[::1] out_arr, const floating
     cdef int64_t* acc_p = &acc[0, 0]
     cdef int tid
     cdef Py_ssize_t b, start
-    if out_arr.shape[0] != n_params or ws < fisher_workspace_size(sizes, block):
+    if out_arr.shape[0] != n_params or ws < fisher_workspace_size(sizes, acts, block):
         raise ValueError("output or workspace does not match")
     _check_exact_buffers(n_params, n_int, n_threads, work, tgrad, tdacc, acc)
-    _fill(&sp, &inp, sizes, w_off, b_off, act, out, block, X, data, indices, indptr, theta)
+    _fill(&sp, &inp, sizes, w_off, b_off, acts, out, block, X, data, indices, indptr, theta)
     if sample_weight is not None:
         sw = &sample_weight[0]
     if n > 0:

@@ -1,9 +1,13 @@
 # Elementwise layer kernels and the sparse first layer, for one block of n rows with m
 # units in the layer (row-major arrays, f a hidden activation, g the output's):
 #
-#   bias_activate          Z <- f(Z + 1 b^T), in place
-#   activation_backward    D <- D .* f'(A), db += colsum(D); f' from A = f(Z):
-#                          logistic a(1-a), tanh 1-a^2, relu [a>0], identity 1
+#   bias_activate          Z <- f(Z + 1 b^T), in place; gelu and silu layers also write
+#                          Z + 1 b^T to Zpre (their derivatives need z)
+#   activation_backward    D <- D .* f'(A), db += colsum(D); f' from A = f(Z) where that
+#                          is exact: logistic a(1-a), tanh 1-a^2, relu [a>0], identity 1,
+#                          leaky_relu 1 or 0.01 by the sign of a, elu 1 or a+1,
+#                          softplus sigmoid(z) = -expm1(-a); from Zpre: gelu
+#                          Phi(z) + z phi(z), silu s(1 + z(1-s)) with s = sigmoid(z)
 #   output_activate        Z <- g(Z + 1 b^T), no loss (predictions)
 #   output_loss_backward   Z <- Delta_L, Delta_L[i] = dloss_i/dz_i * w_i * scale
 #                          (= (g(z_i) - y_i) w_i scale for a proper target),
@@ -11,15 +15,57 @@
 #   sparse_forward         Z = X[rows] W_1 for CSR X, never densified
 #   sparse_backward        dW_1 (+)= X[rows]^T D for CSR X
 #
-# Intercept sums (db) are float64, added row by row in row order. noexcept nogil and
-# allocation-free. Callers: block_pass.pxi (the gradient pass), curvature.pxi and
-# fisher.pxi.
+# The scalar helpers below give f, f' and f'' of the activations that need more than one
+# expression; curvature.pxi uses them too. Float32 runs float math (expf, erfcf, log1pf,
+# expm1f), float64 double. Intercept sums (db) are float64, added row by row in row
+# order. noexcept nogil and allocation-free. Callers: block_pass.pxi (the gradient pass),
+# curvature.pxi and fisher.pxi.
 
-cdef void bias_activate(floating* Z, const floating* b, Py_ssize_t n, Py_ssize_t m,
-                        int act) noexcept nogil:
-    """Z (n, m) <- f(Z + b) in place, for a hidden activation f."""
+cdef inline floating _sigmoid(floating z) noexcept nogil:
+    return 1 / (1 + _exp(-z))
+
+
+cdef inline floating _gelu_cdf(floating z) noexcept nogil:
+    """Phi(z) = (1 + erf(z / sqrt 2)) / 2, as erfc(-z / sqrt 2) / 2: the same number,
+    without the cancellation of 1 + erf in the left tail."""
+    return <floating> 0.5 * _erfc(-z * <floating> 0.7071067811865476)
+
+
+cdef inline floating _gelu_pdf(floating z) noexcept nogil:
+    """phi(z) = exp(-z^2 / 2) / sqrt(2 pi); 0 where z^2 overflows."""
+    return _exp(<floating> -0.5 * z * z) * <floating> 0.3989422804014327
+
+
+cdef inline floating _gelu_d1(floating z) noexcept nogil:
+    """GELU's f'(z) = Phi(z) + z phi(z)."""
+    return _gelu_cdf(z) + z * _gelu_pdf(z)
+
+
+cdef inline floating _gelu_d2(floating z) noexcept nogil:
+    """GELU's f''(z) = phi(z) (2 - z^2) (0 where phi underflows, before z^2 overflows)."""
+    cdef floating p = _gelu_pdf(z)
+    return p * (2 - z * z) if p != 0 else 0
+
+
+cdef inline floating _silu_d1(floating z) noexcept nogil:
+    """SiLU's f'(z) = s (1 + z (1 - s)), s = sigmoid(z)."""
+    cdef floating s = _sigmoid(z)
+    return s * (1 + z * (1 - s))
+
+
+cdef inline floating _silu_d2(floating z) noexcept nogil:
+    """SiLU's f''(z) = s (1 - s) (2 + z (1 - 2 s))."""
+    cdef floating s = _sigmoid(z)
+    return s * (1 - s) * (2 + z * (1 - 2 * s))
+
+
+cdef void bias_activate(floating* Z, const floating* b, floating* Zpre, Py_ssize_t n,
+                        Py_ssize_t m, int act) noexcept nogil:
+    """Z (n, m) <- f(Z + b) in place, for a hidden activation f. For gelu and silu,
+    Zpre (n, m) receives Z + b (their derivatives need it); NULL for the others."""
     cdef Py_ssize_t i, j
     cdef floating* z
+    cdef floating* zp
     cdef floating v
     for i in range(n):
         z = Z + i * m
@@ -33,20 +79,48 @@ cdef void bias_activate(floating* Z, const floating* b, Py_ssize_t n, Py_ssize_t
         elif act == ACT_LOGISTIC:
             for j in range(m):
                 z[j] = 1 / (1 + _exp(-(z[j] + b[j])))
+        elif act == ACT_LEAKY_RELU:
+            for j in range(m):
+                v = z[j] + b[j]
+                z[j] = v if v > 0 else v * <floating> 0.01
+        elif act == ACT_ELU:
+            for j in range(m):
+                v = z[j] + b[j]
+                z[j] = v if v > 0 else _expm1(v)
+        elif act == ACT_SOFTPLUS:
+            # max(v, 0) + log1p(e^-|v|): no overflow for any v.
+            for j in range(m):
+                v = z[j] + b[j]
+                z[j] = (v if v > 0 else 0) + _log1p(_exp(-v if v > 0 else v))
+        elif act == ACT_GELU:
+            zp = Zpre + i * m
+            for j in range(m):
+                v = z[j] + b[j]
+                zp[j] = v
+                z[j] = v * _gelu_cdf(v)
+        elif act == ACT_SILU:
+            zp = Zpre + i * m
+            for j in range(m):
+                v = z[j] + b[j]
+                zp[j] = v
+                z[j] = v * _sigmoid(v)
         else:
             for j in range(m):
                 z[j] = z[j] + b[j]
 
 
-cdef void activation_backward(floating* D, const floating* A, Py_ssize_t n, Py_ssize_t m,
-                              int act, double* db) noexcept nogil:
-    """D (n, m) <- D .* f'(A) in place, with f' written in terms of A = f(Z).
+cdef void activation_backward(floating* D, const floating* A, const floating* Zpre,
+                              Py_ssize_t n, Py_ssize_t m, int act,
+                              double* db) noexcept nogil:
+    """D (n, m) <- D .* f'(A) in place, with f' written in terms of A = f(Z), or of the
+    pre-activations Zpre for gelu and silu (NULL for the others).
 
     Adds the column sums of the result to db (m,), in float64.
     """
     cdef Py_ssize_t i, j
     cdef floating* d
     cdef const floating* a
+    cdef const floating* zp
     for i in range(n):
         d = D + i * m
         a = A + i * m
@@ -62,6 +136,23 @@ cdef void activation_backward(floating* D, const floating* A, Py_ssize_t n, Py_s
         elif act == ACT_LOGISTIC:
             for j in range(m):
                 d[j] = d[j] * a[j] * (1 - a[j])
+        elif act == ACT_LEAKY_RELU:
+            for j in range(m):
+                d[j] = d[j] if a[j] > 0 else d[j] * <floating> 0.01
+        elif act == ACT_ELU:
+            for j in range(m):
+                d[j] = d[j] if a[j] > 0 else d[j] * (a[j] + 1)
+        elif act == ACT_SOFTPLUS:
+            for j in range(m):
+                d[j] = d[j] * -_expm1(-a[j])
+        elif act == ACT_GELU:
+            zp = Zpre + i * m
+            for j in range(m):
+                d[j] = d[j] * _gelu_d1(zp[j])
+        elif act == ACT_SILU:
+            zp = Zpre + i * m
+            for j in range(m):
+                d[j] = d[j] * _silu_d1(zp[j])
         for j in range(m):
             db[j] += d[j]
 

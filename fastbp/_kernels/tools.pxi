@@ -96,7 +96,7 @@ def gemm_only(const floating[::1] theta, const floating[:, ::1] X,
     cdef Py_ssize_t b, start
     if work.shape[0] < n_threads or tgrad.shape[0] < n_threads:
         raise ValueError("thread buffers do not match")
-    _fill_spec(&sp, sizes, w_off, w_off, 0, 0, block)
+    _fill_spec(&sp, sizes, w_off, w_off, None, 0, block)
     with nogil, parallel(num_threads=n_threads):
         tid = threadid()
         for b in prange(n_blocks, schedule="dynamic", chunksize=1):
