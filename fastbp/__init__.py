@@ -15,6 +15,7 @@ from ._network import Network
 from ._divergence import DivergenceError
 from ._gradcheck import GradientReport, check_gradients
 from ._onnx import to_onnx
+from . import inspection
 from ._version import __version__
 
 __all__ = ["Network", "MLPClassifier", "MLPRegressor", "MLPAutoencoder", "DivergenceError", "save", "load",

@@ -34,6 +34,7 @@
 #   layers.pxi      elementwise activations, output loss and delta, sparse first layer
 #   block_pass.pxi  workspace layout, forward/backward over one block, gradient finish
 #   exact_sums.pxi  fixed-point accumulators; full-batch loss_grad, forward, merge/finish
+#   inspection.pxi  per-sample deltas and input gradients; dropout's mask, for tests
 #   updates.pxi     SGD and Adam steps
 #   epoch.pxi       the minibatch epoch: shuffle, team barrier, reduce_and_step
 #   curvature.pxi   R-operator: Gauss-Newton and Hessian products
@@ -43,6 +44,7 @@ include "_kernels/common.pxi"
 include "_kernels/layers.pxi"
 include "_kernels/block_pass.pxi"
 include "_kernels/exact_sums.pxi"
+include "_kernels/inspection.pxi"
 include "_kernels/updates.pxi"
 include "_kernels/epoch.pxi"
 include "_kernels/curvature.pxi"

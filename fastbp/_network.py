@@ -764,6 +764,111 @@ class Network:
         theta = self._check_theta(theta)
         return self._forward(theta, self.prepare(X), raw=raw)
 
+    def _inspect(self, theta, X, Y, sample_weight, deltas, input_grad):
+        theta = self._check_theta(theta)
+        d = self.prepare(X, Y, sample_weight)
+        n = d.n_samples
+        flat = np.empty(n * sum(self.layer_sizes[1:]), dtype=self.dtype) if deltas \
+            else None
+        grad_x = np.empty((n, self.layer_sizes[0]), dtype=self.dtype) if input_grad \
+            else None
+        if n:
+            key, b = self._acquire(n, False, block=d.block)
+            try:
+                dacc = np.zeros((b["threads"], self._n_intercepts))
+                with self._blas_guard(b, True):
+                    _core.layer_deltas(theta, d.X, d.data, d.indices, d.indptr, d.Y,
+                                       d.sample_weight, self._sizes, self._w_off,
+                                       self._b_off, self._acts, self._out, b["work"], dacc,
+                                       flat, grad_x, b["block"], b["threads"])
+            finally:
+                self._release(key, b)
+        if not deltas:
+            return grad_x
+        out, offset = [], 0
+        for units in self.layer_sizes[1:]:
+            out.append(flat[offset:offset + n * units].reshape(n, units))
+            offset += n * units
+        return out
+
+    def deltas(self, theta, X, Y, sample_weight=None):
+        """Per-sample backpropagated errors: each layer's ``dloss_i/dz_l``.
+
+        These are the error contributions backpropagation is defined by, before the
+        objective's averaging: for sample i, ``w_i * dloss_i / dz_l[i]`` with w_i its
+        weight (1 without weights) and z_l the layer's pre-activations. They come from
+        the same compiled backward pass as ``loss_grad``, in blocks of rows over the
+        threads; each row's values depend on that row only.
+
+        Parameters
+        ----------
+        theta : array-like of shape (n_params,)
+            Flat parameters.
+        X : {array-like, sparse matrix} of shape (n_samples, n_features)
+            Inputs.
+        Y : array-like of shape (n_samples, n_outputs)
+            Targets in the network's form (one-hot rows, 0/1 columns or values).
+        sample_weight : array-like of shape (n_samples,), default=None
+            Sample weights.
+
+        Returns
+        -------
+        deltas : list of ndarray
+            ``deltas[l]`` has shape (n_samples, layer_sizes[l + 1]): hidden layers first,
+            the output layer last (where it is ``w_i (yhat_i - y_i)`` for every
+            canonical output and loss).
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> import fastbp
+        >>> net = fastbp.Network([3, 4, 2], activation="tanh", output="softmax")
+        >>> theta = net.init_params(random_state=0)
+        >>> X = np.random.default_rng(0).normal(size=(5, 3))
+        >>> Y = np.eye(2)[[0, 1, 1, 0, 1]]
+        >>> d_hidden, d_out = net.deltas(theta, X, Y)
+        >>> d_hidden.shape, d_out.shape
+        ((5, 4), (5, 2))
+        >>> bool(np.allclose(d_out, net.forward(theta, X) - Y))
+        True
+        """
+        return self._inspect(theta, X, Y, sample_weight, True, False)
+
+    def input_gradient(self, theta, X, Y, sample_weight=None):
+        """Per-sample gradients of the loss with respect to the inputs.
+
+        For sample i, ``w_i * dloss_i / dx_i`` (w_i its weight, 1 without weights): one
+        backward pass through the compiled kernels, in the blocks and threads of
+        ``loss_grad``. Dense also for sparse X.
+
+        Parameters
+        ----------
+        theta : array-like of shape (n_params,)
+            Flat parameters.
+        X : {array-like, sparse matrix} of shape (n_samples, n_features)
+            Inputs.
+        Y : array-like of shape (n_samples, n_outputs)
+            Targets in the network's form.
+        sample_weight : array-like of shape (n_samples,), default=None
+            Sample weights.
+
+        Returns
+        -------
+        gradient : ndarray of shape (n_samples, n_features)
+            One row per sample.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> import fastbp
+        >>> net = fastbp.Network([2, 1], output="identity")
+        >>> theta = np.array([1.0, 2.0, 0.5])   # yhat = x1 + 2 x2 + 0.5
+        >>> X, Y = np.array([[1.0, 1.0]]), np.array([[2.5]])
+        >>> net.input_gradient(theta, X, Y)     # (yhat - y) * W^T = 1 * [1, 2]
+        array([[1., 2.]])
+        """
+        return self._inspect(theta, X, Y, sample_weight, False, True)
+
     def loss_grad(self, theta, X, Y, sample_weight=None, alpha=0.0, out=None):
         """The objective and its exact gradient.
 

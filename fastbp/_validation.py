@@ -28,6 +28,7 @@ from .distributed import DaskObjective, get_client, is_dask_collection
 __all__ = ["validate_fit", "validate_local", "validate_dask", "validate_val",
            "checked_sample_weight", "class_weight_rows",
            "check_two_classes", "hidden_sizes", "start_classes", "decode_targets",
+           "encode_targets", "dropout_rates",
            "DaskData", "STOCHASTIC"]
 
 STOCHASTIC = ("sgd", "adam")
@@ -43,6 +44,30 @@ def hidden_sizes(hidden_layer_sizes):
     if any(not isinstance(s, (Integral, np.integer)) or s <= 0 for s in sizes):
         raise ValueError(f"hidden_layer_sizes must be positive integers, got {sizes}.")
     return sizes
+
+
+def dropout_rates(dropout, n_hidden, solver):
+    """``dropout`` (one rate, or one per hidden layer) as a float64 array with one rate
+    per hidden layer, or None when every rate is 0."""
+    rates = list(dropout) if isinstance(dropout, (list, tuple)) else [dropout] * n_hidden
+    if len(rates) != n_hidden:
+        raise ValueError(f"dropout lists {len(rates)} rate(s), but the network has "
+                         f"{n_hidden} hidden layer(s): give one per hidden layer, or one "
+                         "float for all")
+    for k, rate in enumerate(rates):
+        if (isinstance(rate, bool) or not isinstance(rate, (Real, np.number))
+                or not 0 <= float(rate) < 1):
+            raise ValueError(f"dropout rates must be numbers in [0, 1); hidden layer {k} "
+                             f"has {rate!r}")
+    if not any(float(r) > 0 for r in rates):
+        return None
+    if solver not in STOCHASTIC:
+        raise ValueError(
+            f"dropout needs solver='sgd' or 'adam', not {solver!r}: full-batch solvers "
+            "need a deterministic objective (line searches and curvature products compare "
+            "evaluations of one function), and dropout draws a different network for every "
+            "evaluation. Set dropout=0, or use a stochastic solver.")
+    return np.asarray(rates, dtype=np.float64)
 
 
 def checked_sample_weight(sample_weight, X):
@@ -302,6 +327,31 @@ def validate_val(est, X_val, y_val, sample_weight_val, dtype):
     sample_weight_val = _weighted(est, y_val, checked_sample_weight(sample_weight_val,
                                                                      X_val))
     return X_val, y_val, sample_weight_val
+
+
+def encode_targets(est, y, dtype):
+    """A fitted estimator's targets y in the network's form (one-hot rows, 0/1 columns
+    or 2-D values), after checking them against what it was fitted on; for inspection,
+    which must not change the estimator."""
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    if not is_classifier(est):
+        Y = y.reshape(-1, 1) if y.ndim == 1 else y
+        if Y.shape[1] != est.n_outputs_:
+            raise ValueError(f"y has {Y.shape[1]} outputs, but the model has "
+                             f"{est.n_outputs_}")
+        return np.ascontiguousarray(Y, dtype=dtype)
+    lb = est._label_binarizer
+    if lb.y_type_ == "multilabel-indicator":
+        if y.ndim != 2 or y.shape[1] != len(lb.classes_):
+            raise ValueError(f"y must be an indicator matrix with {len(lb.classes_)} "
+                             "columns, like the training targets")
+    else:
+        unknown = np.setdiff1d(unique_labels(y), est.classes_)
+        if len(unknown):
+            raise ValueError(f"y has classes {unknown.tolist()} that are not in the "
+                             f"model's classes {est.classes_.tolist()}")
+    return _encode_labels(lb, y, dtype)
 
 
 def start_classes(est, y, classes):

@@ -6,9 +6,11 @@ import pytest
 
 import fastbp
 import fastbp.distributed
+import fastbp.inspection
 
 PUBLIC = ([getattr(fastbp, name) for name in fastbp.__all__]
-          + [getattr(fastbp.distributed, name) for name in fastbp.distributed.__all__])
+          + [getattr(fastbp.distributed, name) for name in fastbp.distributed.__all__]
+          + [getattr(fastbp.inspection, name) for name in fastbp.inspection.__all__])
 
 
 def _public_members(obj):

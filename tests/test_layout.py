@@ -22,7 +22,8 @@ LAYERS = {
     "objectives": {"_objective", "distributed"},
     "drivers": {"_divergence", "_solvers", "_hessian_free", "_stochastic"},
     "estimators": {"_validation", "_estimators", "_autoencoder"},
-    "face": {"_config", "_io", "cli", "_bench", "_gradcheck", "_onnx"},
+    "face": {"_config", "_io", "cli", "_bench", "_gradcheck", "_onnx",
+             "inspection"},
     "package": {"__init__"},
 }
 RANK = {name: rank for rank, names in enumerate(LAYERS.values()) for name in names}

@@ -26,7 +26,8 @@
 # ---------------------------------------------------------------------------------------
 # Workspace layout for a block of B rows:
 #   A_1 (B, s_1) | ... | A_L (B, s_L) | Z_k (B, s_k) for each hidden layer k that keeps
-#   Z (gelu, silu), in layer order | D0 (B, h) | D1 (B, h) | Xg (B, s_0)
+#   Z (gelu, silu), in layer order | P_k (B, s_k) for each hidden layer k with dropout,
+#   in layer order | D0 (B, h) | D1 (B, h) | Xg (B, s_0)
 # with h the widest hidden layer. A_L holds the output, then Delta_L. The part up to the
 # Zs is also the layout of one block of curvature.pxi's forward cache.
 
@@ -55,8 +56,72 @@ cdef inline floating* _z_ptr(const Spec* sp, floating* base, int l) noexcept nog
     return base + _z_offset(sp, l) if _keeps_z(sp, l) else NULL
 
 
+cdef inline bint _dropped(const Spec* sp, int l) noexcept nogil:
+    """Whether hidden layer l drops units (training with dropout only)."""
+    return sp.drop != NULL and sp.drop[l - 1] > 0
+
+
+cdef inline Py_ssize_t _p_offset(const Spec* sp, int l) noexcept nogil:
+    """Offset of P_l, hidden layer l's activations before dropout, for a layer that
+    drops (l = n_layers: the end of the P buffers)."""
+    cdef Py_ssize_t off = _z_offset(sp, sp.n_layers)
+    cdef int k
+    for k in range(1, l):
+        if _dropped(sp, k):
+            off += sp.block * sp.sizes[k]
+    return off
+
+
 cdef inline Py_ssize_t _scratch_offset(const Spec* sp) noexcept nogil:
-    return _z_offset(sp, sp.n_layers)
+    return _p_offset(sp, sp.n_layers)
+
+
+cdef inline bint _keep_unit(uint64_t seed, uint64_t row, int l, Py_ssize_t j,
+                            double rate) noexcept nogil:
+    """Dropout's draw for (sample key ``row``, hidden layer l, unit j) in the epoch of
+    ``seed``: a counter-based generator (splitmix64's finaliser over the mixed counter),
+    so the forward and the backward pass, and any split of a minibatch into chunks, see
+    the same mask; kept with probability 1 - rate."""
+    cdef uint64_t z = seed ^ (<uint64_t> row * <uint64_t> 0x9E3779B97F4A7C15)
+    z = (z ^ (z >> 30)) * <uint64_t> 0xBF58476D1CE4E5B9
+    z ^= (<uint64_t> l << 48) ^ (<uint64_t> j * <uint64_t> 0xD1B54A32D192ED03)
+    z = (z ^ (z >> 27)) * <uint64_t> 0x94D049BB133111EB
+    z = (z ^ (z >> 31)) * <uint64_t> 0xBF58476D1CE4E5B9
+    z = z ^ (z >> 29)
+    return <double> (z >> 11) * (1.0 / 9007199254740992.0) >= rate
+
+
+cdef void _drop_units(const Spec* sp, floating* A, const Py_ssize_t* rows,
+                      Py_ssize_t start, Py_ssize_t n, int l) noexcept nogil:
+    """A (n, s_l) <- A .* mask / (1 - rate): inverted dropout on hidden layer l."""
+    cdef Py_ssize_t i, j, r, m = sp.sizes[l]
+    cdef uint64_t key
+    cdef double rate = sp.drop[l - 1]
+    cdef floating keep = <floating> (1.0 / (1.0 - rate))
+    for i in range(n):
+        r = rows[start + i] if rows != NULL else start + i
+        key = sp.row_keys[r] if sp.row_keys != NULL else <uint64_t> r
+        for j in range(m):
+            if _keep_unit(sp.drop_seed, key, l, j, rate):
+                A[i * m + j] = A[i * m + j] * keep
+            else:
+                A[i * m + j] = 0
+
+
+cdef Py_ssize_t _dropped_units(const Py_ssize_t[::1] sizes, const double[::1] drop) except -1:
+    """Units of the hidden layers with dropout, for the workspace size."""
+    cdef Py_ssize_t l, total = 0
+    if drop is None:
+        return 0
+    if drop.shape[0] != sizes.shape[0] - 2:
+        raise ValueError(f"drop needs one rate per hidden layer ({sizes.shape[0] - 2}), "
+                         f"got {drop.shape[0]}")
+    for l in range(drop.shape[0]):
+        if not 0.0 <= drop[l] < 1.0:
+            raise ValueError(f"dropout rates must be in [0, 1), got {drop[l]}")
+        if drop[l] > 0:
+            total += sizes[l + 1]
+    return total
 
 
 cdef Py_ssize_t _kept_units(const Py_ssize_t[::1] sizes, const int[::1] acts) except -1:
@@ -75,14 +140,16 @@ cdef Py_ssize_t _kept_units(const Py_ssize_t[::1] sizes, const int[::1] acts) ex
 
 
 def workspace_size(const Py_ssize_t[::1] sizes, const int[::1] acts, Py_ssize_t block,
-                   bint gather=True):
+                   bint gather=True, const double[::1] drop=None):
     """Number of elements in the workspace for ``sizes``, the hidden layers'
     activation codes ``acts`` and ``block`` rows.
 
     ``gather=False`` leaves out the buffer that dense minibatch rows are gathered into
     (not needed for sparse input, nor for full-batch passes over dense rows in place).
+    ``drop``: the hidden layers' dropout rates (training), or None.
     """
-    cdef Py_ssize_t total = _kept_units(sizes, acts), hidden = 1
+    cdef Py_ssize_t total = _kept_units(sizes, acts) + _dropped_units(sizes, drop)
+    cdef Py_ssize_t hidden = 1
     cdef Py_ssize_t l, L = sizes.shape[0] - 1
     for l in range(1, L + 1):
         total += sizes[l]
@@ -169,6 +236,9 @@ cdef double block_pass(const Spec* sp, const Input* inp, const Py_ssize_t* rows,
         if l < L:
             bias_activate(Z, theta + sp.b_off[l - 1], _z_ptr(sp, work, l), n, s[l],
                           _act(sp, l))
+            if _dropped(sp, l):
+                memcpy(work + _p_offset(sp, l), Z, n * s[l] * sizeof(floating))
+                _drop_units(sp, Z, rows, start, n, l)
 
     Z = work + _act_offset(sp, L)
     if Y == NULL:
@@ -178,29 +248,44 @@ cdef double block_pass(const Spec* sp, const Input* inp, const Py_ssize_t* rows,
 
     loss = output_loss_backward(Z, theta + sp.b_off[L - 1], Y, sw, rows, start, n, s[L],
                                 sp.out, scale, dacc + (sp.b_off[L - 1] - sp.b_off[0]))
-    if grad == NULL:
+    if grad == NULL and sp.deltas == NULL and sp.input_grad == NULL:
         return loss
 
-    # Backward: D holds Delta_l.
+    # Backward: D holds Delta_l. (Without grad: only the per-sample outputs, rows given
+    # by their index, as the inspection entry points ask; no dW products.)
     D = Z
     for l in range(L, 0, -1):
+        if sp.deltas != NULL:
+            memcpy(<floating*> sp.deltas + sp.n_total * (_act_offset(sp, l) // sp.block)
+                   + start * s[l], D, n * s[l] * sizeof(floating))
         if l == 1:
-            if is_sparse:
+            if grad == NULL:
+                pass
+            elif is_sparse:
                 sparse_backward(<const floating*> inp.data, inp.indices, inp.indptr, rows,
                                 start, n, D, grad + sp.w_off[0], s0, s[1], accumulate)
             else:
                 # dW_1 = A_0^T D; an F-ordered A_0 is already A_0^T in row-major terms.
                 gemm(not trans0, False, <int> s0, <int> s[1], <int> n, <floating> 1.0,
                      A0, <int> lda0, D, <int> s[1], beta, grad + sp.w_off[0], <int> s[1])
+            if sp.input_grad != NULL:  # dloss_i/dx_i = Delta_1 W_1^T
+                gemm(False, True, <int> n, <int> s0, <int> s[1], <floating> 1.0,
+                     D, <int> s[1], theta + sp.w_off[0], <int> s[1], <floating> 0.0,
+                     <floating*> sp.input_grad + start * s0, <int> s0)
             break
         Aprev = work + _act_offset(sp, l - 1)
-        gemm(True, False, <int> s[l - 1], <int> s[l], <int> n, <floating> 1.0,
-             Aprev, <int> s[l - 1], D, <int> s[l], beta, grad + sp.w_off[l - 1],
-             <int> s[l])
+        if grad != NULL:
+            gemm(True, False, <int> s[l - 1], <int> s[l], <int> n, <floating> 1.0,
+                 Aprev, <int> s[l - 1], D, <int> s[l], beta, grad + sp.w_off[l - 1],
+                 <int> s[l])
         Dnext = scratch + (l % 2) * sp.block * sp.max_hidden
         gemm(False, True, <int> n, <int> s[l - 1], <int> s[l], <floating> 1.0,
              D, <int> s[l], theta + sp.w_off[l - 1], <int> s[l], <floating> 0.0,
              Dnext, <int> s[l - 1])
+        if _dropped(sp, l - 1):
+            # Through the mask (the same draws), then f' at the activations before it.
+            _drop_units(sp, Dnext, rows, start, n, l - 1)
+            Aprev = work + _p_offset(sp, l - 1)
         activation_backward(Dnext, Aprev, _z_ptr(sp, work, l - 1), n, s[l - 1],
                             _act(sp, l - 1), dacc + (sp.b_off[l - 2] - sp.b_off[0]))
         D = Dnext

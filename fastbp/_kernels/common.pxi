@@ -91,6 +91,13 @@ cdef struct Spec:
     int out
     Py_ssize_t block        # rows per block: the workspace is sized for it
     Py_ssize_t max_hidden   # widest hidden layer (1 when there is none)
+    # Extras of block_pass, off (NULL) unless an entry point sets them:
+    void* deltas            # per-sample deltas: layer l's (n_total, s_l), layer by layer
+    void* input_grad        # per-sample input gradients (n_total, s_0)
+    Py_ssize_t n_total      # rows of those outputs (block rows land at their row index)
+    const double* drop      # dropout rate per hidden layer (training only)
+    uint64_t drop_seed      # the epoch's dropout seed
+    const uint64_t* row_keys  # per-row keys of the masks (a hash of the row), or NULL
 
 
 cdef struct Input:
@@ -208,6 +215,12 @@ cdef int _fill_spec(Spec* sp, const Py_ssize_t[::1] sizes, const Py_ssize_t[::1]
             sp.acts = &acts[0]
     sp.out = out
     sp.block = block
+    sp.deltas = NULL
+    sp.input_grad = NULL
+    sp.n_total = 0
+    sp.drop = NULL
+    sp.drop_seed = 0
+    sp.row_keys = NULL
     sp.max_hidden = 1
     for l in range(1, sp.n_layers):
         if sizes[l] > sp.max_hidden:
