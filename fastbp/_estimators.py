@@ -25,8 +25,8 @@ from ._objective import LocalObjective
 from ._solvers import fit_full_batch
 from ._stochastic import StochasticOptimizer, TrainingRecord, fit_stochastic
 from ._threads import effective_n_jobs, minibatch_plan
-from ._validation import (STOCHASTIC, decode_targets, hidden_sizes, start_classes,
-                          validate_fit, validate_val)
+from ._validation import (STOCHASTIC, decode_targets, dropout_rates, hidden_sizes,
+                          start_classes, validate_fit, validate_val)
 
 try:  # scikit-learn >= 1.9: its callback protocol (set_callbacks, sklearn.callback)
     from sklearn.callback import CallbackSupportMixin as _CallbackSupport
@@ -112,13 +112,14 @@ class _BaseMLP(_CallbackSupport, BaseEstimator):
         "n_jobs": [None, Integral],
         "curvature": [StrOptions({"gauss-newton", "hessian"})],
         "backend": [None, StrOptions({"dask"})],
+        "dropout": [Interval(Real, 0, 1, closed="left"), list, tuple],
     }
 
     def __init__(self, hidden_layer_sizes, activation, solver, alpha, batch_size,
                  learning_rate, learning_rate_init, power_t, max_iter, loss, shuffle,
                  random_state, tol, verbose, warm_start, momentum, nesterovs_momentum,
                  early_stopping, validation_fraction, beta_1, beta_2, epsilon,
-                 n_iter_no_change, max_fun, n_jobs, curvature, backend):
+                 n_iter_no_change, max_fun, n_jobs, curvature, backend, dropout=0.0):
         self.hidden_layer_sizes = hidden_layer_sizes
         self.activation = activation
         self.solver = solver
@@ -146,6 +147,7 @@ class _BaseMLP(_CallbackSupport, BaseEstimator):
         self.n_jobs = n_jobs
         self.curvature = curvature
         self.backend = backend
+        self.dropout = dropout
 
     # Persistence: coefs_/intercepts_ are views into one flat vector; pickle the vector
     # once and rebuild the views on load.
@@ -195,6 +197,7 @@ class _BaseMLP(_CallbackSupport, BaseEstimator):
     def _fit(self, X, y, sample_weight=None, incremental=False, client=None, val=None):
         raw = (X, y, sample_weight)  # as given, for callbacks
         hidden = hidden_sizes(self.hidden_layer_sizes)
+        dropout = dropout_rates(self.dropout, len(hidden), self.solver)
         _, per_layer = check_activation(self.activation, len(hidden))
         first_pass = not hasattr(self, "coefs_") or (not self.warm_start and not incremental)
         X, Y, sample_weight, data = validate_fit(self, X, y, sample_weight, client,
@@ -236,7 +239,7 @@ class _BaseMLP(_CallbackSupport, BaseEstimator):
             finally:
                 objective.close()
         elif self.solver in STOCHASTIC:
-            self._fit_stochastic(X, Y, sample_weight, incremental, val, watch)
+            self._fit_stochastic(X, Y, sample_weight, incremental, val, watch, dropout)
         else:
             self._fit_full_batch(LocalObjective(
                 self._net, self._net.prepare(X, Y, sample_weight), self.alpha), val, watch)
@@ -307,7 +310,8 @@ class _BaseMLP(_CallbackSupport, BaseEstimator):
             self.learning_rate, self.momentum, self.nesterovs_momentum, self.power_t,
             self.beta_1, self.beta_2, self.epsilon)
 
-    def _fit_stochastic(self, X, Y, sample_weight, incremental, val=None, watch=None):
+    def _fit_stochastic(self, X, Y, sample_weight, incremental, val=None, watch=None,
+                        dropout=None):
         net, theta = self._net, self._theta
         if self.early_stopping and incremental:
             raise ValueError("partial_fit does not support early_stopping=True")
@@ -362,8 +366,7 @@ class _BaseMLP(_CallbackSupport, BaseEstimator):
                 plan=plan, tol=self.tol, n_iter_no_change=self.n_iter_no_change,
                 early_stopping=self.early_stopping, validation=validation,
                 on_epoch=watch and (lambda r: watch(r.n_iter, r.loss_curve[-1])),
-                incremental=incremental,
-                verbose=self.verbose)
+                incremental=incremental, verbose=self.verbose, dropout=dropout)
         except DivergenceError:
             self._optimizer = None  # its moments/velocities may be non-finite too
             raise
@@ -646,7 +649,8 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
                  momentum=0.9, nesterovs_momentum=True, early_stopping=False,
                  validation_fraction=0.1, beta_1=0.9, beta_2=0.999, epsilon=1e-8,
                  n_iter_no_change=10, max_fun=15000, n_jobs=None,
-                 curvature="gauss-newton", backend=None, class_weight=None):
+                 curvature="gauss-newton", backend=None, class_weight=None,
+                 dropout=0.0):
         self.class_weight = class_weight
         super().__init__(
             hidden_layer_sizes=hidden_layer_sizes, activation=activation, solver=solver,
@@ -657,7 +661,7 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
             nesterovs_momentum=nesterovs_momentum, early_stopping=early_stopping,
             validation_fraction=validation_fraction, beta_1=beta_1, beta_2=beta_2,
             epsilon=epsilon, n_iter_no_change=n_iter_no_change, max_fun=max_fun,
-            n_jobs=n_jobs, curvature=curvature, backend=backend)
+            n_jobs=n_jobs, curvature=curvature, backend=backend, dropout=dropout)
 
     _parameter_constraints: dict = {
         **_BaseMLP._parameter_constraints,
@@ -834,7 +838,7 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
                  warm_start=False, momentum=0.9, nesterovs_momentum=True,
                  early_stopping=False, validation_fraction=0.1, beta_1=0.9, beta_2=0.999,
                  epsilon=1e-8, n_iter_no_change=10, max_fun=15000, n_jobs=None,
-                 curvature="gauss-newton", backend=None):
+                 curvature="gauss-newton", backend=None, dropout=0.0):
         super().__init__(
             hidden_layer_sizes=hidden_layer_sizes, activation=activation, solver=solver,
             alpha=alpha, batch_size=batch_size, learning_rate=learning_rate,
@@ -844,7 +848,7 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
             nesterovs_momentum=nesterovs_momentum, early_stopping=early_stopping,
             validation_fraction=validation_fraction, beta_1=beta_1, beta_2=beta_2,
             epsilon=epsilon, n_iter_no_change=n_iter_no_change, max_fun=max_fun,
-            n_jobs=n_jobs, curvature=curvature, backend=backend)
+            n_jobs=n_jobs, curvature=curvature, backend=backend, dropout=dropout)
 
     def _out_activation(self):
         return "exp" if self.loss == "poisson" else "identity"

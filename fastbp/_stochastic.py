@@ -22,7 +22,7 @@ from . import _core
 from ._divergence import DivergenceError, diverged
 from ._threads import blas_threads, team_for_now
 
-__all__ = ["StochasticOptimizer", "TrainingRecord", "fit_stochastic"]
+__all__ = ["StochasticOptimizer", "TrainingRecord", "fit_stochastic", "dropout_seed"]
 
 
 class StochasticOptimizer:
@@ -68,28 +68,36 @@ class StochasticOptimizer:
         return (self.solver == solver and self.state_1.shape[0] == n_params
                 and self.state_1.dtype == dtype)
 
-    def _buffers(self, net, n_chunks, batch_size, sparse):
+    def _buffers(self, net, n_chunks, batch_size, sparse, drop=None):
         """Per-chunk gradient and intercept-sum rows and per-thread workspaces (at most
         one thread per chunk), reused across epochs."""
         per_chunk = -(-batch_size // n_chunks)
-        key = (n_chunks, per_chunk, net.layer_sizes, tuple(net._acts), sparse)
+        key = (n_chunks, per_chunk, net.layer_sizes, tuple(net._acts), sparse,
+               None if drop is None else tuple(drop))
         if getattr(self, "_buf_key", None) != key:
-            ws = _core.workspace_size(net._sizes, net._acts, per_chunk, not sparse)
+            ws = _core.workspace_size(net._sizes, net._acts, per_chunk, not sparse, drop)
             self._grads = np.empty((n_chunks, net.n_params), dtype=net.dtype)
             self._work = np.empty((n_chunks, ws), dtype=net.dtype)
             self._dacc = np.empty((n_chunks, net._n_intercepts), dtype=np.float64)
             self._buf_key = key
         return self._grads, self._work, self._dacc
 
-    def epoch(self, net, theta, data, order, shuffle, seed, batch_size, alpha, n_chunks=1):
+    def epoch(self, net, theta, data, order, shuffle, seed, batch_size, alpha, n_chunks=1,
+              dropout=None, keys=None):
         """One pass over ``order``'s rows; returns the sum of batch loss x batch size.
+
+        ``dropout``: None, or one rate in [0, 1) per hidden layer (float64 array) for
+        inverted dropout, with masks drawn from ``seed`` and the rows' ``keys`` (see
+        ``row_keys`` and ``_core.run_epoch``).
 
         With ``n_chunks`` > 1 every minibatch is cut into that many chunks of rows, shared
         by a team of up to n_chunks threads (fewer while other work keeps cores busy; the
         result depends on n_chunks only); BLAS should then be limited to one thread (see
         ``_threads.minibatch_plan``).
         """
-        grads, work, dacc = self._buffers(net, n_chunks, batch_size, data.X is None)
+        grads, work, dacc = self._buffers(net, n_chunks, batch_size, data.X is None,
+                                          dropout)
+        drop_seed = dropout_seed(seed)
         n_threads, spin = team_for_now(n_chunks)
         cosine = self.lr_schedule == "cosine"
         rate = self.learning_rate_init if cosine else self.learning_rate  # the kernel decays
@@ -100,7 +108,7 @@ class StochasticOptimizer:
             _core.SOLVERS[self.solver], rate, self.momentum, self.nesterov,
             self.beta_1, self.beta_2, self.epsilon, self.state_1, self.state_2, self.step,
             n_chunks, n_threads, spin, self.cosine_steps if cosine else 0,
-            self.cosine_step if cosine else 0)
+            self.cosine_step if cosine else 0, dropout, drop_seed, keys)
         if cosine:
             self.cosine_step += n_batches
             done = min(self.cosine_step, self.cosine_steps) / max(self.cosine_steps, 1)
@@ -129,6 +137,41 @@ class StochasticOptimizer:
         return False
 
 
+def dropout_seed(seed):
+    """The seed of an epoch's dropout masks: a function of the epoch's shuffling seed, so
+    dropout draws nothing more from the estimator's random state (dropout=0 leaves a fit
+    bitwise unchanged)."""
+    return (int(seed) * 0x9E3779B97F4A7C15 + 0x632BE59BD9B4E019) % 2**64
+
+
+_KEY_ROWS = 4096  # rows hashed at a time: the temporary is this many rows of X
+
+
+def row_keys(data, n_features):
+    """One uint64 key per row of prepared data, a hash of the row's features (its
+    values' bits times per-column odd multipliers, summed mod 2^64). Dropout keys its
+    masks by it, so identical rows draw identical masks and a weight of 2 is a repeated
+    row (scikit-learn's sample-weight semantics) also with dropout. O(n_features) per
+    row, once per fit."""
+    bits = np.uint64 if data.Y.dtype == np.float64 else np.uint32
+    mult = (np.random.default_rng(0x5EED).integers(1, 2**63, n_features, dtype=np.uint64)
+            * np.uint64(2) + np.uint64(1))
+    n = data.n_samples
+    keys = np.empty(n, dtype=np.uint64)
+    if data.X is None:  # CSR arrays
+        vals = data.data.view(bits).astype(np.uint64) * mult[data.indices]
+        nnz = np.diff(data.indptr)
+        sums = np.add.reduceat(vals, data.indptr[:-1][nnz > 0]) if vals.size else vals
+        keys[:] = 0
+        keys[nnz > 0] = sums
+        return keys
+    for start in range(0, n, _KEY_ROWS):
+        rows = np.ascontiguousarray(data.X[start:start + _KEY_ROWS])
+        keys[start:start + len(rows)] = (rows.view(bits).astype(np.uint64) * mult).sum(
+            axis=1, dtype=np.uint64)
+    return keys
+
+
 class TrainingRecord:
     """What the loop reads and updates, kept by the caller across fits (warm start,
     ``partial_fit``): scikit-learn's fitted attributes without their trailing underscore.
@@ -153,7 +196,7 @@ class TrainingRecord:
 
 def fit_stochastic(objective, optimizer, theta, record, *, max_iter, batch_size, shuffle,
                    rng, plan, tol, n_iter_no_change, early_stopping=False, validation=None,
-                   on_epoch=None, incremental=False, verbose=False):
+                   on_epoch=None, incremental=False, verbose=False, dropout=None):
     """Train ``theta`` (in place) with ``optimizer`` on ``objective``'s data.
 
     Parameters
@@ -181,6 +224,8 @@ def fit_stochastic(objective, optimizer, theta, record, *, max_iter, batch_size,
         ``on_epoch(record)`` after every epoch; a true result ends training.
     incremental : bool
         One epoch (``partial_fit``), without the final check of the parameters.
+    dropout : ndarray or None
+        One dropout rate per hidden layer (float64), or None for no dropout.
 
     Raises
     ------
@@ -203,7 +248,7 @@ def fit_stochastic(objective, optimizer, theta, record, *, max_iter, batch_size,
     with blas_threads(n_threads if mode == "blas" else 1):
         _run_epochs(objective, optimizer, theta, record, max_iter, batch_size, shuffle,
                     rng, team, tol, n_iter_no_change, early_stopping, validation,
-                    on_epoch, incremental, verbose, last_good)
+                    on_epoch, incremental, verbose, last_good, dropout)
         # Each epoch's loss is measured on the way, before each update. The final
         # parameters are certified from a bound (O(n_params)); only when the bound
         # cannot tell is the loss measured once more on the training rows.
@@ -219,9 +264,10 @@ def fit_stochastic(objective, optimizer, theta, record, *, max_iter, batch_size,
 
 def _run_epochs(objective, opt, theta, record, max_iter, batch_size, shuffle, rng,
                 n_threads, tol, n_iter_no_change, early_stopping, validation, on_epoch,
-                incremental, verbose, last_good):
+                incremental, verbose, last_good, dropout=None):
     net, data, n_samples = objective.net, objective.data, objective.n_samples
     order = np.arange(n_samples, dtype=np.intp)
+    keys = None if dropout is None else row_keys(data, net.layer_sizes[0])
     best_train_loss = math.inf
     interrupted = False
     try:
@@ -230,7 +276,7 @@ def _run_epochs(objective, opt, theta, record, max_iter, batch_size, shuffle, rn
             seed = int(rng.randint(0, 2**32, dtype=np.uint64)) << 32 | \
                 int(rng.randint(0, 2**32, dtype=np.uint64))
             total = opt.epoch(net, theta, data, order, shuffle, seed, batch_size,
-                              objective.alpha, n_threads)
+                              objective.alpha, n_threads, dropout, keys)
             if not (math.isfinite(total) and np.isfinite(theta).all()):
                 theta[...] = last_good
                 raise diverged(f"in epoch {record.n_iter + 1} of {opt.solver}")

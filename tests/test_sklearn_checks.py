@@ -39,6 +39,7 @@ ESTIMATORS = [
     MLPClassifier(solver="lbfgs", max_iter=100, random_state=0, activation="gelu"),
     MLPRegressor(solver="lbfgs", max_iter=100, random_state=0, hidden_layer_sizes=(8, 6),
                  activation=["silu", "elu"]),
+    MLPClassifier(max_iter=100, random_state=0, dropout=0.1),
     MLPAutoencoder(solver="lbfgs", max_iter=100, random_state=0),
     MLPAutoencoder(max_iter=100, random_state=0),
 ]

@@ -180,7 +180,9 @@ def run_epoch(floating[::1] theta, floating[:, ::1] grads, const floating[:, :] 
               int solver, double learning_rate, double momentum, bint nesterov,
               double beta_1, double beta_2, double epsilon, floating[::1] state_1,
               floating[::1] state_2, long long[::1] step, int n_chunks, int n_threads=0,
-              bint spin=True, long long cosine_steps=0, long long cosine_start=0):
+              bint spin=True, long long cosine_steps=0, long long cosine_start=0,
+              const double[::1] drop=None, unsigned long long drop_seed=0,
+              const uint64_t[::1] row_keys=None):
     """One epoch of minibatch SGD or Adam, entirely without the GIL.
 
     ``order`` (n_samples,) holds the row order and is shuffled in place first when
@@ -205,6 +207,14 @@ def run_epoch(floating[::1] theta, floating[:, ::1] grads, const floating[:, :] 
     step s of the schedule (s = cosine_start, cosine_start + 1, ...) uses
     ``learning_rate * (1 + cos(pi * min(s, S) / S)) / 2``, from the full rate at s = 0
     to 0 at s = S.
+
+    ``drop`` (one rate per hidden layer, or None) turns on inverted dropout: each hidden
+    unit of each sample is zeroed with its layer's rate and the others scaled by
+    1 / (1 - rate), from a counter-based draw of (drop_seed, the row's key, layer, unit),
+    so the masks depend on the seed only, never on chunks or threads. ``row_keys`` (one
+    uint64 per row, a hash of its features) makes identical rows draw identical masks, so
+    that a weight of 2 is a repeated row also with dropout; None keys rows by index. ``work`` must then
+    be sized with the same ``drop``.
 
     Returns (sum over batches of batch loss x batch rows, number of batches run); the
     epoch stops at the first non-finite batch loss, which the caller detects from the sum.
@@ -250,10 +260,20 @@ def run_epoch(floating[::1] theta, floating[:, ::1] grads, const floating[:, :] 
         raise ValueError("grads and state_1 must match theta's length")
     if solver == SOLVER_ADAM_ and state_2.shape[0] != n_params:
         raise ValueError("state_2 must match theta's length for Adam")
-    if ws < workspace_size(sizes, acts, per_chunk, X is not None):
+    if ws < workspace_size(sizes, acts, per_chunk, X is not None, drop):
         raise ValueError("the workspace is too small for ceil(batch_size / n_chunks) rows")
     _fill(&sp, &inp, sizes, w_off, b_off, acts, out, per_chunk, X, data, indices, indptr,
           theta)
+    if drop is not None:  # checked by workspace_size: one rate in [0, 1) per hidden layer
+        for i in range(drop.shape[0]):
+            if drop[i] > 0:
+                sp.drop = &drop[0]
+        sp.drop_seed = drop_seed
+        if row_keys is not None:
+            if row_keys.shape[0] != Y.shape[0]:
+                raise ValueError("row_keys needs one key per row")
+            if row_keys.shape[0] > 0:
+                sp.row_keys = &row_keys[0]
     if sample_weight is not None:
         sw = &sample_weight[0]
     if n == 0:
