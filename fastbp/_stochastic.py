@@ -144,31 +144,30 @@ def dropout_seed(seed):
     return (int(seed) * 0x9E3779B97F4A7C15 + 0x632BE59BD9B4E019) % 2**64
 
 
-_KEY_ROWS = 4096  # rows hashed at a time: the temporary is this many rows of X
+_KEY_ROWS = 512  # rows hashed at a time: a small temporary, kept in cache
 
 
 def row_keys(data, n_features):
     """One uint64 key per row of prepared data, a hash of the row's features (its
-    values' bits times per-column odd multipliers, summed mod 2^64). Dropout keys its
-    masks by it, so identical rows draw identical masks and a weight of 2 is a repeated
-    row (scikit-learn's sample-weight semantics) also with dropout. O(n_features) per
-    row, once per fit."""
+    values' bits times per-column odd multipliers, in the values' width, summed mod
+    2^64). Dropout keys its masks by it, so identical rows draw identical masks and a
+    weight of 2 is a repeated row (scikit-learn's sample-weight semantics) also with
+    dropout. O(n_features) per row, once per fit."""
     bits = np.uint64 if data.Y.dtype == np.float64 else np.uint32
-    mult = (np.random.default_rng(0x5EED).integers(1, 2**63, n_features, dtype=np.uint64)
-            * np.uint64(2) + np.uint64(1))
+    rng = np.random.default_rng(0x5EED)
+    mult = (rng.integers(1, np.iinfo(bits).max // 2, n_features, dtype=bits)
+            * bits(2) + bits(1))
     n = data.n_samples
-    keys = np.empty(n, dtype=np.uint64)
+    keys = np.zeros(n, dtype=np.uint64)
     if data.X is None:  # CSR arrays
-        vals = data.data.view(bits).astype(np.uint64) * mult[data.indices]
+        vals = (data.data.view(bits) * mult[data.indices]).astype(np.uint64)
         nnz = np.diff(data.indptr)
-        sums = np.add.reduceat(vals, data.indptr[:-1][nnz > 0]) if vals.size else vals
-        keys[:] = 0
-        keys[nnz > 0] = sums
+        if vals.size:
+            keys[nnz > 0] = np.add.reduceat(vals, data.indptr[:-1][nnz > 0])
         return keys
     for start in range(0, n, _KEY_ROWS):
-        rows = np.ascontiguousarray(data.X[start:start + _KEY_ROWS])
-        keys[start:start + len(rows)] = (rows.view(bits).astype(np.uint64) * mult).sum(
-            axis=1, dtype=np.uint64)
+        rows = np.ascontiguousarray(data.X[start:start + _KEY_ROWS]).view(bits)
+        keys[start:start + len(rows)] = (rows * mult).sum(axis=1, dtype=np.uint64)
     return keys
 
 

@@ -76,36 +76,59 @@ cdef inline Py_ssize_t _scratch_offset(const Spec* sp) noexcept nogil:
     return _p_offset(sp, sp.n_layers)
 
 
+cdef inline uint64_t _row_hash(uint64_t seed, uint64_t key, int l) noexcept nogil:
+    """Dropout's per-(row, layer) hash in the epoch of ``seed`` (splitmix64's mixing)."""
+    cdef uint64_t z = seed ^ (key * <uint64_t> 0x9E3779B97F4A7C15)
+    z = (z ^ (z >> 30)) * <uint64_t> 0xBF58476D1CE4E5B9
+    z ^= <uint64_t> l * <uint64_t> 0xD1B54A32D192ED03
+    z = (z ^ (z >> 27)) * <uint64_t> 0x94D049BB133111EB
+    return z ^ (z >> 31)
+
+
+cdef inline uint32_t _unit_bits(uint32_t lo, uint32_t hi, uint32_t j) noexcept nogil:
+    """32 random bits for unit j of a row whose hash is (hi, lo): murmur3's finaliser, in
+    32-bit integer operations so the loop over units vectorizes."""
+    cdef uint32_t x = lo ^ (j * <uint32_t> 0x9E3779B9)
+    x ^= x >> 16
+    x *= <uint32_t> 0x85EBCA6B
+    x ^= (x >> 13) ^ hi
+    x *= <uint32_t> 0xC2B2AE35
+    return x ^ (x >> 16)
+
+
+cdef inline uint32_t _drop_threshold(double rate) noexcept nogil:
+    """A unit is kept when its 32 bits are >= this: probability 1 - rate (to 2^-32)."""
+    return <uint32_t> (rate * 4294967296.0)
+
+
 cdef inline bint _keep_unit(uint64_t seed, uint64_t row, int l, Py_ssize_t j,
                             double rate) noexcept nogil:
     """Dropout's draw for (sample key ``row``, hidden layer l, unit j) in the epoch of
-    ``seed``: a counter-based generator (splitmix64's finaliser over the mixed counter),
-    so the forward and the backward pass, and any split of a minibatch into chunks, see
-    the same mask; kept with probability 1 - rate."""
-    cdef uint64_t z = seed ^ (<uint64_t> row * <uint64_t> 0x9E3779B97F4A7C15)
-    z = (z ^ (z >> 30)) * <uint64_t> 0xBF58476D1CE4E5B9
-    z ^= (<uint64_t> l << 48) ^ (<uint64_t> j * <uint64_t> 0xD1B54A32D192ED03)
-    z = (z ^ (z >> 27)) * <uint64_t> 0x94D049BB133111EB
-    z = (z ^ (z >> 31)) * <uint64_t> 0xBF58476D1CE4E5B9
-    z = z ^ (z >> 29)
-    return <double> (z >> 11) * (1.0 / 9007199254740992.0) >= rate
+    ``seed``: a counter-based generator, so the forward and the backward pass, and any
+    split of a minibatch into chunks, see the same mask; kept with probability
+    1 - rate. (The loops below inline the same arithmetic.)"""
+    cdef uint64_t h = _row_hash(seed, row, l)
+    return _unit_bits(<uint32_t> h, <uint32_t> (h >> 32), <uint32_t> j) >= \
+        _drop_threshold(rate)
 
 
 cdef void _drop_units(const Spec* sp, floating* A, const Py_ssize_t* rows,
                       Py_ssize_t start, Py_ssize_t n, int l) noexcept nogil:
     """A (n, s_l) <- A .* mask / (1 - rate): inverted dropout on hidden layer l."""
     cdef Py_ssize_t i, j, r, m = sp.sizes[l]
-    cdef uint64_t key
-    cdef double rate = sp.drop[l - 1]
-    cdef floating keep = <floating> (1.0 / (1.0 - rate))
+    cdef uint64_t key, h
+    cdef uint32_t lo, hi, t = _drop_threshold(sp.drop[l - 1])
+    cdef floating keep = <floating> (1.0 / (1.0 - sp.drop[l - 1]))
+    cdef floating* a
     for i in range(n):
         r = rows[start + i] if rows != NULL else start + i
         key = sp.row_keys[r] if sp.row_keys != NULL else <uint64_t> r
+        h = _row_hash(sp.drop_seed, key, l)
+        lo = <uint32_t> h
+        hi = <uint32_t> (h >> 32)
+        a = A + i * m
         for j in range(m):
-            if _keep_unit(sp.drop_seed, key, l, j, rate):
-                A[i * m + j] = A[i * m + j] * keep
-            else:
-                A[i * m + j] = 0
+            a[j] = a[j] * keep if _unit_bits(lo, hi, <uint32_t> j) >= t else 0
 
 
 cdef Py_ssize_t _dropped_units(const Py_ssize_t[::1] sizes, const double[::1] drop) except -1:

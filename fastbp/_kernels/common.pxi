@@ -19,7 +19,7 @@ from cython cimport floating
 from libc.math cimport exp, expf, log, log1p, logf, sqrt, sqrtf, tanh, tanhf, fabs
 from libc.math cimport expm1, expm1f, log1pf, erfc, erfcf
 from libc.math cimport isfinite, NAN, cos, M_PI
-from libc.stdint cimport int64_t, uint64_t
+from libc.stdint cimport int64_t, uint32_t, uint64_t
 from libc.string cimport memset, memcpy
 
 from cython.parallel cimport parallel, prange, threadid
