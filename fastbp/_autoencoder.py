@@ -174,7 +174,7 @@ class MLPAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, _BaseMLP
         """
         self._code_index()
         return self._fit(X, None, sample_weight=sample_weight, incremental=False,
-                         val=(X_val, None if X_val is None else X_val, sample_weight_val))
+                         val=(X_val, X_val, sample_weight_val))
 
     @available_if(lambda est: est._check_solver())
     def partial_fit(self, X, y=None, sample_weight=None):
