@@ -13,6 +13,7 @@
 # FASTBP_KERNELS=baseline|avx2|avx512 in the environment forces a variant, for tests and
 # benchmarks; asking for one the CPU cannot run, or one this build lacks, is an error.
 import importlib
+import importlib.util
 import os
 
 cdef extern from *:
@@ -131,8 +132,14 @@ def _choose():
 
 
 def built_variants():
-    """The kernel variants present in this build, best first."""
-    return tuple(name for name in VARIANTS if _built(name) is not None)
+    """The kernel variants present in this build, best first.
+
+    Found without importing them: a variant's module is compiled for its instruction
+    set throughout, so even importing one the CPU lacks (AVX-512 on an AVX2 machine)
+    dies of an illegal instruction.
+    """
+    return tuple(name for name in VARIANTS
+                 if importlib.util.find_spec("fastbp._kernels_" + name) is not None)
 
 
 VARIANT, _impl = _choose()

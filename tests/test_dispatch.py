@@ -102,8 +102,10 @@ def test_the_best_runnable_variant_is_chosen():
 
 
 def test_each_variant_is_compiled_for_the_isa_it_claims():
+    # Only the runnable ones can be imported: a variant's module runs its own
+    # instruction set from its first line on.
     import importlib
-    for variant in _core.built_variants():
+    for variant in _runnable():
         module = importlib.import_module(f"fastbp._kernels_{variant}")
         assert module.build_info()["isa"] == variant
         # Every variant holds the same kernels.
@@ -121,6 +123,19 @@ def test_every_runnable_variant_computes_bitwise_the_same_numbers(tmp_path):
         ref = {k: val for k, val in reference.items() if k not in ("variant", "isa")}
         differing = sorted(k for k in ref if got.get(k) != ref[k])
         assert differing == [], f"{variant} differs from baseline on {differing}"
+
+
+def test_listing_the_variants_imports_only_the_chosen_one(tmp_path):
+    # Importing a variant the CPU lacks kills the process (illegal instruction), so
+    # built_variants() and show_config() must find the others without importing them.
+    code = ("import sys, fastbp; from fastbp import _core; _core.built_variants(); "
+            "fastbp.show_config(); print(sorted(m for m in sys.modules "
+            "if m.startswith('fastbp._kernels_')), _core.VARIANT)")
+    run = subprocess.run([sys.executable, "-c", code], env=_env(""), capture_output=True,
+                         text=True, timeout=300, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    modules, variant = run.stdout.strip().splitlines()[-1].rsplit(" ", 1)
+    assert modules == repr([f"fastbp._kernels_{variant}"])
 
 
 @pytest.mark.parametrize("value, needle", [
