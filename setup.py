@@ -155,10 +155,13 @@ class BuildExt(build_ext):
             base = ["/Od", "/Zi"] if DEBUG else ["/O2", "/fp:precise"]
         else:
             # -fno-math-errno: sqrt need not set errno (never read), so the update loops
-            # vectorize. -ffp-contract=off: no fused multiply-adds, so that every variant
+            # vectorize. -fno-trapping-math: floating-point status flags are never read,
+            # so a loop whose elements select between two computed values (relu, elu,
+            # the special cases of _vmath.h) is if-converted and vectorized; it changes
+            # no value. -ffp-contract=off: no fused multiply-adds, so that every variant
             # rounds exactly like the baseline. A native build is tuned for its CPU only
             # and keeps the compiler's default contraction.
-            base = ["-O0", "-g"] if DEBUG else ["-O3", "-fno-math-errno"]
+            base = ["-O0", "-g"] if DEBUG else ["-O3", "-fno-math-errno", "-fno-trapping-math"]
             base.append("-march=native" if NATIVE else "-ffp-contract=off")
         omp_c, omp_l, omp_inc, omp_lib = _openmp_flags(family)
         if not _compiles(self.compiler, OPENMP_CHECK, omp_c, omp_l, omp_inc, omp_lib):

@@ -8,16 +8,17 @@
 #   Input  the rows: a dense matrix (C or F order, leading dimension ldx) or CSR arrays.
 #
 # ACTIVATIONS and OUTPUTS map names to the codes for fastbp/_network.py. The math helpers
-# (_exp, _expm1, _log1p, _erfc, _tanh, _sqrt in their argument's precision: expf, erfcf
-# ... for float, exp, erfc ... for double; _sum_squares, a float64 sum of squares in one
+# (_exp, _expm1, _log1p, _erfc, _tanh, _sqrt in their argument's precision: for float,
+# the branch-free versions of fastbp/_vmath.h, which the compiler inlines and vectorizes
+# and which round alike in every variant; for double, the C library's; _sum_squares, a float64 sum of squares in one
 # fixed order) are noexcept nogil. _fill_spec and _fill hold the GIL: they
 # turn a def entry point's typed memoryviews into a Spec and an Input, and raise on a
 # layout the kernels cannot read. The C here is shared: the OpenMP stand-ins serve
 # epoch.pxi and tools.pxi, FASTBP_INLINE the C of exact_sums.pxi and epoch.pxi.
 
 from cython cimport floating
-from libc.math cimport exp, expf, log, log1p, logf, sqrt, sqrtf, tanh, tanhf, fabs
-from libc.math cimport expm1, expm1f, log1pf, erfc, erfcf
+from libc.math cimport exp, log, log1p, logf, sqrt, sqrtf, tanh, fabs
+from libc.math cimport expm1, erfc
 from libc.math cimport isfinite, NAN, cos, M_PI
 from libc.stdint cimport int64_t, uint32_t, uint64_t
 from libc.string cimport memset, memcpy
@@ -26,6 +27,13 @@ from cython.parallel cimport parallel, prange, threadid
 import numpy as np
 
 from ._blas cimport gemm, small_gemm_ok
+
+cdef extern from "_vmath.h" nogil:
+    float fbp_expf(float x)
+    float fbp_expm1f(float x)
+    float fbp_log1pf(float x)
+    float fbp_tanhf(float x)
+    float fbp_erfcf(float x)
 
 
 cdef extern from *:
@@ -131,35 +139,35 @@ cdef inline bint _keeps_z(const Spec* sp, int l) noexcept nogil:
 
 cdef inline floating _exp(floating x) noexcept nogil:
     if floating is float:
-        return expf(x)
+        return fbp_expf(x)
     else:
         return exp(x)
 
 
 cdef inline floating _expm1(floating x) noexcept nogil:
     if floating is float:
-        return expm1f(x)
+        return fbp_expm1f(x)
     else:
         return expm1(x)
 
 
 cdef inline floating _log1p(floating x) noexcept nogil:
     if floating is float:
-        return log1pf(x)
+        return fbp_log1pf(x)
     else:
         return log1p(x)
 
 
 cdef inline floating _erfc(floating x) noexcept nogil:
     if floating is float:
-        return erfcf(x)
+        return fbp_erfcf(x)
     else:
         return erfc(x)
 
 
 cdef inline floating _tanh(floating x) noexcept nogil:
     if floating is float:
-        return tanhf(x)
+        return fbp_tanhf(x)
     else:
         return tanh(x)
 

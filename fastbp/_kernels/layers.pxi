@@ -16,8 +16,11 @@
 #   sparse_backward        dW_1 (+)= X[rows]^T D for CSR X
 #
 # The scalar helpers below give f, f' and f'' of the activations that need more than one
-# expression; curvature.pxi uses them too. Float32 runs float math (expf, erfcf, log1pf,
-# expm1f), float64 double. Intercept sums (db) are float64, added row by row in row
+# expression; curvature.pxi uses them too. Float32 runs the vectorizable float math of
+# fastbp/_vmath.h: every loop below is straight-line code the compiler vectorizes (a
+# select such as v > 0 ? v : e takes values already computed), so elu, gelu, silu,
+# softplus, tanh and logistic cost a few vector instructions per element, not a libm
+# call. Float64 calls the C library's double math. Intercept sums (db) are float64, added row by row in row
 # order. noexcept nogil and allocation-free. Callers: block_pass.pxi (the gradient pass),
 # curvature.pxi and fisher.pxi.
 

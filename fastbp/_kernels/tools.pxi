@@ -6,6 +6,8 @@
 #   gemm_rowmajor        the kernels' own GEMM entry point (tests/test_small_gemm.py)
 #   gemm_only            exactly loss_grad's GEMM calls and nothing else: the floor of
 #                        one loss_grad call (benchmarks/bench_loss_grad.py)
+#   vmath_float32        the float math of _vmath.h over an array, in a loop that
+#                        vectorizes as the layer kernels' do (tests/test_vmath.py)
 
 cdef extern from *:
     """
@@ -103,3 +105,35 @@ def gemm_only(const floating[::1] theta, const floating[:, ::1] X,
             start = b * block
             _block_gemms(&sp, X_p, start, min(block, n - start), theta_p,
                          tg + tid * n_params, work_p + tid * ws, False)
+
+
+VMATH = ("exp", "expm1", "log1p", "tanh", "erfc")
+
+
+def vmath_float32(str name, const float[::1] x, float[::1] out):
+    """out[i] = f(x[i]) for f one of the float32 functions of _vmath.h named in VMATH,
+    each in its own loop that the compiler vectorizes, as the layer kernels' loops are.
+    For tests: their accuracy and special values."""
+    cdef Py_ssize_t i, n = x.shape[0]
+    cdef int code
+    if name not in VMATH:
+        raise ValueError(f"name must be one of {', '.join(VMATH)}, got {name!r}")
+    if out.shape[0] != n:
+        raise ValueError(f"out has {out.shape[0]} elements, x has {n}")
+    code = VMATH.index(name)
+    with nogil:
+        if code == 0:
+            for i in range(n):
+                out[i] = fbp_expf(x[i])
+        elif code == 1:
+            for i in range(n):
+                out[i] = fbp_expm1f(x[i])
+        elif code == 2:
+            for i in range(n):
+                out[i] = fbp_log1pf(x[i])
+        elif code == 3:
+            for i in range(n):
+                out[i] = fbp_tanhf(x[i])
+        else:
+            for i in range(n):
+                out[i] = fbp_erfcf(x[i])

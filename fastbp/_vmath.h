@@ -1,0 +1,190 @@
+/* Single-precision exp, expm1, log1p, tanh and erfc that compilers can vectorize.
+ *
+ * glibc's expf, expm1f, log1pf, tanhf and erfcf are scalar calls (12-16 ns each on the
+ * machines we measured), so a loop over a layer that calls them runs one element at a
+ * time and costs several times the GEMMs around it. The functions here are written for
+ * the loops of fastbp/_kernels/layers.pxi:
+ *
+ *   - straight-line code only: argument reduction, a polynomial, bit operations to build
+ *     powers of two, and selects (c ? a : b between values already computed) for the
+ *     special cases. No branches, no calls, no tables, so GCC and Clang inline them and
+ *     vectorize the caller's loop at whatever width the variant is built for;
+ *   - only +, -, *, / and conversions, each correctly rounded by IEEE 754, and the
+ *     kernels are built with -ffp-contract=off: every variant (SSE2, AVX2, AVX-512) and
+ *     the scalar remainder of a loop round every operation alike, so they all return
+ *     bitwise the same results (tests/test_dispatch.py);
+ *   - accuracy within a few units in the last place of float over the whole range,
+ *     including subnormal results, overflow to infinity, signed zeros, infinities and NaN
+ *     (tests/test_vmath.py measures the worst error against float64 references on
+ *     millions of arguments).
+ *
+ * Float64 keeps the C library: it is the precision users pick for accuracy, not speed.
+ *
+ * The methods are the textbook ones. exp and expm1: x = n ln2 + r with |r| <= ln2/2
+ * (Cody-Waite, ln2 split in a 16-bit head and a tail so that n * head is exact), expm1(r)
+ * by its Taylor polynomial to degree 8 (truncation below 6e-10 relative), then
+ * exp(x) = 2^n (1 + expm1(r)) and expm1(x) = 2^n expm1(r) + (2^n - 1). log1p: u = 1 + x
+ * rounded, u = 2^k m with m in [sqrt(2)/2, sqrt(2)), log m = 2 atanh(s) with s = (m-1)/(m+1)
+ * by its odd series to s^11 (as f - s (f - ...), f = m - 1 exact), plus the rounding error of 1 + x, (x - (u - 1)) / u.
+ * tanh(|x|) = -e / (e + 2) with e = expm1(-2|x|). erfc(x), x >= 0, is computed in double:
+ * t = 1 / (1 + x/2) and erfc(x) = t exp(-x^2 + P(t)), where P is a degree-12 polynomial
+ * fitted by least squares at Chebyshev nodes of [0, 1] to log(erfcx(x) / t) (its largest
+ * error is 5.9e-9, against float's 6e-8 unit roundoff); x^2 of a float is exact in double,
+ * so the far tail keeps its relative accuracy. erfc(-x) = 2 - erfc(x).
+ */
+#ifndef FASTBP_VMATH_H
+#define FASTBP_VMATH_H
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+static inline float fbp_f32(uint32_t u) { float f; memcpy(&f, &u, sizeof f); return f; }
+static inline uint32_t fbp_u32(float f) { uint32_t u; memcpy(&u, &f, sizeof u); return u; }
+static inline double fbp_f64(uint64_t u) { double f; memcpy(&f, &u, sizeof f); return f; }
+static inline uint64_t fbp_u64(double f) { uint64_t u; memcpy(&u, &f, sizeof u); return u; }
+
+/* x = n ln2 + r, |r| <= ln2/2 (a hair more where x * log2(e) rounds); n in *n.
+ * Needs |x| < 2^8 ln2 so that n * FBP_LN2_HI is exact; the callers clamp x first. */
+#define FBP_LN2_HI 0.693145751953125f          /* 16 significant bits */
+#define FBP_LN2_LO 1.428606765330187045e-6f    /* ln2 - FBP_LN2_HI */
+static inline float fbp_reduce(float x, int32_t *n)
+{
+    const float shift = 12582912.0f;           /* 1.5 * 2^23: adding it rounds to an integer */
+    float k = x * 1.44269504088896341f + shift;
+    float nf = k - shift;
+    *n = (int32_t)(fbp_u32(k) - fbp_u32(shift));
+    return (x - nf * FBP_LN2_HI) - nf * FBP_LN2_LO;
+}
+
+/* expm1(r) for |r| <= 0.35: Taylor to degree 8. */
+static inline float fbp_expm1_poly(float r)
+{
+    float q = 1.0f / 40320.0f;
+    q = q * r + 1.0f / 5040.0f;
+    q = q * r + 1.0f / 720.0f;
+    q = q * r + 1.0f / 120.0f;
+    q = q * r + 1.0f / 24.0f;
+    q = q * r + 1.0f / 6.0f;
+    q = q * r + 0.5f;
+    return r + (r * r) * q;
+}
+
+/* 2^n as a float, for -126 <= n <= 127. */
+static inline float fbp_pow2(int32_t n) { return fbp_f32((uint32_t)(n + 127) << 23); }
+
+static inline float fbp_expf(float x)
+{
+    /* Clamp so that n stays in [-150, 129] (NaN passes through both comparisons). */
+    float xc = x < -104.0f ? -104.0f : x;
+    xc = xc > 89.0f ? 89.0f : xc;
+    int32_t n;
+    float p = 1.0f + fbp_expm1_poly(fbp_reduce(xc, &n));
+    /* 2^n in two normal factors, so that a subnormal result is rounded once, by the last
+     * product, and a result beyond FLT_MAX overflows to infinity. */
+    int32_t n1 = n >> 1;
+    return (p * fbp_pow2(n1)) * fbp_pow2(n - n1);
+}
+
+static inline float fbp_expm1f(float x)
+{
+    /* expm1 is -1 in float below -17.4; beyond 88.73 it overflows (n = 128 at most). */
+    float xc = x < -30.0f ? -30.0f : x;
+    xc = xc > 89.0f ? 89.0f : xc;
+    int32_t n;
+    float em = fbp_expm1_poly(fbp_reduce(xc, &n));
+    /* 2^n em + (2^n - 1), as 2 (h em + (h - 1/2)) with h = 2^(n-1): n = 128 still has a
+     * float h, the doubling is exact or overflows to infinity, and n = 0 gives em. */
+    float h = fbp_pow2(n - 1);
+    float y = 2.0f * (h * em + (h - 0.5f));
+    y = n == 0 ? em : y;                       /* no halving of a subnormal em */
+    return x == 0.0f ? x : y;                  /* expm1(-0) = -0 */
+}
+
+static inline float fbp_log1pf(float x)
+{
+    float u = 1.0f + x;
+    /* Offset the bits so that the exponent field gives k with m = u / 2^k in
+     * [sqrt(2)/2, sqrt(2)). */
+    uint32_t iu = fbp_u32(u) + (0x3f800000u - 0x3f3504f3u);
+    int32_t k = (int32_t)(iu >> 23) - 127;
+    float m = fbp_f32((iu & 0x007fffffu) + 0x3f3504f3u);
+    float f = m - 1.0f;                        /* exact (Sterbenz) */
+    float s = f / (2.0f + f);
+    float s2 = s * s;
+    float q = 2.0f / 11.0f;
+    q = q * s2 + 2.0f / 9.0f;
+    q = q * s2 + 2.0f / 7.0f;
+    q = q * s2 + 2.0f / 5.0f;
+    q = q * s2 + 2.0f / 3.0f;
+    /* log m = 2s + s s2 q, with 2s = f - s f: f - s (f - s2 q) adds the small correction
+     * to the exact f, so its rounding errors shrink with it. */
+    float logm = f - s * (f - s2 * q);
+    /* The rounding error of u = 1 + x: log(1 + x) = log(u) + log1p(c) ~ log(u) + c. */
+    float c = (x - (u - 1.0f)) / u;
+    float kf = (float)k;
+    float y = kf * FBP_LN2_HI + (logm + (kf * FBP_LN2_LO + c));
+    y = x < -1.0f ? NAN : y;
+    y = x == -1.0f ? -INFINITY : y;
+    y = x == INFINITY ? INFINITY : y;
+    y = x == 0.0f ? x : y;                     /* log1p(-0) = -0 */
+    return x != x ? x : y;
+}
+
+static inline float fbp_tanhf(float x)
+{
+    uint32_t ix = fbp_u32(x);
+    float a = fbp_f32(ix & 0x7fffffffu);
+    float e = fbp_expm1f(-2.0f * a);           /* in [-1, 0] */
+    float t = -e / (e + 2.0f);                 /* >= 0, but -0 where e = +0 */
+    return fbp_f32((fbp_u32(t) & 0x7fffffffu) | (ix & 0x80000000u));
+}
+
+/* Double-precision exp for |x| <= 708, accurate to about 1e-12 relative: enough for a
+ * float result. */
+static inline double fbp_exp_for_float(double x)
+{
+    const double shift = 6755399441055744.0;   /* 1.5 * 2^52 */
+    double xc = x < -708.0 ? -708.0 : x;
+    xc = xc > 708.0 ? 708.0 : xc;
+    double k = xc * 1.4426950408889634 + shift;
+    double nf = k - shift;
+    int64_t n = (int64_t)(fbp_u64(k) - fbp_u64(shift));
+    double r = (xc - nf * 6.93147180369123816490e-01) - nf * 1.90821492927058770002e-10;
+    double q = 1.0 / 3628800.0;
+    q = q * r + 1.0 / 362880.0;
+    q = q * r + 1.0 / 40320.0;
+    q = q * r + 1.0 / 5040.0;
+    q = q * r + 1.0 / 720.0;
+    q = q * r + 1.0 / 120.0;
+    q = q * r + 1.0 / 24.0;
+    q = q * r + 1.0 / 6.0;
+    q = q * r + 0.5;
+    double p = 1.0 + (r + (r * r) * q);
+    return p * fbp_f64((uint64_t)(n + 1023) << 52);
+}
+
+static inline float fbp_erfcf(float x)
+{
+    double xd = (double)x;
+    double a = xd < 0.0 ? -xd : xd;
+    double t = 1.0 / (1.0 + 0.5 * a);
+    double p = 0.054769678012930735;
+    p = p * t - 0.5073753115592229;
+    p = p * t + 1.8539800238028226;
+    p = p * t - 3.505887347850523;
+    p = p * t + 3.6426044565500675;
+    p = p * t - 2.0110277330705744;
+    p = p * t + 0.666511675846872;
+    p = p * t - 0.32548988845714283;
+    p = p * t - 0.05860064012256773;
+    p = p * t + 0.08091932391598387;
+    p = p * t + 0.37510982986315344;
+    p = p * t + 0.9999980468825238;
+    p = p * t - 1.2655121177480142;
+    double y = t * fbp_exp_for_float(p - a * a);
+    y = xd < 0.0 ? 2.0 - y : y;
+    return (float)y;
+}
+
+#endif
