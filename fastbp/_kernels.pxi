@@ -17,7 +17,8 @@
 # Rows are processed in blocks of at most ``block`` rows: forward Z_l = A_{l-1} W_l +
 # 1 b_l^T, A_l = f_l(Z_l); backward Delta_{l-1} = (Delta_l W_l^T) .* f_{l-1}'(A_{l-1}),
 # each hidden layer with its own activation f_l, whose derivative comes from A_l (or,
-# for gelu and silu, from Z_l, which only their layers keep; see block_pass.pxi).
+# for gelu, silu and softplus, from a second array K_l that only their layers keep; see
+# block_pass.pxi).
 # Full-batch passes spread blocks over threads and sum them exactly, so results do not
 # depend on the thread count (exact_sums.pxi); a minibatch epoch runs as one team of
 # threads over fixed chunks (epoch.pxi).

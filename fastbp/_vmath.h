@@ -187,4 +187,74 @@ static inline float fbp_erfcf(float x)
     return (float)y;
 }
 
+/* The standard normal cdf Phi(z), returned, and pdf phi(z), in *pdf: what a GELU layer
+ * needs (gelu(z) = z Phi(z), gelu'(z) = Phi(z) + z phi(z), gelu''(z) = phi(z) (2 - z^2)),
+ * from one exp. E = exp(-z^2 / 2) with z^2 split exactly: zh keeps the top 12 bits of z,
+ * so zh^2 / 2 is a float, and the argument reduction subtracts n ln2 from it exactly
+ * before adding the small rest, so E keeps its relative accuracy far in the tail (a
+ * rounded z^2 / 2 near 50 would be off by 2e-6 of E). phi = E / sqrt(2 pi). The tail
+ * T = Phi(-|z|) = E t Q(t) with t = 1 / (1 + |z| / 4) and Q a degree-9 polynomial,
+ * fitted by relative least squares at Chebyshev nodes of [0, 1] to T / (E t) (largest
+ * error 4e-8); Phi(z) = T for z < 0, 1 - T otherwise. */
+static inline float fbp_ncdff(float z, float *pdf)
+{
+    uint32_t iz = fbp_u32(z);
+    float a = fbp_f32(iz & 0x7fffffffu);
+    a = a > 14.5f ? 14.5f : a;                 /* E underflows to 0 beyond */
+    float ah = fbp_f32(fbp_u32(a) & 0xfffff000u);
+    float hi = 0.5f * (ah * ah);               /* exact */
+    float lo = 0.5f * ((a - ah) * (a + ah));   /* a^2 / 2 = hi + lo */
+    const float shift = 12582912.0f;
+    float k = -(hi + lo) * 1.44269504088896341f + shift;
+    float nf = k - shift;
+    int32_t n = (int32_t)(fbp_u32(k) - fbp_u32(shift));
+    float r = ((-hi - nf * FBP_LN2_HI) - lo) - nf * FBP_LN2_LO;
+    float p = 1.0f + fbp_expm1_poly(r);
+    int32_t n1 = n >> 1;                       /* n in [-152, 0] */
+    float e = (p * fbp_pow2(n1)) * fbp_pow2(n - n1);
+    float t = 1.0f / (1.0f + 0.25f * a);
+    float q = 0.020062735304236412f;
+    q = q * t - 0.08202378451824188f;
+    q = q * t + 0.0975288525223732f;
+    q = q * t - 0.033452946692705154f;
+    q = q * t + 0.06459580361843109f;
+    q = q * t + 0.05870717018842697f;
+    q = q * t + 0.08164728432893753f;
+    q = q * t + 0.09346278756856918f;
+    q = q * t + 0.0997365415096283f;
+    q = q * t + 0.0997355654835701f;
+    float tail = (e * t) * q;
+    *pdf = e * 0.398942280401432678f;
+    float cdf = (iz >> 31) ? tail : 1.0f - tail;
+    /* NaN: a > 14.5 is false for NaN, so the NaN runs through and both come out NaN. */
+    return cdf;
+}
+
+/* softplus(v) = max(v, 0) + log1p(e), e = exp(-|v|), returned, and its derivative
+ * sigmoid(v) in *deriv (1 / (1 + e) for v > 0, e / (1 + e) otherwise), sharing e and
+ * 1 + e. log1p(e) for e in [0, 1] as in fbp_log1pf, without its special cases (u = 1 + e
+ * lies in [1, 2], so k is 0 or 1). No overflow for any v; NaN gives NaN. */
+static inline float fbp_softplusf(float v, float *deriv)
+{
+    float a = fbp_f32(fbp_u32(v) & 0x7fffffffu);
+    float e = fbp_expf(-a);
+    float u = 1.0f + e;
+    float inv = 1.0f / u;
+    float big = u > 1.41421356f ? 1.0f : 0.0f;
+    float m = big > 0.0f ? 0.5f * u : u;       /* exact */
+    float f = m - 1.0f;                        /* exact */
+    float s = f / (2.0f + f);
+    float s2 = s * s;
+    float q = 2.0f / 11.0f;
+    q = q * s2 + 2.0f / 9.0f;
+    q = q * s2 + 2.0f / 7.0f;
+    q = q * s2 + 2.0f / 5.0f;
+    q = q * s2 + 2.0f / 3.0f;
+    float logm = f - s * (f - s2 * q);
+    float c = (e - (u - 1.0f)) * inv;          /* the rounding error of 1 + e */
+    float l = big * FBP_LN2_HI + (logm + (big * FBP_LN2_LO + c));
+    *deriv = v > 0.0f ? inv : e * inv;
+    return (v > 0.0f ? v : 0.0f) + l;
+}
+
 #endif

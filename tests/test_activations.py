@@ -695,8 +695,10 @@ def test_workspaces_count_the_kept_pre_activations():
     codes = lambda names: np.array([_core.ACTIVATIONS[a] for a in names],  # noqa: E731
                                    dtype=np.intc)
     relu = codes(["relu"] * 3)
+    # gelu, silu and softplus layers keep a second array (f'(z), or z for curvature).
     for names, kept in ((["gelu", "relu", "relu"], 11), (["relu", "silu", "gelu"], 18),
-                        (["elu", "softplus", "leaky_relu"], 0), (["gelu"] * 3, 29)):
+                        (["elu", "softplus", "leaky_relu"], 13),
+                        (["elu", "tanh", "leaky_relu"], 0), (["gelu"] * 3, 29)):
         acts = codes(names)
         for gather in (False, True):
             assert (_core.workspace_size(sizes, acts, 16, gather)

@@ -8,9 +8,10 @@
 #              db_l += colsum(Delta_l)                             (float64, in the fused pass)
 #
 # f' is computed from the activations where that is exact (logistic a(1-a), tanh 1-a^2,
-# relu a>0, leaky_relu, elu, softplus; see layers.pxi), so those layers store no
-# pre-activations; gelu and silu layers keep Z_l beside A_l (the layout below), and only
-# they. Each hidden layer has its own activation (Spec.acts). Deltas overwrite the output
+# relu a>0, leaky_relu, elu; see layers.pxi), so those layers store nothing more; gelu,
+# silu and softplus layers keep K_l = f'(Z_l) beside A_l (the layout below, where the
+# curvature cache keeps Z_l instead), written by the forward pass, so that the backward
+# pass only multiplies. Each hidden layer has its own activation (Spec.acts). Deltas overwrite the output
 # buffer, then ping-pong
 # between two scratch buffers. Inputs can be a dense C- or F-ordered matrix (an F-ordered
 # one is used through gemm's transpose flag) or CSR arrays, for which the first layer
@@ -148,7 +149,8 @@ cdef Py_ssize_t _dropped_units(const Py_ssize_t[::1] sizes, const double[::1] dr
 
 
 cdef Py_ssize_t _kept_units(const Py_ssize_t[::1] sizes, const int[::1] acts) except -1:
-    """Units of the hidden layers that keep Z (gelu, silu), for the workspace sizes.
+    """Units of the hidden layers that keep K (gelu, silu, softplus), for the workspace
+    sizes.
     acts: one code per hidden layer, or None (no layer keeps Z)."""
     cdef Py_ssize_t l, total = 0
     if acts is None:
@@ -258,7 +260,7 @@ cdef double block_pass(const Spec* sp, const Input* inp, const Py_ssize_t* rows,
                  <int> s[l], <floating> 0.0, Z, <int> s[l])
         if l < L:
             bias_activate(Z, theta + sp.b_off[l - 1], _z_ptr(sp, work, l), n, s[l],
-                          _act(sp, l))
+                          _act(sp, l), True)
             if _dropped(sp, l):
                 memcpy(work + _p_offset(sp, l), Z, n * s[l] * sizeof(floating))
                 _drop_units(sp, Z, rows, start, n, l)
@@ -310,7 +312,7 @@ cdef double block_pass(const Spec* sp, const Input* inp, const Py_ssize_t* rows,
             _drop_units(sp, Dnext, rows, start, n, l - 1)
             Aprev = work + _p_offset(sp, l - 1)
         activation_backward(Dnext, Aprev, _z_ptr(sp, work, l - 1), n, s[l - 1],
-                            _act(sp, l - 1), dacc + (sp.b_off[l - 2] - sp.b_off[0]))
+                            _act(sp, l - 1), True, dacc + (sp.b_off[l - 2] - sp.b_off[0]))
         D = Dnext
     return loss
 

@@ -34,6 +34,8 @@ cdef extern from "_vmath.h" nogil:
     float fbp_log1pf(float x)
     float fbp_tanhf(float x)
     float fbp_erfcf(float x)
+    float fbp_ncdff(float z, float* pdf)
+    float fbp_softplusf(float v, float* deriv)
 
 
 cdef extern from *:
@@ -125,8 +127,11 @@ cdef inline int _act(const Spec* sp, int l) noexcept nogil:
 
 
 cdef inline bint _z_code(int act) noexcept nogil:
-    """Whether an activation's layers keep Z: f' and f'' need z, not f(z)."""
-    return act == ACT_GELU or act == ACT_SILU
+    """Whether an activation's layers keep a second array, K: f'(z) in the gradient
+    pass, z in the curvature pass. gelu and silu need it (their f' and f'' need z, not
+    f(z)); softplus keeps it to save the backward pass an exp (its f' = sigmoid(z) comes
+    out of the forward pass's exp)."""
+    return act == ACT_GELU or act == ACT_SILU or act == ACT_SOFTPLUS
 
 
 cdef inline bint _keeps_z(const Spec* sp, int l) noexcept nogil:

@@ -21,7 +21,8 @@
 # the widest non-input layer (the output deltas live in scratch too). The forward pass of
 # every block lives in a cache, so that repeated products at the same theta (Newton-CG,
 # CG inside Hessian-free) skip it. One block of the cache, B rows:
-#   A_1 | ... | A_L | Z_k for each hidden layer k that keeps Z (gelu, silu), in layer order
+#   A_1 | ... | A_L | Z_k for each hidden layer k that keeps K (gelu, silu, softplus;
+#   softplus's f' and f'' come from A_k, so its Z_k goes unread), in layer order
 # (the start of block_pass.pxi's workspace layout, so the same offsets serve). The cdef
 # kernels are noexcept nogil and allocate nothing.
 
@@ -275,7 +276,7 @@ cdef void block_rop(const Spec* sp, const Input* inp, Py_ssize_t start, Py_ssize
                      <int> s[l], <floating> 0.0, Z, <int> s[l])
             if l < L:
                 bias_activate(Z, theta + sp.b_off[l - 1], _z_ptr(sp, acts, l), n, s[l],
-                              _act(sp, l))
+                              _act(sp, l), False)
             else:
                 output_activate(Z, theta + sp.b_off[L - 1], n, s[L], sp.out)
 
@@ -342,7 +343,7 @@ cdef void block_rop(const Spec* sp, const Input* inp, Py_ssize_t start, Py_ssize
         else:
             activation_backward(RDn, acts + _act_offset(sp, l - 1),
                                 _z_ptr(sp, acts, l - 1), n, s[l - 1], _act(sp, l - 1),
-                                db)
+                                False, db)
         RD = RDn
 
 

@@ -97,7 +97,7 @@ cdef void block_fisher(const Spec* sp, const Input* inp, Py_ssize_t start, Py_ss
             gemm(False, True, <int> n, <int> k, <int> m, <floating> 1.0, D, <int> m,
                  theta + sp.w_off[l - 1], <int> m, <floating> 0.0, Dnext, <int> k)
             activation_backward(Dnext, work + _act_offset(sp, l - 1),
-                                _z_ptr(sp, work, l - 1), n, k, _act(sp, l - 1),
+                                _z_ptr(sp, work, l - 1), n, k, _act(sp, l - 1), True,
                                 sink + (sp.b_off[l - 2] - sp.b_off[0]))
             D = Dnext
 

@@ -1,13 +1,14 @@
 # Elementwise layer kernels and the sparse first layer, for one block of n rows with m
 # units in the layer (row-major arrays, f a hidden activation, g the output's):
 #
-#   bias_activate          Z <- f(Z + 1 b^T), in place; gelu and silu layers also write
-#                          Z + 1 b^T to Zpre (their derivatives need z)
+#   bias_activate          Z <- f(Z + 1 b^T), in place; gelu, silu and softplus layers
+#                          also write K: f'(z) in the gradient pass (from the values the
+#                          forward pass computed anyway), z in the curvature pass
 #   activation_backward    D <- D .* f'(A), db += colsum(D); f' from A = f(Z) where that
 #                          is exact: logistic a(1-a), tanh 1-a^2, relu [a>0], identity 1,
-#                          leaky_relu 1 or 0.01 by the sign of a, elu 1 or a+1,
-#                          softplus sigmoid(z) = -expm1(-a); from Zpre: gelu
-#                          Phi(z) + z phi(z), silu s(1 + z(1-s)) with s = sigmoid(z)
+#                          leaky_relu 1 or 0.01 by the sign of a, elu 1 or a+1; gelu,
+#                          silu and softplus read f' from K (or compute it from K = z:
+#                          Phi(z) + z phi(z), s(1 + z(1-s)) and s, s = sigmoid(z))
 #   output_activate        Z <- g(Z + 1 b^T), no loss (predictions)
 #   output_loss_backward   Z <- Delta_L, Delta_L[i] = dloss_i/dz_i * w_i * scale
 #                          (= (g(z_i) - y_i) w_i scale for a proper target),
@@ -30,23 +31,56 @@ cdef inline floating _sigmoid(floating z) noexcept nogil:
 
 cdef inline floating _gelu_cdf(floating z) noexcept nogil:
     """Phi(z) = (1 + erf(z / sqrt 2)) / 2, as erfc(-z / sqrt 2) / 2: the same number,
-    without the cancellation of 1 + erf in the left tail."""
+    without the cancellation of 1 + erf in the left tail (float64)."""
     return <floating> 0.5 * _erfc(-z * <floating> 0.7071067811865476)
 
 
 cdef inline floating _gelu_pdf(floating z) noexcept nogil:
-    """phi(z) = exp(-z^2 / 2) / sqrt(2 pi); 0 where z^2 overflows."""
+    """phi(z) = exp(-z^2 / 2) / sqrt(2 pi); 0 where z^2 overflows (float64)."""
     return _exp(<floating> -0.5 * z * z) * <floating> 0.3989422804014327
+
+
+cdef inline floating _gelu_parts(floating z, floating* pdf) noexcept nogil:
+    """Phi(z), returned, and phi(z), in pdf[0]: for float from one exp (_vmath.h's
+    fbp_ncdff), for double from the C library's erfc and exp."""
+    cdef float p32
+    cdef floating c
+    if floating is float:
+        c = fbp_ncdff(z, &p32)
+        pdf[0] = p32
+        return c
+    else:
+        pdf[0] = _gelu_pdf(z)
+        return _gelu_cdf(z)
+
+
+cdef inline floating _softplus_parts(floating v, floating* deriv) noexcept nogil:
+    """softplus(v), returned, and sigmoid(v), in deriv[0], from one exp: for float
+    _vmath.h's fbp_softplusf, for double the C library's."""
+    cdef float d32
+    cdef floating e, y
+    if floating is float:
+        y = fbp_softplusf(v, &d32)
+        deriv[0] = d32
+        return y
+    else:
+        # max(v, 0) + log1p(e^-|v|): no overflow for any v.
+        e = _exp(-v if v > 0 else v)
+        deriv[0] = 1 / (1 + e) if v > 0 else e / (1 + e)
+        return (v if v > 0 else 0) + _log1p(e)
 
 
 cdef inline floating _gelu_d1(floating z) noexcept nogil:
     """GELU's f'(z) = Phi(z) + z phi(z)."""
-    return _gelu_cdf(z) + z * _gelu_pdf(z)
+    cdef floating p
+    cdef floating c = _gelu_parts(z, &p)
+    return c + z * p
 
 
 cdef inline floating _gelu_d2(floating z) noexcept nogil:
     """GELU's f''(z) = phi(z) (2 - z^2) (0 where phi underflows, before z^2 overflows)."""
-    cdef floating p = _gelu_pdf(z)
+    cdef floating p
+    _gelu_parts(z, &p)
     return p * (2 - z * z) if p != 0 else 0
 
 
@@ -62,16 +96,21 @@ cdef inline floating _silu_d2(floating z) noexcept nogil:
     return s * (1 - s) * (2 + z * (1 - 2 * s))
 
 
-cdef void bias_activate(floating* Z, const floating* b, floating* Zpre, Py_ssize_t n,
-                        Py_ssize_t m, int act) noexcept nogil:
-    """Z (n, m) <- f(Z + b) in place, for a hidden activation f. For gelu and silu,
-    Zpre (n, m) receives Z + b (their derivatives need it); NULL for the others."""
+cdef void bias_activate(floating* Z, const floating* b, floating* K, Py_ssize_t n,
+                        Py_ssize_t m, int act, bint keep_deriv) noexcept nogil:
+    """Z (n, m) <- f(Z + b) in place, for a hidden activation f. For the layers that
+    keep a second array (gelu, silu, softplus; _z_code), K (n, m) receives f'(z) when
+    keep_deriv (the gradient pass: activation_backward then only multiplies) or z = Z + b
+    (the curvature pass, whose f'' needs z); NULL for the others."""
     cdef Py_ssize_t i, j
     cdef floating* z
-    cdef floating* zp
-    cdef floating v
+    cdef floating* k
+    cdef floating v, e, d, c, p, s
     for i in range(n):
         z = Z + i * m
+        k = K + i * m if K != NULL else NULL
+        # Every branch computes its values first and then selects, so that each loop is
+        # straight-line code the compiler vectorizes.
         if act == ACT_RELU:
             for j in range(m):
                 v = z[j] + b[j]
@@ -89,44 +128,53 @@ cdef void bias_activate(floating* Z, const floating* b, floating* Zpre, Py_ssize
         elif act == ACT_ELU:
             for j in range(m):
                 v = z[j] + b[j]
-                z[j] = v if v > 0 else _expm1(v)
+                e = _expm1(v)
+                z[j] = v if v > 0 else e
         elif act == ACT_SOFTPLUS:
-            # max(v, 0) + log1p(e^-|v|): no overflow for any v.
             for j in range(m):
                 v = z[j] + b[j]
-                z[j] = (v if v > 0 else 0) + _log1p(_exp(-v if v > 0 else v))
+                z[j] = _softplus_parts(v, &d)
+                k[j] = d if keep_deriv else v
         elif act == ACT_GELU:
-            zp = Zpre + i * m
             for j in range(m):
                 v = z[j] + b[j]
-                zp[j] = v
-                z[j] = v * _gelu_cdf(v)
+                c = _gelu_parts(v, &p)
+                z[j] = v * c
+                if keep_deriv:
+                    k[j] = c + v * p
+                else:
+                    k[j] = v
         elif act == ACT_SILU:
-            zp = Zpre + i * m
             for j in range(m):
                 v = z[j] + b[j]
-                zp[j] = v
-                z[j] = v * _sigmoid(v)
+                s = _sigmoid(v)
+                z[j] = v * s
+                if keep_deriv:
+                    k[j] = s * (1 + v * (1 - s))
+                else:
+                    k[j] = v
         else:
             for j in range(m):
                 z[j] = z[j] + b[j]
 
 
-cdef void activation_backward(floating* D, const floating* A, const floating* Zpre,
-                              Py_ssize_t n, Py_ssize_t m, int act,
+cdef void activation_backward(floating* D, const floating* A, const floating* K,
+                              Py_ssize_t n, Py_ssize_t m, int act, bint keep_deriv,
                               double* db) noexcept nogil:
-    """D (n, m) <- D .* f'(A) in place, with f' written in terms of A = f(Z), or of the
-    pre-activations Zpre for gelu and silu (NULL for the others).
+    """D (n, m) <- D .* f'(A) in place, with f' written in terms of A = f(Z), or, for the
+    layers that keep K (gelu, silu, softplus), read from K (keep_deriv: K holds f'(z), as
+    bias_activate left it) or computed from K = z.
 
     Adds the column sums of the result to db (m,), in float64.
     """
     cdef Py_ssize_t i, j
     cdef floating* d
     cdef const floating* a
-    cdef const floating* zp
+    cdef const floating* k
     for i in range(n):
         d = D + i * m
         a = A + i * m
+        k = K + i * m if K != NULL else NULL
         # Branch-free selects (a data-dependent branch per element mispredicts half the
         # time for relu); the float64 column sums run in their own loop so that both
         # loops vectorize.
@@ -145,17 +193,18 @@ cdef void activation_backward(floating* D, const floating* A, const floating* Zp
         elif act == ACT_ELU:
             for j in range(m):
                 d[j] = d[j] if a[j] > 0 else d[j] * (a[j] + 1)
+        elif _z_code(act) and keep_deriv:
+            for j in range(m):
+                d[j] = d[j] * k[j]
         elif act == ACT_SOFTPLUS:
             for j in range(m):
-                d[j] = d[j] * -_expm1(-a[j])
+                d[j] = d[j] * _sigmoid(k[j])
         elif act == ACT_GELU:
-            zp = Zpre + i * m
             for j in range(m):
-                d[j] = d[j] * _gelu_d1(zp[j])
+                d[j] = d[j] * _gelu_d1(k[j])
         elif act == ACT_SILU:
-            zp = Zpre + i * m
             for j in range(m):
-                d[j] = d[j] * _silu_d1(zp[j])
+                d[j] = d[j] * _silu_d1(k[j])
         for j in range(m):
             db[j] += d[j]
 

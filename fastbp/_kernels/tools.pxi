@@ -107,7 +107,8 @@ def gemm_only(const floating[::1] theta, const floating[:, ::1] X,
                          tg + tid * n_params, work_p + tid * ws, False)
 
 
-VMATH = ("exp", "expm1", "log1p", "tanh", "erfc")
+VMATH = ("exp", "expm1", "log1p", "tanh", "erfc", "normal_cdf", "normal_pdf", "softplus",
+         "softplus_deriv")
 
 
 def vmath_float32(str name, const float[::1] x, float[::1] out):
@@ -116,6 +117,7 @@ def vmath_float32(str name, const float[::1] x, float[::1] out):
     For tests: their accuracy and special values."""
     cdef Py_ssize_t i, n = x.shape[0]
     cdef int code
+    cdef float aux
     if name not in VMATH:
         raise ValueError(f"name must be one of {', '.join(VMATH)}, got {name!r}")
     if out.shape[0] != n:
@@ -134,6 +136,20 @@ def vmath_float32(str name, const float[::1] x, float[::1] out):
         elif code == 3:
             for i in range(n):
                 out[i] = fbp_tanhf(x[i])
-        else:
+        elif code == 4:
             for i in range(n):
                 out[i] = fbp_erfcf(x[i])
+        elif code == 5:
+            for i in range(n):
+                out[i] = fbp_ncdff(x[i], &aux)
+        elif code == 6:
+            for i in range(n):
+                fbp_ncdff(x[i], &aux)
+                out[i] = aux
+        elif code == 7:
+            for i in range(n):
+                out[i] = fbp_softplusf(x[i], &aux)
+        else:
+            for i in range(n):
+                fbp_softplusf(x[i], &aux)
+                out[i] = aux
