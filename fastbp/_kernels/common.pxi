@@ -36,6 +36,7 @@ cdef extern from "_vmath.h" nogil:
     float fbp_erfcf(float x)
     float fbp_ncdff(float z, float* pdf)
     float fbp_softplusf(float v, float* deriv)
+    float fbp_sigmoidf(float v)
 
 
 cdef extern from *:

@@ -26,7 +26,11 @@
 # curvature.pxi and fisher.pxi.
 
 cdef inline floating _sigmoid(floating z) noexcept nogil:
-    return 1 / (1 + _exp(-z))
+    """1 / (1 + e^-z): for float _vmath.h's fbp_sigmoidf."""
+    if floating is float:
+        return fbp_sigmoidf(z)
+    else:
+        return 1 / (1 + _exp(-z))
 
 
 cdef inline floating _gelu_cdf(floating z) noexcept nogil:
@@ -120,7 +124,7 @@ cdef void bias_activate(floating* Z, const floating* b, floating* K, Py_ssize_t 
                 z[j] = _tanh(z[j] + b[j])
         elif act == ACT_LOGISTIC:
             for j in range(m):
-                z[j] = 1 / (1 + _exp(-(z[j] + b[j])))
+                z[j] = _sigmoid(z[j] + b[j])
         elif act == ACT_LEAKY_RELU:
             for j in range(m):
                 v = z[j] + b[j]

@@ -108,7 +108,7 @@ def gemm_only(const floating[::1] theta, const floating[:, ::1] X,
 
 
 VMATH = ("exp", "expm1", "log1p", "tanh", "erfc", "normal_cdf", "normal_pdf", "softplus",
-         "softplus_deriv")
+         "softplus_deriv", "sigmoid")
 
 
 def vmath_float32(str name, const float[::1] x, float[::1] out):
@@ -149,7 +149,10 @@ def vmath_float32(str name, const float[::1] x, float[::1] out):
         elif code == 7:
             for i in range(n):
                 out[i] = fbp_softplusf(x[i], &aux)
-        else:
+        elif code == 8:
             for i in range(n):
                 fbp_softplusf(x[i], &aux)
                 out[i] = aux
+        else:
+            for i in range(n):
+                out[i] = fbp_sigmoidf(x[i])
