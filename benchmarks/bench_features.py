@@ -70,7 +70,8 @@ def main():
                 ratios[name].append(t_var / t_base)
                 base_times.append(t_base)
         rows = {name: {"ratio": float(np.median(v)), "min": float(np.min(v)),
-                       "max": float(np.max(v))} for name, v in ratios.items()}
+                       "max": float(np.max(v)), "ratios": [float(x) for x in v]}
+                for name, v in ratios.items()}
         report["workloads"][w["name"]] = {"relu_seconds_per_epoch":
                                           float(np.median(base_times)), "variants": rows}
         print(f"{w['name']} ({w['n']}x{w['d']}, {w['hidden']}, batch {w['batch']}): ReLU "

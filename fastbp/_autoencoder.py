@@ -9,9 +9,9 @@ half, each as a network of its own over a slice of the fitted parameters.
 from numbers import Integral
 
 import numpy as np
+import scipy.sparse as sp
 from scipy.special import erf, expit
 from sklearn.base import ClassNamePrefixFeaturesOutMixin, TransformerMixin, _fit_context
-from sklearn.metrics import r2_score
 from sklearn.utils._param_validation import Interval
 from sklearn.utils.metaestimators import available_if
 from sklearn.utils.validation import check_array, check_is_fitted, validate_data
@@ -21,6 +21,22 @@ from ._network import Network
 from ._validation import hidden_sizes
 
 __all__ = ["MLPAutoencoder"]
+
+# Entries per block when scoring: the reconstruction is dense, so a large or sparse X is
+# reconstructed and compared one block of rows at a time.
+_SCORE_BLOCK = 1 << 20
+
+
+def _variance_weighted_r2(num, den):
+    """1 - sum(num) / sum(den) over the columns, as r2_score(..., multioutput=
+    "variance_weighted") combines them: a constant column counts 1 when reconstructed
+    exactly and 0 otherwise, and all-constant data scores 1 or 0 likewise."""
+    if not (den != 0).any():
+        return 1.0 if not (num != 0).any() else 0.0
+    scores = np.ones_like(num)
+    valid = den != 0
+    scores[valid] = 1 - num[valid] / den[valid]
+    return float(np.average(scores, weights=den))
 
 
 def _activate(name, Z):
@@ -75,9 +91,11 @@ class MLPAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, _BaseMLP
     ----------""" + _COMMON_ATTRS_DOC + """
     Notes
     -----
-    Dense and sparse X are accepted; the targets (X itself) are densified, so sparse
-    input costs the memory of its dense form during ``fit``. Training runs in one
-    process (no ``backend='dask'``).
+    Dense and sparse X are accepted. ``score`` (and the validation scores of early
+    stopping) reconstruct X in blocks of rows, densifying one block of a sparse X at a
+    time; ``fit`` still densifies its targets (X itself) whole, so sparse input costs the
+    memory of its dense form during ``fit``. Training runs in one process (no
+    ``backend='dask'``).
 
     Examples
     --------
@@ -246,12 +264,30 @@ class MLPAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, _BaseMLP
         return self._forward(X, check_input=check_input)
 
     def _score(self, X, y=None, sample_weight=None):
-        X_rec = self._reconstruct(X, check_input=False)
-        if not np.isfinite(X_rec).all():
-            return np.nan
-        X = X.toarray() if hasattr(X, "toarray") else np.asarray(X)
-        return r2_score(X, X_rec, sample_weight=sample_weight,
-                        multioutput="variance_weighted")
+        """r2_score(X, reconstruction, multioutput="variance_weighted"), reconstructed
+        and summed in blocks of rows, so that neither a sparse X nor the (dense)
+        reconstruction is ever held whole."""
+        n, d = X.shape
+        w = (np.ones(n) if sample_weight is None
+             else np.asarray(sample_weight, dtype=np.float64))
+        if sp.issparse(X):
+            X = X.tocsr()
+            mean = np.asarray(X.T @ w).ravel() / w.sum()
+        else:
+            mean = np.average(X, axis=0, weights=w)
+        num = np.zeros(d)
+        den = np.zeros(d)
+        step = max(1, _SCORE_BLOCK // max(d, 1))
+        for start in range(0, n, step):
+            block = X[start:start + step]
+            rec = self._reconstruct(block, check_input=False)
+            if not np.isfinite(rec).all():
+                return np.nan
+            dense = block.toarray() if sp.issparse(block) else np.asarray(block)
+            wb = w[start:start + step, None]
+            num += (wb * (dense - rec) ** 2).sum(axis=0)
+            den += (wb * (dense - mean) ** 2).sum(axis=0)
+        return _variance_weighted_r2(num, den)
 
     def score(self, X, y=None, sample_weight=None):
         """Reconstruction R^2 over all entries, variance-weighted.

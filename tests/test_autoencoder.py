@@ -74,6 +74,27 @@ def test_score_is_variance_weighted_r2(digits):
     assert expected != pytest.approx(r2_score(X, X_rec), rel=1e-3)
 
 
+@pytest.mark.parametrize("fmt", ["dense", "csr", "csc"])
+def test_score_runs_in_blocks_and_equals_r2_score(digits, fmt, monkeypatch):
+    # Blocks of 7 rows (64 features): the reconstruction and the sums run block by
+    # block, sparse blocks densified one at a time, and still give r2_score's number,
+    # with and without weights; a constant column (pixel 0 is always 0) has no weight.
+    from fastbp import _autoencoder
+    X = digits[:301]
+    ae = MLPAutoencoder((16, 4, 16), solver="lbfgs", max_iter=30, random_state=0).fit(X)
+    X_rec = ae.inverse_transform(ae.transform(X))
+    w = np.random.default_rng(0).uniform(0.5, 2.0, size=len(X))
+    Xf = X if fmt == "dense" else getattr(sp, f"{fmt}_matrix")(X)
+    monkeypatch.setattr(_autoencoder, "_SCORE_BLOCK", 7 * X.shape[1])
+    for weights in (None, w):
+        expected = r2_score(X, X_rec, sample_weight=weights,
+                            multioutput="variance_weighted")
+        assert ae.score(Xf, sample_weight=weights) == pytest.approx(expected, rel=1e-10)
+    # All columns constant: 1 when reconstructed exactly, 0 otherwise, as r2_score says.
+    assert _autoencoder._variance_weighted_r2(np.zeros(3), np.zeros(3)) == 1.0
+    assert _autoencoder._variance_weighted_r2(np.array([0.0, 1e-3, 0]), np.zeros(3)) == 0.0
+
+
 def test_sparse_input_trains_the_same_model(digits):
     X = digits[:200]
     dense = MLPAutoencoder((16, 4, 16), solver="lbfgs", max_iter=20,
