@@ -8,7 +8,7 @@
 #   Input  the rows: a dense matrix (C or F order, leading dimension ldx) or CSR arrays.
 #
 # ACTIVATIONS and OUTPUTS map names to the codes for fastbp/_network.py. The math helpers
-# (_exp, _expm1, _log1p, _erfc, _tanh, _sqrt in their argument's precision: for float,
+# (_exp, _expm1, _log1p, _tanh, _sqrt in their argument's precision: for float,
 # the branch-free versions of fastbp/_vmath.h, which the compiler inlines and vectorizes
 # and which round alike in every variant; for double, the C library's; _sum_squares, a float64 sum of squares in one
 # fixed order) are noexcept nogil. _fill_spec and _fill hold the GIL: they
@@ -33,7 +33,6 @@ cdef extern from "_vmath.h" nogil:
     float fbp_expm1f(float x)
     float fbp_log1pf(float x)
     float fbp_tanhf(float x)
-    float fbp_erfcf(float x)
     float fbp_ncdff(float z, float* pdf)
     float fbp_softplusf(float v, float* deriv)
     float fbp_sigmoidf(float v)
@@ -162,13 +161,6 @@ cdef inline floating _log1p(floating x) noexcept nogil:
         return fbp_log1pf(x)
     else:
         return log1p(x)
-
-
-cdef inline floating _erfc(floating x) noexcept nogil:
-    if floating is float:
-        return fbp_erfcf(x)
-    else:
-        return erfc(x)
 
 
 cdef inline floating _tanh(floating x) noexcept nogil:

@@ -33,15 +33,15 @@ cdef inline floating _sigmoid(floating z) noexcept nogil:
         return 1 / (1 + _exp(-z))
 
 
-cdef inline floating _gelu_cdf(floating z) noexcept nogil:
+cdef inline double _gelu_cdf(double z) noexcept nogil:
     """Phi(z) = (1 + erf(z / sqrt 2)) / 2, as erfc(-z / sqrt 2) / 2: the same number,
-    without the cancellation of 1 + erf in the left tail (float64)."""
-    return <floating> 0.5 * _erfc(-z * <floating> 0.7071067811865476)
+    without the cancellation of 1 + erf in the left tail (float64 layers)."""
+    return 0.5 * erfc(-z * 0.7071067811865476)
 
 
-cdef inline floating _gelu_pdf(floating z) noexcept nogil:
-    """phi(z) = exp(-z^2 / 2) / sqrt(2 pi); 0 where z^2 overflows (float64)."""
-    return _exp(<floating> -0.5 * z * z) * <floating> 0.3989422804014327
+cdef inline double _gelu_pdf(double z) noexcept nogil:
+    """phi(z) = exp(-z^2 / 2) / sqrt(2 pi); 0 where z^2 overflows (float64 layers)."""
+    return exp(-0.5 * z * z) * 0.3989422804014327
 
 
 cdef inline floating _gelu_parts(floating z, floating* pdf) noexcept nogil:

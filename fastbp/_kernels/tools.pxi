@@ -107,7 +107,7 @@ def gemm_only(const floating[::1] theta, const floating[:, ::1] X,
                          tg + tid * n_params, work_p + tid * ws, False)
 
 
-VMATH = ("exp", "expm1", "log1p", "tanh", "erfc", "normal_cdf", "normal_pdf", "softplus",
+VMATH = ("exp", "expm1", "log1p", "tanh", "normal_cdf", "normal_pdf", "softplus",
          "softplus_deriv", "sigmoid")
 
 
@@ -138,18 +138,15 @@ def vmath_float32(str name, const float[::1] x, float[::1] out):
                 out[i] = fbp_tanhf(x[i])
         elif code == 4:
             for i in range(n):
-                out[i] = fbp_erfcf(x[i])
-        elif code == 5:
-            for i in range(n):
                 out[i] = fbp_ncdff(x[i], &aux)
-        elif code == 6:
+        elif code == 5:
             for i in range(n):
                 fbp_ncdff(x[i], &aux)
                 out[i] = aux
-        elif code == 7:
+        elif code == 6:
             for i in range(n):
                 out[i] = fbp_softplusf(x[i], &aux)
-        elif code == 8:
+        elif code == 7:
             for i in range(n):
                 fbp_softplusf(x[i], &aux)
                 out[i] = aux
