@@ -10,8 +10,8 @@
 # ACTIVATIONS and OUTPUTS map names to the codes for fastbp/_network.py. The math helpers
 # (_exp, _expm1, _log1p, _tanh, _sqrt in their argument's precision: for float,
 # the branch-free versions of fastbp/_vmath.h, which the compiler inlines and vectorizes
-# and which round alike in every variant; for double, the C library's; _sum_squares, a float64 sum of squares in one
-# fixed order) are noexcept nogil. _fill_spec and _fill hold the GIL: they
+# and which round alike in every variant; for double, the C library's; _sum_squares, a
+# float64 sum of squares in one fixed order) are noexcept nogil. _fill_spec and _fill hold the GIL: they
 # turn a def entry point's typed memoryviews into a Spec and an Input, and raise on a
 # layout the kernels cannot read. The C here is shared: the OpenMP stand-ins serve
 # epoch.pxi and tools.pxi, FASTBP_INLINE the C of exact_sums.pxi and epoch.pxi.

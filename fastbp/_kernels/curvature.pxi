@@ -117,12 +117,12 @@ cdef void activation_rbackward(floating* RD, floating* D, const floating* A,
     tanh f' = 1 - A^2, f'' = -2 A f'; logistic f' = A (1 - A), f'' = f' (1 - 2 A); relu
     f' = [A > 0], f'' = 0; leaky_relu f' = 1 or 0.01 by the sign of A, f'' = 0; elu f' =
     1 or A + 1, f'' = 0 or A + 1; softplus f' = sigmoid(z) = -expm1(-A), f'' = f'(1 - f');
-    gelu and silu from layers.pxi's helpers.
+    gelu and silu from z (layers.pxi's _gelu_parts and _sigmoid), each once per element.
 
     On entry RD = RD_l W_l^T + D_l V_l^T and D = D_l W_l^T (both (n, m)). One loop per
     activation, the choice made once per row, so that each loop can vectorize."""
     cdef Py_ssize_t i, j
-    cdef floating a, d1, d2
+    cdef floating a, d1, d2, z, c, p, s
     cdef floating* rd
     cdef floating* d
     cdef const floating* ar
@@ -166,11 +166,20 @@ cdef void activation_rbackward(floating* RD, floating* D, const floating* A,
                 d2 = d1 * (1 - d1)
                 _rstep(rd, d, rz, j, d1, d2)
         elif act == ACT_GELU:
+            # f' = Phi + z phi, f'' = phi (2 - z^2) (0 where phi underflows, before z^2
+            # overflows), from one evaluation of Phi and phi.
             for j in range(m):
-                _rstep(rd, d, rz, j, _gelu_d1(zp[j]), _gelu_d2(zp[j]))
+                z = zp[j]
+                c = _gelu_parts(z, &p)
+                d2 = p * (2 - z * z) if p != 0 else 0
+                _rstep(rd, d, rz, j, c + z * p, d2)
         elif act == ACT_SILU:
+            # f' = s (1 + z (1 - s)), f'' = s (1 - s) (2 + z (1 - 2 s)), s = sigmoid(z).
             for j in range(m):
-                _rstep(rd, d, rz, j, _silu_d1(zp[j]), _silu_d2(zp[j]))
+                z = zp[j]
+                s = _sigmoid(z)
+                _rstep(rd, d, rz, j, s * (1 + z * (1 - s)),
+                       s * (1 - s) * (2 + z * (1 - 2 * s)))
         else:
             for j in range(m):
                 _rstep(rd, d, rz, j, 1, 0)

@@ -21,8 +21,8 @@
 # fastbp/_vmath.h: every loop below is straight-line code the compiler vectorizes (a
 # select such as v > 0 ? v : e takes values already computed), so elu, gelu, silu,
 # softplus, tanh and logistic cost a few vector instructions per element, not a libm
-# call. Float64 calls the C library's double math. Intercept sums (db) are float64, added row by row in row
-# order. noexcept nogil and allocation-free. Callers: block_pass.pxi (the gradient pass),
+# call. Float64 calls the C library's double math. Intercept sums (db) are float64,
+# added row by row in row order. noexcept nogil and allocation-free. Callers: block_pass.pxi (the gradient pass),
 # curvature.pxi and fisher.pxi.
 
 cdef inline floating _sigmoid(floating z) noexcept nogil:
@@ -81,23 +81,10 @@ cdef inline floating _gelu_d1(floating z) noexcept nogil:
     return c + z * p
 
 
-cdef inline floating _gelu_d2(floating z) noexcept nogil:
-    """GELU's f''(z) = phi(z) (2 - z^2) (0 where phi underflows, before z^2 overflows)."""
-    cdef floating p
-    _gelu_parts(z, &p)
-    return p * (2 - z * z) if p != 0 else 0
-
-
 cdef inline floating _silu_d1(floating z) noexcept nogil:
     """SiLU's f'(z) = s (1 + z (1 - s)), s = sigmoid(z)."""
     cdef floating s = _sigmoid(z)
     return s * (1 + z * (1 - s))
-
-
-cdef inline floating _silu_d2(floating z) noexcept nogil:
-    """SiLU's f''(z) = s (1 - s) (2 + z (1 - 2 s))."""
-    cdef floating s = _sigmoid(z)
-    return s * (1 - s) * (2 + z * (1 - 2 * s))
 
 
 cdef void bias_activate(floating* Z, const floating* b, floating* K, Py_ssize_t n,
