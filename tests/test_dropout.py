@@ -16,15 +16,41 @@ def digits():
     return X / 16, y
 
 
-def _one_sgd_step(rates, n_chunks=1, sparse=False, threads=None, monkeypatch=None):
-    """One full-batch SGD step (lr 0.5, no momentum) through run_epoch, with dropout."""
+from scipy.special import erf, expit
+
+# Each activation as (f(z), f'(z)) in NumPy, float64.
+_ACT = {
+    "identity": (lambda z: z, lambda z: np.ones_like(z)),
+    "logistic": (expit, lambda z: expit(z) * (1 - expit(z))),
+    "tanh": (np.tanh, lambda z: 1 - np.tanh(z) ** 2),
+    "relu": (lambda z: np.maximum(z, 0), lambda z: (z > 0) * 1.0),
+    "leaky_relu": (lambda z: np.where(z > 0, z, 0.01 * z),
+                   lambda z: np.where(z > 0, 1.0, 0.01)),
+    "elu": (lambda z: np.where(z > 0, z, np.expm1(np.minimum(z, 0))),
+            lambda z: np.where(z > 0, 1.0, np.exp(np.minimum(z, 0)))),
+    "gelu": (lambda z: z * (1 + erf(z / np.sqrt(2))) / 2,
+             lambda z: (1 + erf(z / np.sqrt(2))) / 2
+             + z * np.exp(-z * z / 2) / np.sqrt(2 * np.pi)),
+    "silu": (lambda z: z * expit(z), lambda z: expit(z) * (1 + z * (1 - expit(z)))),
+    "softplus": (lambda z: np.logaddexp(0, z), expit),
+}
+
+
+def _problem(acts, dtype=np.float64):
     rng = np.random.default_rng(0)
-    net = Network([5, 7, 6, 3], activation="tanh", output="softmax")
+    net = Network([5, 7, 6, 3], activation=list(acts), output="softmax", dtype=dtype)
     theta = net.init_params(random_state=0)
-    X = rng.normal(size=(40, 5))
-    Y = np.eye(3)[rng.integers(0, 3, 40)]
+    X = rng.normal(size=(40, 5)).astype(dtype)
+    Y = np.eye(3, dtype=dtype)[rng.integers(0, 3, 40)]
+    return net, theta, X, Y
+
+
+def _one_sgd_step(rates, n_chunks=1, sparse=False, threads=None, monkeypatch=None,
+                  acts=("tanh", "tanh"), dtype=np.float64):
+    """One full-batch SGD step (lr 0.5, no momentum) through run_epoch, with dropout."""
+    net, theta, X, Y = _problem(acts, dtype)
     data = net.prepare(X, Y)
-    opt = StochasticOptimizer("sgd", net.n_params, np.float64, 0.5, momentum=0.0)
+    opt = StochasticOptimizer("sgd", net.n_params, dtype, 0.5, momentum=0.0)
     if threads is not None:
         monkeypatch.setattr("fastbp._stochastic.team_for_now", lambda c: (threads, True))
     order = np.arange(40, dtype=np.intp)
@@ -34,28 +60,27 @@ def _one_sgd_step(rates, n_chunks=1, sparse=False, threads=None, monkeypatch=Non
     return net, theta, X, Y
 
 
-def _reference_step(rates):
-    """The same step in NumPy, with the masks run_epoch draws (_core.dropout_keep)."""
-    rng = np.random.default_rng(0)
-    net = Network([5, 7, 6, 3], activation="tanh", output="softmax")
-    theta = net.init_params(random_state=0)
-    X = rng.normal(size=(40, 5))
-    Y = np.eye(3)[rng.integers(0, 3, 40)]
-    (W1, W2, W3), (b1, b2, b3) = net.unpack(theta)
-    seed = dropout_seed(12345)
+def _reference_step(rates, acts=("tanh", "tanh"), dtype=np.float64):
+    """The same step in NumPy, in float64 from the problem in ``dtype``, with the masks
+    run_epoch draws (_core.dropout_keep; the row keys hash the rows' bytes)."""
+    net, theta, X, Y = _problem(acts, dtype)
     rows = row_keys(net.prepare(X, Y), 5)
+    theta, X, Y = (a.astype(np.float64) for a in (theta, X, Y))
+    (W1, W2, W3), (b1, b2, b3) = Network(net.layer_sizes).unpack(theta)
+    seed = dropout_seed(12345)
     M = [_core.dropout_keep(seed, rows, l + 1, (7, 6)[l], rates[l]) / (1 - rates[l])
          for l in range(2)]
-    A1 = np.tanh(X @ W1 + b1)
-    A1d = A1 * M[0]
-    A2 = np.tanh(A1d @ W2 + b2)
-    A2d = A2 * M[1]
+    (f1, d1), (f2, d2) = _ACT[acts[0]], _ACT[acts[1]]
+    Z1 = X @ W1 + b1
+    A1d = f1(Z1) * M[0]
+    Z2 = A1d @ W2 + b2
+    A2d = f2(Z2) * M[1]
     Z3 = A2d @ W3 + b3
     P = np.exp(Z3 - Z3.max(1, keepdims=True))
     P /= P.sum(1, keepdims=True)
     D3 = (P - Y) / 40
-    D2 = (D3 @ W3.T) * M[1] * (1 - A2 ** 2)
-    D1 = (D2 @ W2.T) * M[0] * (1 - A1 ** 2)
+    D2 = (D3 @ W3.T) * M[1] * d2(Z2)
+    D1 = (D2 @ W2.T) * M[0] * d1(Z1)
     grads = [X.T @ D1 + 1e-3 / 40 * W1, A1d.T @ D2 + 1e-3 / 40 * W2,
              A2d.T @ D3 + 1e-3 / 40 * W3, D1.sum(0), D2.sum(0), D3.sum(0)]
     g = np.concatenate([a.ravel() for a in grads])
@@ -69,6 +94,40 @@ def test_step_is_the_exact_gradient_of_the_dropped_network():
     np.testing.assert_allclose(theta, _reference_step(rates), rtol=0, atol=1e-12)
     _, plain, _, _ = _one_sgd_step(None)
     assert np.abs(plain - theta).max() > 1e-4  # the masks changed the step
+
+
+@pytest.mark.parametrize("acts", [("relu", "gelu"), ("softplus", "elu"),
+                                  ("silu", "leaky_relu"), ("logistic", "identity"),
+                                  ("gelu", "tanh")])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_every_activation_drops_with_its_exact_derivative(acts, dtype):
+    """The backward pass multiplies by the derivative and mask the forward pass stored:
+    right for activations that keep K and for those whose f' comes from f(z)."""
+    rates = [0.3, 0.5]
+    theta = _one_sgd_step(rates, acts=acts, dtype=dtype)[1]
+    ref = _reference_step(rates, acts, dtype)
+    # Float64: as above. Float32: each step entry is theta (|theta| < 1) minus 0.5 times
+    # a gradient entry summed over 40 rows of products of O(1) factors through three
+    # layers; float32 rounding (6e-8 relative) of those terms stays below ~1e-5.
+    atol = 1e-12 if dtype == np.float64 else 1e-5
+    np.testing.assert_allclose(theta, ref, rtol=0, atol=atol)
+    # Dropout changed the step by far more than that.
+    assert np.abs(ref - _reference_step([0.0, 0.0], acts, dtype)).max() > 100 * atol
+
+
+def test_workspace_keeps_a_masked_derivative_only_where_no_k_serves():
+    sizes = np.array([5, 7, 6, 3], dtype=np.intp)
+    codes = lambda names: np.array([_core.ACTIVATIONS[a] for a in names], dtype=np.intc)
+    drop = np.array([0.3, 0.5])
+    base = _core.workspace_size(sizes, codes(["tanh", "relu"]), 16, False)
+    assert _core.workspace_size(sizes, codes(["tanh", "relu"]), 16, False,
+                                drop) - base == 16 * (7 + 6)
+    # A gelu layer's K holds its masked derivative: no M for it.
+    gelu = _core.workspace_size(sizes, codes(["gelu", "relu"]), 16, False)
+    assert _core.workspace_size(sizes, codes(["gelu", "relu"]), 16, False,
+                                drop) - gelu == 16 * 6
+    assert _core.workspace_size(sizes, codes(["gelu", "relu"]), 16, False,
+                                np.array([0.3, 0.0])) == gelu
 
 
 def test_masks_depend_on_the_seed_not_on_chunks_or_threads(monkeypatch):

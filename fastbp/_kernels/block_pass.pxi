@@ -27,8 +27,10 @@
 # ---------------------------------------------------------------------------------------
 # Workspace layout for a block of B rows:
 #   A_1 (B, s_1) | ... | A_L (B, s_L) | Z_k (B, s_k) for each hidden layer k that keeps
-#   Z (gelu, silu), in layer order | P_k (B, s_k) for each hidden layer k with dropout,
-#   in layer order | D0 (B, h) | D1 (B, h) | Xg (B, s_0)
+#   K (gelu, silu, softplus), in layer order | M_k (B, s_k) for each hidden layer k with
+#   dropout and no K, in layer order | D0 (B, h) | D1 (B, h) | Xg (B, s_0)
+# A dropping layer's masked derivative f'(Z_k) .* mask / (1 - rate) is written by the
+# forward pass into its K, or its M, so the backward pass draws no mask again.
 # with h the widest hidden layer. A_L holds the output, then Delta_L. The part up to the
 # Zs is also the layout of one block of curvature.pxi's forward cache.
 
@@ -62,19 +64,25 @@ cdef inline bint _dropped(const Spec* sp, int l) noexcept nogil:
     return sp.drop != NULL and sp.drop[l - 1] > 0
 
 
-cdef inline Py_ssize_t _p_offset(const Spec* sp, int l) noexcept nogil:
-    """Offset of P_l, hidden layer l's activations before dropout, for a layer that
-    drops (l = n_layers: the end of the P buffers)."""
+cdef inline Py_ssize_t _m_offset(const Spec* sp, int l) noexcept nogil:
+    """Offset of M_l, the masked derivative of a hidden layer l that drops and keeps no
+    K of its own (l = n_layers: the end of the M buffers)."""
     cdef Py_ssize_t off = _z_offset(sp, sp.n_layers)
     cdef int k
     for k in range(1, l):
-        if _dropped(sp, k):
+        if _dropped(sp, k) and not _keeps_z(sp, k):
             off += sp.block * sp.sizes[k]
     return off
 
 
+cdef inline floating* _m_ptr(const Spec* sp, floating* work, int l) noexcept nogil:
+    """Where a dropping layer l keeps its masked derivative: its K (gelu, silu,
+    softplus), or an M buffer of its own."""
+    return work + (_z_offset(sp, l) if _keeps_z(sp, l) else _m_offset(sp, l))
+
+
 cdef inline Py_ssize_t _scratch_offset(const Spec* sp) noexcept nogil:
-    return _p_offset(sp, sp.n_layers)
+    return _m_offset(sp, sp.n_layers)
 
 
 cdef inline uint64_t _row_hash(uint64_t seed, uint64_t key, int l) noexcept nogil:
@@ -113,14 +121,18 @@ cdef inline bint _keep_unit(uint64_t seed, uint64_t row, int l, Py_ssize_t j,
         _drop_threshold(rate)
 
 
-cdef void _drop_units(const Spec* sp, floating* A, const Py_ssize_t* rows,
+cdef void _drop_units(const Spec* sp, floating* A, floating* M, const Py_ssize_t* rows,
                       Py_ssize_t start, Py_ssize_t n, int l) noexcept nogil:
-    """A (n, s_l) <- A .* mask / (1 - rate): inverted dropout on hidden layer l."""
+    """Inverted dropout on hidden layer l: A (n, s_l) <- A .* mask / (1 - rate), and the
+    derivative f'(z) in M (n, s_l) likewise, so that the backward pass only multiplies
+    by M (the masks are drawn once per step)."""
     cdef Py_ssize_t i, j, r, m = sp.sizes[l]
     cdef uint64_t key, h
     cdef uint32_t lo, hi, t = _drop_threshold(sp.drop[l - 1])
     cdef floating keep = <floating> (1.0 / (1.0 - sp.drop[l - 1]))
     cdef floating* a
+    cdef floating* d
+    cdef bint kept
     for i in range(n):
         r = rows[start + i] if rows != NULL else start + i
         key = sp.row_keys[r] if sp.row_keys != NULL else <uint64_t> r
@@ -128,12 +140,17 @@ cdef void _drop_units(const Spec* sp, floating* A, const Py_ssize_t* rows,
         lo = <uint32_t> h
         hi = <uint32_t> (h >> 32)
         a = A + i * m
+        d = M + i * m
         for j in range(m):
-            a[j] = a[j] * keep if _unit_bits(lo, hi, <uint32_t> j) >= t else 0
+            kept = _unit_bits(lo, hi, <uint32_t> j) >= t
+            a[j] = a[j] * keep if kept else 0
+            d[j] = d[j] * keep if kept else 0
 
 
-cdef Py_ssize_t _dropped_units(const Py_ssize_t[::1] sizes, const double[::1] drop) except -1:
-    """Units of the hidden layers with dropout, for the workspace size."""
+cdef Py_ssize_t _dropped_units(const Py_ssize_t[::1] sizes, const double[::1] drop,
+                               const int[::1] acts) except -1:
+    """Units of the hidden layers with dropout that need an M buffer (those that keep
+    no K), for the workspace size. acts: one code per hidden layer, or None."""
     cdef Py_ssize_t l, total = 0
     if drop is None:
         return 0
@@ -143,7 +160,7 @@ cdef Py_ssize_t _dropped_units(const Py_ssize_t[::1] sizes, const double[::1] dr
     for l in range(drop.shape[0]):
         if not 0.0 <= drop[l] < 1.0:
             raise ValueError(f"dropout rates must be in [0, 1), got {drop[l]}")
-        if drop[l] > 0:
+        if drop[l] > 0 and not (acts is not None and _z_code(acts[l])):
             total += sizes[l + 1]
     return total
 
@@ -173,7 +190,7 @@ def workspace_size(const Py_ssize_t[::1] sizes, const int[::1] acts, Py_ssize_t 
     (not needed for sparse input, nor for full-batch passes over dense rows in place).
     ``drop``: the hidden layers' dropout rates (training), or None.
     """
-    cdef Py_ssize_t total = _kept_units(sizes, acts) + _dropped_units(sizes, drop)
+    cdef Py_ssize_t total = _kept_units(sizes, acts) + _dropped_units(sizes, drop, acts)
     cdef Py_ssize_t hidden = 1
     cdef Py_ssize_t l, L = sizes.shape[0] - 1
     for l in range(1, L + 1):
@@ -262,8 +279,9 @@ cdef double block_pass(const Spec* sp, const Input* inp, const Py_ssize_t* rows,
             bias_activate(Z, theta + sp.b_off[l - 1], _z_ptr(sp, work, l), n, s[l],
                           _act(sp, l), True)
             if _dropped(sp, l):
-                memcpy(work + _p_offset(sp, l), Z, n * s[l] * sizeof(floating))
-                _drop_units(sp, Z, rows, start, n, l)
+                if not _keeps_z(sp, l):
+                    activation_deriv(_m_ptr(sp, work, l), Z, n, s[l], _act(sp, l))
+                _drop_units(sp, Z, _m_ptr(sp, work, l), rows, start, n, l)
 
     Z = work + _act_offset(sp, L)
     if Y == NULL:
@@ -307,11 +325,11 @@ cdef double block_pass(const Spec* sp, const Input* inp, const Py_ssize_t* rows,
         gemm(False, True, <int> n, <int> s[l - 1], <int> s[l], <floating> 1.0,
              D, <int> s[l], theta + sp.w_off[l - 1], <int> s[l], <floating> 0.0,
              Dnext, <int> s[l - 1])
-        if _dropped(sp, l - 1):
-            # Through the mask (the same draws), then f' at the activations before it.
-            _drop_units(sp, Dnext, rows, start, n, l - 1)
-            Aprev = work + _p_offset(sp, l - 1)
-        activation_backward(Dnext, Aprev, _z_ptr(sp, work, l - 1), n, s[l - 1],
+        # A dropping layer multiplies by its masked derivative M (any activation: a K
+        # with keep_deriv is multiplied as it stands).
+        activation_backward(Dnext, Aprev,
+                            _m_ptr(sp, work, l - 1) if _dropped(sp, l - 1)
+                            else _z_ptr(sp, work, l - 1), n, s[l - 1],
                             _act(sp, l - 1), True, dacc + (sp.b_off[l - 2] - sp.b_off[0]))
         D = Dnext
     return loss

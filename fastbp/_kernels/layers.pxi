@@ -9,6 +9,8 @@
 #                          leaky_relu 1 or 0.01 by the sign of a, elu 1 or a+1; gelu,
 #                          silu and softplus read f' from K (or compute it from K = z:
 #                          Phi(z) + z phi(z), s(1 + z(1-s)) and s, s = sigmoid(z))
+#   activation_deriv       M <- f'(A) for the activations that keep no K (a dropping
+#                          layer's derivative, masked by block_pass.pxi's _drop_units)
 #   output_activate        Z <- g(Z + 1 b^T), no loss (predictions)
 #   output_loss_backward   Z <- Delta_L, Delta_L[i] = dloss_i/dz_i * w_i * scale
 #                          (= (g(z_i) - y_i) w_i scale for a proper target),
@@ -154,7 +156,8 @@ cdef void activation_backward(floating* D, const floating* A, const floating* K,
                               double* db) noexcept nogil:
     """D (n, m) <- D .* f'(A) in place, with f' written in terms of A = f(Z), or, for the
     layers that keep K (gelu, silu, softplus), read from K (keep_deriv: K holds f'(z), as
-    bias_activate left it) or computed from K = z.
+    bias_activate left it) or computed from K = z. With keep_deriv, a K given for any
+    activation is the derivative to multiply by (a dropping layer's masked M).
 
     Adds the column sums of the result to db (m,), in float64.
     """
@@ -169,7 +172,10 @@ cdef void activation_backward(floating* D, const floating* A, const floating* K,
         # Branch-free selects (a data-dependent branch per element mispredicts half the
         # time for relu); the float64 column sums run in their own loop so that both
         # loops vectorize.
-        if act == ACT_RELU:
+        if keep_deriv and k != NULL:
+            for j in range(m):
+                d[j] = d[j] * k[j]
+        elif act == ACT_RELU:
             for j in range(m):
                 d[j] = d[j] if a[j] > 0 else 0
         elif act == ACT_TANH:
@@ -184,9 +190,6 @@ cdef void activation_backward(floating* D, const floating* A, const floating* K,
         elif act == ACT_ELU:
             for j in range(m):
                 d[j] = d[j] if a[j] > 0 else d[j] * (a[j] + 1)
-        elif _z_code(act) and keep_deriv:
-            for j in range(m):
-                d[j] = d[j] * k[j]
         elif act == ACT_SOFTPLUS:
             for j in range(m):
                 d[j] = d[j] * _sigmoid(k[j])
@@ -198,6 +201,31 @@ cdef void activation_backward(floating* D, const floating* A, const floating* K,
                 d[j] = d[j] * _silu_d1(k[j])
         for j in range(m):
             db[j] += d[j]
+
+
+cdef void activation_deriv(floating* M, const floating* A, Py_ssize_t n, Py_ssize_t m,
+                           int act) noexcept nogil:
+    """M (n, m) <- f'(A), written in terms of A = f(Z), for the activations that keep no
+    K (the same expressions as activation_backward's): a dropping layer's derivative."""
+    cdef Py_ssize_t i, nm = n * m
+    if act == ACT_RELU:
+        for i in range(nm):
+            M[i] = 1 if A[i] > 0 else 0
+    elif act == ACT_TANH:
+        for i in range(nm):
+            M[i] = 1 - A[i] * A[i]
+    elif act == ACT_LOGISTIC:
+        for i in range(nm):
+            M[i] = A[i] * (1 - A[i])
+    elif act == ACT_LEAKY_RELU:
+        for i in range(nm):
+            M[i] = 1 if A[i] > 0 else <floating> 0.01
+    elif act == ACT_ELU:
+        for i in range(nm):
+            M[i] = 1 if A[i] > 0 else A[i] + 1
+    else:
+        for i in range(nm):
+            M[i] = 1
 
 
 cdef void output_activate(floating* Z, const floating* b, Py_ssize_t n, Py_ssize_t m,
