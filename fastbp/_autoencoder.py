@@ -91,11 +91,10 @@ class MLPAutoencoder(ClassNamePrefixFeaturesOutMixin, TransformerMixin, _BaseMLP
     ----------""" + _COMMON_ATTRS_DOC + """
     Notes
     -----
-    Dense and sparse X are accepted. ``score`` (and the validation scores of early
-    stopping) reconstruct X in blocks of rows, densifying one block of a sparse X at a
-    time; ``fit`` still densifies its targets (X itself) whole, so sparse input costs the
-    memory of its dense form during ``fit``. Training runs in one process (no
-    ``backend='dask'``).
+    Dense and sparse X are accepted, and a sparse X is never densified whole: ``fit``'s
+    kernels read its targets (X itself) one sparse row at a time, and ``score`` (and the
+    validation scores of early stopping) reconstruct X in blocks of rows, densifying one
+    block of a sparse X at a time. Training runs in one process (no ``backend='dask'``).
 
     Examples
     --------

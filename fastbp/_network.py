@@ -83,10 +83,27 @@ def check_activation(activation, n_hidden):
 
 
 class _Data:
-    """Kernel-ready (X, Y, sample_weight): converted once, reused by every evaluation."""
+    """Kernel-ready (X, Y, sample_weight): converted once, reused by every evaluation.
+
+    Targets are dense ``Y``, or CSR arrays ``y_data``, ``y_indices``, ``y_indptr`` (with
+    Y None): the kernels read sparse targets one row at a time (an autoencoder of sparse
+    X never densifies it)."""
 
     __slots__ = ("X", "data", "indices", "indptr", "Y", "sample_weight", "n_samples",
-                 "weight_sum", "acts", "acts_theta", "block", "x_max", "y_max")
+                 "weight_sum", "acts", "acts_theta", "block", "x_max", "y_max",
+                 "y_data", "y_indices", "y_indptr")
+
+    def targets(self):
+        """The sparse-target keyword arguments of the kernel entry points."""
+        return {"y_data": self.y_data, "y_indices": self.y_indices,
+                "y_indptr": self.y_indptr}
+
+    def target_rows(self, rows, n_outputs):
+        """Targets of ``rows`` (an index array): dense rows, or a CSR matrix of them."""
+        if self.Y is not None:
+            return self.Y[rows]
+        return sp.csr_matrix((self.y_data, self.y_indices, self.y_indptr),
+                             shape=(self.n_samples, n_outputs))[rows]
 
 
 class Network:
@@ -411,10 +428,12 @@ class Network:
         d.n_samples = X.shape[0]
         d.acts = d.acts_theta = None  # forward activations cached by curvature products
         d.block = None  # rows per block: the network's block size unless set
-        d.Y = d.sample_weight = None
+        d.Y = d.sample_weight = d.y_data = d.y_indices = d.y_indptr = None
         d.y_max = 0.0
         d.weight_sum = float(d.n_samples)
-        if Y is not None:
+        if Y is not None and sp.issparse(Y):
+            self._prepare_sparse_targets(d, Y)
+        elif Y is not None:
             Y = np.asarray(Y)
             if Y.dtype.kind not in "fiub":
                 raise TypeError(f"Y must hold numbers, got dtype {Y.dtype}")
@@ -449,6 +468,30 @@ class Network:
                 raise ValueError("sample_weight sums to zero: at least one must be positive")
             d.sample_weight = sw
         return d
+
+    def _prepare_sparse_targets(self, d, Y):
+        """Sparse targets as CSR arrays in the network's dtype (duplicates summed, on a
+        copy), checked as dense targets are."""
+        n_outputs = self.layer_sizes[-1]
+        if Y.ndim != 2 or Y.shape != (d.n_samples, n_outputs):
+            raise ValueError(
+                f"Y must have shape ({d.n_samples}, {n_outputs}), got {Y.shape}")
+        if Y.dtype.kind not in "fiub":
+            raise TypeError(f"Y must hold numbers, got dtype {Y.dtype}")
+        Y = sp.csr_matrix(Y, dtype=self.dtype)
+        if Y.nnz > np.iinfo(np.int32).max:
+            raise ValueError("sparse Y has too many stored values (more than 2**31-1)")
+        Y.check_format(full_check=True)
+        if not Y.has_canonical_format:
+            Y = Y.copy()
+            Y.sum_duplicates()
+        d.y_data = np.ascontiguousarray(Y.data, dtype=self.dtype)
+        d.y_indices = np.ascontiguousarray(Y.indices, dtype=np.int32)
+        d.y_indptr = np.ascontiguousarray(Y.indptr, dtype=np.intp)
+        d.y_max = _max_abs(d.y_data)
+        if not math.isfinite(d.y_max):
+            raise ValueError("Y contains NaN or infinity (or values too large for "
+                             f"{np.dtype(self.dtype).name})")
 
     def loss_is_surely_finite(self, theta, data, alpha=0.0):
         """True when the loss at ``theta`` on ``data`` (with L2 penalty ``alpha``) is
@@ -588,7 +631,7 @@ class Network:
                     theta, grad, d.X, d.data, d.indices, d.indptr, d.Y, d.sample_weight,
                     self._sizes, self._w_off, self._b_off, self._acts, self._out,
                     b["work"], b["tgrad"], b["tdacc"], b["acc"], b["block"], scale,
-                    float(alpha), b["threads"], acc is None)
+                    float(alpha), b["threads"], acc is None, **d.targets())
                 if acc is not None:
                     acc[...] = b["acc"][0]
         finally:
@@ -630,7 +673,7 @@ class Network:
                     theta, v, out, d.X, d.data, d.indices, d.indptr, d.Y, d.sample_weight,
                     self._sizes, self._w_off, self._b_off, self._acts, self._out,
                     b["work"], b["tgrad"], b["tdacc"], b["acc"], d.acts, have, b["block"],
-                    scale, float(alpha), exact, b["threads"], acc is None)
+                    scale, float(alpha), exact, b["threads"], acc is None, **d.targets())
                 if acc is not None:
                     acc[...] = b["acc"][0]
         finally:
@@ -650,7 +693,7 @@ class Network:
                     theta, out, d.X, d.data, d.indices, d.indptr, d.Y, d.sample_weight,
                     self._sizes, self._w_off, self._b_off, self._acts, self._out,
                     b["work"], b["tgrad"], b["tdacc"], b["acc"], b["block"], scale,
-                    b["threads"], acc is None)
+                    b["threads"], acc is None, **d.targets())
                 if acc is not None:
                     acc[...] = b["acc"][0]
         finally:
@@ -780,7 +823,8 @@ class Network:
                     _core.layer_deltas(theta, d.X, d.data, d.indices, d.indptr, d.Y,
                                        d.sample_weight, self._sizes, self._w_off,
                                        self._b_off, self._acts, self._out, b["work"], dacc,
-                                       flat, grad_x, b["block"], b["threads"])
+                                       flat, grad_x, b["block"], b["threads"],
+                                       **d.targets())
             finally:
                 self._release(key, b)
         if not deltas:
@@ -806,7 +850,7 @@ class Network:
             Flat parameters.
         X : {array-like, sparse matrix} of shape (n_samples, n_features)
             Inputs.
-        Y : array-like of shape (n_samples, n_outputs)
+        Y : {array-like, sparse matrix} of shape (n_samples, n_outputs)
             Targets in the network's form (one-hot rows, 0/1 columns or values).
         sample_weight : array-like of shape (n_samples,), default=None
             Sample weights.
@@ -878,9 +922,10 @@ class Network:
             Flat parameters.
         X : {array-like, sparse matrix} of shape (n_samples, n_features)
             Inputs, in any memory layout.
-        Y : array-like of shape (n_samples, n_outputs)
+        Y : {array-like, sparse matrix} of shape (n_samples, n_outputs)
             Targets: one-hot rows for softmax, 0/1 columns for logistic, real values for
-            identity, non-negative counts for exp.
+            identity, non-negative counts for exp. A sparse Y (an autoencoder's sparse X,
+            say) is read one row at a time, never densified whole.
         sample_weight : array-like of shape (n_samples,), default=None
             Non-negative weights, not all zero. None weighs every sample 1.
         alpha : float, default=0.0

@@ -76,7 +76,7 @@ class LocalObjective:
         sw = None if data.sample_weight is None else data.sample_weight[rows]
         if sw is not None and not sw.sum() > 0:  # a draw of zero weights only
             sw = None
-        sub = net.prepare(X, data.Y[rows], sw)
+        sub = net.prepare(X, data.target_rows(rows, net.layer_sizes[-1]), sw)
         sub.block = block
         return LocalObjective(net, sub, 0.0, l2=self.l2)
 

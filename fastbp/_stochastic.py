@@ -108,7 +108,7 @@ class StochasticOptimizer:
             _core.SOLVERS[self.solver], rate, self.momentum, self.nesterov,
             self.beta_1, self.beta_2, self.epsilon, self.state_1, self.state_2, self.step,
             n_chunks, n_threads, spin, self.cosine_steps if cosine else 0,
-            self.cosine_step if cosine else 0, dropout, drop_seed, keys)
+            self.cosine_step if cosine else 0, dropout, drop_seed, keys, **data.targets())
         if cosine:
             self.cosine_step += n_batches
             done = min(self.cosine_step, self.cosine_steps) / max(self.cosine_steps, 1)
@@ -153,7 +153,8 @@ def row_keys(data, n_features):
     2^64). Dropout keys its masks by it, so identical rows draw identical masks and a
     weight of 2 is a repeated row (scikit-learn's sample-weight semantics) also with
     dropout. O(n_features) per row, once per fit."""
-    bits = np.uint64 if data.Y.dtype == np.float64 else np.uint32
+    values = data.X if data.X is not None else data.data
+    bits = np.uint64 if values.dtype == np.float64 else np.uint32
     rng = np.random.default_rng(0x5EED)
     mult = (rng.integers(1, np.iinfo(bits).max // 2, n_features, dtype=bits)
             * bits(2) + bits(1))

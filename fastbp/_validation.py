@@ -143,10 +143,11 @@ def validate_local(est, X, y, incremental, reset):
 
 
 def _validate_reconstruction(est, X, reset):
-    """An autoencoder's input; its targets are X itself, dense."""
+    """An autoencoder's input; its targets are X itself (a sparse X as CSR, which the
+    kernels read row by row, never densified whole)."""
     X = validate_data(est, X, accept_sparse=["csr", "csc"], dtype=(np.float64, np.float32),
                       reset=reset)
-    Y = X.toarray() if sp.issparse(X) else np.ascontiguousarray(X)
+    Y = X.tocsr() if sp.issparse(X) else np.ascontiguousarray(X)
     return X, Y, Y
 
 
@@ -371,6 +372,8 @@ def decode_targets(est, Y):
     1-D values for a single regression target."""
     if is_classifier(est):
         return est._label_binarizer.inverse_transform(Y)
+    if sp.issparse(Y):  # an autoencoder's sparse X
+        return Y
     return Y.ravel() if Y.shape[1] == 1 else Y
 
 

@@ -69,8 +69,7 @@ def input_gradients(model, X, y=None):
     if isinstance(model, MLPAutoencoder):
         X = validate_data(model, X, accept_sparse=["csr", "csc"], reset=False,
                           dtype=net.dtype)
-        Y = X.toarray() if hasattr(X, "toarray") else X
-        return net.input_gradient(theta, X, Y)
+        return net.input_gradient(theta, X, X)
     if y is not None:  # the loss's gradient at the given targets, encoded as fit does
         X, y = validate_data(model, X, y, accept_sparse=["csr", "csc"], reset=False,
                              multi_output=True, dtype=net.dtype,

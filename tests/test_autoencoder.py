@@ -171,3 +171,98 @@ def test_dask_input_is_refused(digits):
     da = pytest.importorskip("dask.array")
     with pytest.raises(ValueError, match="trains in one process"):
         MLPAutoencoder(solver="lbfgs").fit(da.from_array(digits, chunks=(500, -1)))
+
+
+# ---------------------------------------------------------------------------------------
+# Sparse targets: the kernels read an autoencoder's sparse X as its targets row by row.
+
+def _sparse_problem(dtype, fmt="csr"):
+    rng = np.random.default_rng(3)
+    X = sp.random(150, 12, density=0.25, random_state=3, format=fmt, dtype=np.float64)
+    X.data = rng.normal(size=X.nnz)  # signed, so no stored value is confused with zero
+    net = fastbp.Network([12, 7, 5, 12], activation=["gelu", "tanh"], output="identity",
+                         dtype=dtype, block_size=32)
+    return net, net.init_params(random_state=1), X.astype(dtype), rng.random(150)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("fmt", ["csr", "csc", "coo"])
+def test_sparse_targets_give_bitwise_the_dense_targets_results(dtype, fmt):
+    net, theta, X, w = _sparse_problem(dtype, fmt)
+    D = X.toarray()
+    v = np.random.default_rng(4).normal(size=net.n_params).astype(dtype)
+    for args in ((), (w,)):
+        ld, gd = net.loss_grad(theta, X, D, *args, alpha=1e-3)
+        ls, gs = net.loss_grad(theta, X, X, *args, alpha=1e-3)
+        assert ld == ls and np.array_equal(gd, gs)
+        np.testing.assert_array_equal(net.gnvp(theta, v, X, D, *args),
+                                      net.gnvp(theta, v, X, X, *args))
+        np.testing.assert_array_equal(net.hessp(theta, v, X, D, *args),
+                                      net.hessp(theta, v, X, X, *args))
+        for a, b in zip(net.deltas(theta, X, D, *args), net.deltas(theta, X, X, *args)):
+            np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(net.input_gradient(theta, X, D, *args),
+                                      net.input_gradient(theta, X, X, *args))
+    fd = np.empty(net.n_params, dtype=dtype)
+    fs = np.empty(net.n_params, dtype=dtype)
+    net._fisher(theta, net.prepare(X, D), fd)
+    net._fisher(theta, net.prepare(X, X), fs)
+    np.testing.assert_array_equal(fd, fs)
+    # And the loss is the reconstruction error it should be: 0.5 * mean ||yhat - x||^2.
+    rec = net.forward(theta, X).astype(np.float64)
+    expected = 0.5 * ((rec - D) ** 2).sum(axis=1).mean()
+    rtol = 1e-12 if dtype == np.float64 else 1e-5
+    np.testing.assert_allclose(net.loss_grad(theta, X, X)[0], expected, rtol=rtol)
+
+
+def test_sparse_targets_with_duplicates_and_bad_shapes():
+    net, theta, X, _ = _sparse_problem(np.float64)
+    X = X.tocsr()
+    # Every stored value split in two halves, stored twice in its row: duplicates sum,
+    # as they do for toarray().
+    dup = sp.csr_matrix((np.repeat(X.data / 2, 2), np.repeat(X.indices, 2),
+                         X.indptr * 2), shape=X.shape)
+    assert not dup.has_canonical_format
+    np.testing.assert_allclose(net.loss_grad(theta, X, dup)[1],
+                               net.loss_grad(theta, X, X.toarray())[1], rtol=1e-13,
+                               atol=1e-15)
+    assert not dup.has_canonical_format  # the caller's matrix is left alone
+    with pytest.raises(ValueError, match="Y must have shape"):
+        net.loss_grad(theta, X, X[:, :5])
+    with pytest.raises(ValueError, match="Y must have shape"):
+        net.loss_grad(theta, X, X[:10])
+    bad = X.tocsr(copy=True)
+    bad.data[0] = np.nan
+    with pytest.raises(ValueError, match="NaN or infinity"):
+        net.loss_grad(theta, X, bad)
+    with pytest.raises(TypeError, match="must hold numbers"):
+        net.loss_grad(theta, X, X.astype(np.complex128))
+
+
+@pytest.mark.parametrize("solver", ["adam", "sgd", "lbfgs", "hessian-free", "newton-cg"])
+def test_fit_never_densifies_a_sparse_x(digits, solver, monkeypatch):
+    X = sp.csr_matrix(digits[:300] * (digits[:300] > 0.3))
+    reference = MLPAutoencoder((16, 4, 16), solver=solver, max_iter=5, random_state=0,
+                               batch_size=64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        # The same kernels with the targets densified first: the model fit must match.
+        dense_targets = fastbp.Network.prepare
+
+        def prepare(self, X_, Y=None, sample_weight=None):
+            return dense_targets(self, X_, Y.toarray() if sp.issparse(Y) else Y,
+                                 sample_weight)
+
+        monkeypatch.setattr(fastbp.Network, "prepare", prepare)
+        expected = reference.fit(X)._theta.copy()
+        monkeypatch.undo()
+
+        def refuse(self, *args, **kwargs):
+            raise AssertionError("fit densified the sparse X")
+
+        for cls in (sp.csr_matrix, sp.csc_matrix, sp.coo_matrix):
+            monkeypatch.setattr(cls, "toarray", refuse)
+            monkeypatch.setattr(cls, "todense", refuse)
+        ae = MLPAutoencoder((16, 4, 16), solver=solver, max_iter=5, random_state=0,
+                            batch_size=64).fit(X)
+    np.testing.assert_array_equal(ae._theta, expected)

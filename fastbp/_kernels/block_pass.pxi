@@ -28,7 +28,9 @@
 # Workspace layout for a block of B rows:
 #   A_1 (B, s_1) | ... | A_L (B, s_L) | Z_k (B, s_k) for each hidden layer k that keeps
 #   K (gelu, silu, softplus), in layer order | M_k (B, s_k) for each hidden layer k with
-#   dropout and no K, in layer order | D0 (B, h) | D1 (B, h) | Xg (B, s_0)
+#   dropout and no K, in layer order | y (s_L, rounded up to 16) | D0 (B, h) | D1 (B, h) |
+#   Xg (B, s_0)
+# y takes one row of sparse targets at a time (the output layer's loss reads it).
 # A dropping layer's masked derivative f'(Z_k) .* mask / (1 - rate) is written by the
 # forward pass into its K, or its M, so the backward pass draws no mask again.
 # with h the widest hidden layer. A_L holds the output, then Delta_L. The part up to the
@@ -81,8 +83,13 @@ cdef inline floating* _m_ptr(const Spec* sp, floating* work, int l) noexcept nog
     return work + (_z_offset(sp, l) if _keeps_z(sp, l) else _m_offset(sp, l))
 
 
-cdef inline Py_ssize_t _scratch_offset(const Spec* sp) noexcept nogil:
+cdef inline Py_ssize_t _yrow_offset(const Spec* sp) noexcept nogil:
+    """Offset of the target row (one row of sparse targets, scattered)."""
     return _m_offset(sp, sp.n_layers)
+
+
+cdef inline Py_ssize_t _scratch_offset(const Spec* sp) noexcept nogil:
+    return _yrow_offset(sp) + _yrow_len(sp.sizes[sp.n_layers])
 
 
 cdef inline uint64_t _row_hash(uint64_t seed, uint64_t key, int l) noexcept nogil:
@@ -197,7 +204,7 @@ def workspace_size(const Py_ssize_t[::1] sizes, const int[::1] acts, Py_ssize_t 
         total += sizes[l]
         if l < L and sizes[l] > hidden:
             hidden = sizes[l]
-    return block * (total + 2 * hidden + (sizes[0] if gather else 0))
+    return block * (total + 2 * hidden + (sizes[0] if gather else 0)) + _yrow_len(sizes[L])
 
 
 cdef void _input_product(const Spec* sp, const Input* inp, const Py_ssize_t* rows,
@@ -222,7 +229,8 @@ cdef double block_pass(const Spec* sp, const Input* inp, const Py_ssize_t* rows,
                        floating* work, bint accumulate, floating* out_rows) noexcept nogil:
     """Run rows [start, start + n) (through ``rows`` when not NULL) through the network.
 
-    With Y NULL: forward only; the output activations are copied to out_rows (n, s_L).
+    With Y NULL (and no sparse targets in sp): forward only; the output activations are
+    copied to out_rows (n, s_L).
     Otherwise returns sum_i w_i * loss_i, and, when grad is not NULL, adds this block's
     gradient to grad (dW, gemm beta = 1 when ``accumulate``, else overwriting) and to dacc
     (the intercept gradients in float64, laid out like theta's intercept part).
@@ -284,13 +292,14 @@ cdef double block_pass(const Spec* sp, const Input* inp, const Py_ssize_t* rows,
                 _drop_units(sp, Z, _m_ptr(sp, work, l), rows, start, n, l)
 
     Z = work + _act_offset(sp, L)
-    if Y == NULL:
+    if Y == NULL and sp.y_indptr == NULL:
         output_activate(Z, theta + sp.b_off[L - 1], n, s[L], sp.out)
         memcpy(out_rows, Z, n * s[L] * sizeof(floating))
         return 0.0
 
-    loss = output_loss_backward(Z, theta + sp.b_off[L - 1], Y, sw, rows, start, n, s[L],
-                                sp.out, scale, dacc + (sp.b_off[L - 1] - sp.b_off[0]))
+    loss = output_loss_backward(Z, theta + sp.b_off[L - 1], Y, sp, work + _yrow_offset(sp),
+                                sw, rows, start, n, s[L], sp.out, scale,
+                                dacc + (sp.b_off[L - 1] - sp.b_off[0]))
     if grad == NULL and sp.deltas == NULL and sp.input_grad == NULL:
         return loss
 

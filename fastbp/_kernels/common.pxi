@@ -108,6 +108,10 @@ cdef struct Spec:
     const double* drop      # dropout rate per hidden layer (training only)
     uint64_t drop_seed      # the epoch's dropout seed
     const uint64_t* row_keys  # per-row keys of the masks (a hash of the row), or NULL
+    # Sparse targets (CSR, n_total-independent: row r of the data), or NULL for dense Y:
+    const void* y_data
+    const int* y_indices
+    const Py_ssize_t* y_indptr
 
 
 cdef struct Input:
@@ -227,10 +231,72 @@ cdef int _fill_spec(Spec* sp, const Py_ssize_t[::1] sizes, const Py_ssize_t[::1]
     sp.drop = NULL
     sp.drop_seed = 0
     sp.row_keys = NULL
+    sp.y_data = NULL
+    sp.y_indices = NULL
+    sp.y_indptr = NULL
     sp.max_hidden = 1
     for l in range(1, sp.n_layers):
         if sizes[l] > sp.max_hidden:
             sp.max_hidden = sizes[l]
+    return 0
+
+
+cdef inline Py_ssize_t _yrow_len(Py_ssize_t m) noexcept nogil:
+    """Elements of a workspace's target row (sparse targets are scattered into it, one
+    row at a time): m rounded up to 16, so the buffers after it stay 64-byte aligned."""
+    return (m + 15) // 16 * 16
+
+
+cdef inline const floating* _target_row(const Spec* sp, const floating* Y, Py_ssize_t r,
+                                        Py_ssize_t m, floating* yrow) noexcept nogil:
+    """Row r of the targets: Y's (dense, m columns), or the sparse targets' row r
+    scattered into yrow (m,), never the whole matrix densified."""
+    cdef Py_ssize_t p
+    cdef const floating* ydata
+    if sp.y_indptr == NULL:
+        return Y + r * m
+    ydata = <const floating*> sp.y_data
+    memset(yrow, 0, m * sizeof(floating))
+    for p in range(sp.y_indptr[r], sp.y_indptr[r + 1]):
+        yrow[sp.y_indices[p]] += ydata[p]
+    return yrow
+
+
+cdef Py_ssize_t _n_rows(const floating[:, ::1] Y, const Py_ssize_t[::1] y_indptr) except -1:
+    """Rows of the targets: dense Y, or CSR targets (y_indptr has n + 1 entries)."""
+    if Y is not None:
+        return Y.shape[0]
+    if y_indptr is None or y_indptr.shape[0] < 1:
+        raise ValueError("targets: give Y, or y_data, y_indices and y_indptr (CSR)")
+    return y_indptr.shape[0] - 1
+
+
+cdef int _fill_targets(Spec* sp, const floating[:, ::1] Y, const floating[::1] y_data,
+                       const int[::1] y_indices, const Py_ssize_t[::1] y_indptr,
+                       const floating** Y_p) except -1:
+    """Point the kernels at the targets: Y_p at dense Y's first row (NULL without rows),
+    or sp's sparse-target fields at the CSR arrays (then Y_p is NULL). The CSR arrays'
+    contents (sorted, in-range indices) are checked by the Python layer."""
+    cdef Py_ssize_t m = sp.sizes[sp.n_layers], n
+    Y_p[0] = NULL
+    if Y is not None:
+        if y_data is not None or y_indices is not None or y_indptr is not None:
+            raise ValueError("targets: give Y or the CSR arrays, not both")
+        if Y.shape[1] != m:
+            raise ValueError(f"Y needs one column per output ({m}), got {Y.shape[1]}")
+        if Y.shape[0] > 0:
+            Y_p[0] = &Y[0, 0]
+        return 0
+    if y_data is None or y_indices is None or y_indptr is None:
+        raise ValueError("targets: give Y, or y_data, y_indices and y_indptr (CSR)")
+    n = y_indptr.shape[0] - 1
+    if (y_data.shape[0] != y_indices.shape[0] or y_indptr[0] != 0
+            or y_indptr[n] != y_data.shape[0]):
+        raise ValueError("sparse targets: y_data, y_indices and y_indptr do not match")
+    sp.y_indptr = &y_indptr[0]
+    if y_data.shape[0] > 0:
+        sp.y_data = &y_data[0]
+        sp.y_indices = &y_indices[0]
     return 0
 
 

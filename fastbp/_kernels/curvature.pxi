@@ -17,8 +17,9 @@
 # f' and f'' are written in terms of A_l where that is exact (_act_deriv_mul,
 # activation_rbackward); gelu and silu layers read their Z_l from the forward cache.
 #
-# Per-thread workspace for B rows: RA_1..RA_L | RZ_1..RZ_{L-1} | 4 scratch (B, w), with w
-# the widest non-input layer (the output deltas live in scratch too). The forward pass of
+# Per-thread workspace for B rows: RA_1..RA_L | RZ_1..RZ_{L-1} | one target row (sparse
+# targets) | 4 scratch (B, w), with w the widest non-input layer (the output deltas live
+# in scratch too). The forward pass of
 # every block lives in a cache, so that repeated products at the same theta (Newton-CG,
 # CG inside Hessian-free) skip it. One block of the cache, B rows:
 #   A_1 | ... | A_L | Z_k for each hidden layer k that keeps K (gelu, silu, softplus;
@@ -48,7 +49,7 @@ def rop_workspace_size(const Py_ssize_t[::1] sizes, Py_ssize_t block):
             total += sizes[l]
         if sizes[l] > widest:
             widest = sizes[l]
-    return block * (total + 4 * widest)
+    return block * (total + 4 * widest) + _yrow_len(sizes[L])
 
 
 cdef inline Py_ssize_t _rop_ra(const Spec* sp, int l) noexcept nogil:
@@ -59,8 +60,13 @@ cdef inline Py_ssize_t _rop_rz(const Spec* sp, int l) noexcept nogil:
     return _act_offset(sp, sp.n_layers + 1) + _act_offset(sp, l)
 
 
-cdef inline Py_ssize_t _rop_scratch(const Spec* sp) noexcept nogil:
+cdef inline Py_ssize_t _rop_yrow(const Spec* sp) noexcept nogil:
+    """The target row (sparse targets), after RA_1..RA_L and RZ_1..RZ_{L-1}."""
     return _act_offset(sp, sp.n_layers + 1) + _act_offset(sp, sp.n_layers)
+
+
+cdef inline Py_ssize_t _rop_scratch(const Spec* sp) noexcept nogil:
+    return _rop_yrow(sp) + _yrow_len(sp.sizes[sp.n_layers])
 
 
 cdef void _add_bias(floating* Z, const floating* c, Py_ssize_t n, Py_ssize_t m) noexcept nogil:
@@ -188,7 +194,7 @@ cdef void activation_rbackward(floating* RD, floating* D, const floating* A,
 
 
 cdef void output_curvature(floating* R, const floating* P, floating* D, const floating* Y,
-                           const double* sw, const Py_ssize_t* rows, Py_ssize_t start,
+                           const Spec* sp, floating* yrow, const double* sw, const Py_ssize_t* rows, Py_ssize_t start,
                            Py_ssize_t n, Py_ssize_t m, int out, double scale,
                            double* db) noexcept nogil:
     """R (n, m) <- H_out(R) * w_i * scale per row, with P the output activations; adds
@@ -200,7 +206,7 @@ cdef void output_curvature(floating* R, const floating* P, floating* D, const fl
     cdef floating c, ysum, pr
     for i in range(n):
         r = rows[start + i] if rows != NULL else start + i
-        y = Y + r * m
+        y = _target_row(sp, Y, r, m, yrow)
         c = <floating> ((sw[r] if sw != NULL else 1.0) * scale)
         rr = R + i * m
         p = P + i * m
@@ -310,7 +316,8 @@ cdef void block_rop(const Spec* sp, const Input* inp, Py_ssize_t start, Py_ssize
     # Output curvature: RD_L (in RA_L's place) and, for the Hessian, D_L.
     RD = work + _rop_ra(sp, L)
     D = scr if exact else NULL
-    output_curvature(RD, acts + _act_offset(sp, L), D, Y, sw, NULL, start, n, s[L],
+    output_curvature(RD, acts + _act_offset(sp, L), D, Y, sp, work + _rop_yrow(sp), sw,
+                     NULL, start, n, s[L],
                      sp.out, scale, dacc + (sp.b_off[L - 1] - sp.b_off[0]))
 
     # Backward.
@@ -366,7 +373,9 @@ def curvature_product(const floating[::1] theta, const floating[::1] v,
                       floating[:, ::1] tgrad, double[:, ::1] tdacc, int64_t[:, ::1] acc,
                       floating[::1] cache,
                       bint have_forward, Py_ssize_t block, double scale, double alpha,
-                      bint exact, int n_threads, bint finish=True):
+                      bint exact, int n_threads, bint finish=True,
+                      const floating[::1] y_data=None, const int[::1] y_indices=None,
+                      const Py_ssize_t[::1] y_indptr=None):
     """Gauss-Newton (or exact Hessian) times v over all rows, into out_arr (n_params,).
 
     Blocks, threads, buffers and exact sums as in ``loss_grad`` (bitwise the same for any
@@ -377,7 +386,7 @@ def curvature_product(const floating[::1] theta, const floating[::1] v,
     """
     cdef Spec sp
     cdef Input inp
-    cdef Py_ssize_t n = Y.shape[0], n_params = theta.shape[0], i
+    cdef Py_ssize_t n = _n_rows(Y, y_indptr), n_params = theta.shape[0], i
     cdef Py_ssize_t n_blocks = (n + block - 1) // block
     cdef Py_ssize_t n_int = tdacc.shape[1], ws = work.shape[1], n_coef = b_off[0]
     cdef Py_ssize_t asz = acc.shape[1]
@@ -399,6 +408,7 @@ def curvature_product(const floating[::1] theta, const floating[::1] v,
         raise ValueError("direction or output does not match theta")
     _check_exact_buffers(n_params, n_params - n_coef, n_threads, work, tgrad, tdacc, acc)
     _fill(&sp, &inp, sizes, w_off, b_off, acts, out, block, X, data, indices, indptr, theta)
+    _fill_targets(&sp, Y, y_data, y_indices, y_indptr, &Y_p)
     per_block = _z_offset(&sp, sp.n_layers)  # A_1..A_L and the kept Zs of one block
     if cache.shape[0] < n_blocks * per_block:
         raise ValueError("the forward cache is too small")
@@ -406,8 +416,6 @@ def curvature_product(const floating[::1] theta, const floating[::1] v,
         raise ValueError("the workspace is too small")
     if sample_weight is not None:
         sw = &sample_weight[0]
-    if n > 0:
-        Y_p = &Y[0, 0]
     with nogil, parallel(num_threads=n_threads):
         tid = threadid()
         memset(acc_p + tid * asz, 0, asz * sizeof(int64_t))

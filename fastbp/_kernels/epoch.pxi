@@ -182,7 +182,9 @@ def run_epoch(floating[::1] theta, floating[:, ::1] grads, const floating[:, :] 
               floating[::1] state_2, long long[::1] step, int n_chunks, int n_threads=0,
               bint spin=True, long long cosine_steps=0, long long cosine_start=0,
               const double[::1] drop=None, unsigned long long drop_seed=0,
-              const uint64_t[::1] row_keys=None):
+              const uint64_t[::1] row_keys=None,
+              const floating[::1] y_data=None, const int[::1] y_indices=None,
+              const Py_ssize_t[::1] y_indptr=None):
     """One epoch of minibatch SGD or Adam, entirely without the GIL.
 
     ``order`` (n_samples,) holds the row order and is shuffled in place first when
@@ -215,6 +217,9 @@ def run_epoch(floating[::1] theta, floating[:, ::1] grads, const floating[:, :] 
     uint64 per row, a hash of its features) makes identical rows draw identical masks, so
     that a weight of 2 is a repeated row also with dropout; None keys rows by index. ``work`` must then
     be sized with the same ``drop``.
+
+    Targets are ``Y`` (dense), or, with Y None, CSR arrays ``y_data``, ``y_indices``,
+    ``y_indptr`` (an autoencoder's sparse X), read one row at a time.
 
     Returns (sum over batches of batch loss x batch rows, number of batches run); the
     epoch stops at the first non-finite batch loss, which the caller detects from the sum.
@@ -264,13 +269,16 @@ def run_epoch(floating[::1] theta, floating[:, ::1] grads, const floating[:, :] 
         raise ValueError("the workspace is too small for ceil(batch_size / n_chunks) rows")
     _fill(&sp, &inp, sizes, w_off, b_off, acts, out, per_chunk, X, data, indices, indptr,
           theta)
+    _fill_targets(&sp, Y, y_data, y_indices, y_indptr, &Y_p)
+    if n > 0 and _n_rows(Y, y_indptr) == 0:
+        raise ValueError("order has rows, the targets have none")
     if drop is not None:  # checked by workspace_size: one rate in [0, 1) per hidden layer
         for i in range(drop.shape[0]):
             if drop[i] > 0:
                 sp.drop = &drop[0]
         sp.drop_seed = drop_seed
         if row_keys is not None:
-            if row_keys.shape[0] != Y.shape[0]:
+            if row_keys.shape[0] != _n_rows(Y, y_indptr):
                 raise ValueError("row_keys needs one key per row")
             if row_keys.shape[0] > 0:
                 sp.row_keys = &row_keys[0]
@@ -278,7 +286,6 @@ def run_epoch(floating[::1] theta, floating[:, ::1] grads, const floating[:, :] 
         sw = &sample_weight[0]
     if n == 0:
         return 0.0, 0
-    Y_p = &Y[0, 0]
     if shuffle:
         with nogil:
             _shuffle(order_p, n, seed)

@@ -194,12 +194,16 @@ def loss_grad(const floating[::1] theta, floating[::1] grad, const floating[:, :
               const Py_ssize_t[::1] w_off, const Py_ssize_t[::1] b_off,
               const int[::1] acts, int out, floating[:, ::1] work, floating[:, ::1] tgrad,
               double[:, ::1] tdacc, int64_t[:, ::1] acc, Py_ssize_t block, double scale, double alpha,
-              int n_threads, bint finish=True):
+              int n_threads, bint finish=True,
+              const floating[::1] y_data=None, const int[::1] y_indices=None,
+              const Py_ssize_t[::1] y_indptr=None):
     """Full-batch objective over all rows, streamed in blocks; returns the loss (float).
 
     grad (n_params,) is overwritten, or left alone when None. scale = 1 / sum(weights).
     acts holds one activation code (``ACTIVATIONS``' values, C int) per hidden layer.
-    X is dense (and data/indices/indptr None) or None (and they hold CSR arrays).
+    X is dense (and data/indices/indptr None) or None (and they hold CSR arrays); so are
+    the targets: Y dense, or None and y_data/y_indices/y_indptr CSR arrays (read one row
+    at a time, never densified whole; the other entry points take them alike).
     work, tgrad (n_params), tdacc (n_intercepts) and acc (accumulator_size) have one row
     per thread. The exact sums end in acc[0]; with ``finish`` False they are left there
     (for merging with other chunks' sums, then ``finish_loss_grad``) and 0 is returned.
@@ -207,7 +211,7 @@ def loss_grad(const floating[::1] theta, floating[::1] grad, const floating[:, :
     """
     cdef Spec sp
     cdef Input inp
-    cdef Py_ssize_t n = Y.shape[0], n_params = theta.shape[0]
+    cdef Py_ssize_t n = _n_rows(Y, y_indptr), n_params = theta.shape[0]
     cdef Py_ssize_t n_blocks = (n + block - 1) // block
     cdef Py_ssize_t n_int = tdacc.shape[1], ws = work.shape[1], n_coef = b_off[0]
     cdef Py_ssize_t asz = acc.shape[1]
@@ -229,12 +233,11 @@ def loss_grad(const floating[::1] theta, floating[::1] grad, const floating[:, :
     if ws < workspace_size(sizes, acts, block, False):
         raise ValueError("the workspace is too small")
     _fill(&sp, &inp, sizes, w_off, b_off, acts, out, block, X, data, indices, indptr, theta)
+    _fill_targets(&sp, Y, y_data, y_indices, y_indptr, &Y_p)
     if grad is not None:
         g = &grad[0]
     if sample_weight is not None:
         sw = &sample_weight[0]
-    if n > 0:
-        Y_p = &Y[0, 0]
     with nogil, parallel(num_threads=n_threads):
         tid = threadid()
         memset(acc_p + tid * asz, 0, asz * sizeof(int64_t))

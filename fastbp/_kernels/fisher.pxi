@@ -109,7 +109,9 @@ def fisher_diag(const floating[::1] theta, floating[::1] out_arr, const floating
                 const Py_ssize_t[::1] w_off, const Py_ssize_t[::1] b_off,
                 const int[::1] acts, int out, floating[:, ::1] work,
                 floating[:, ::1] tgrad, double[:, ::1] tdacc, int64_t[:, ::1] acc,
-                Py_ssize_t block, double scale, int n_threads, bint finish=True):
+                Py_ssize_t block, double scale, int n_threads, bint finish=True,
+                const floating[::1] y_data=None, const int[::1] y_indices=None,
+                const Py_ssize_t[::1] y_indptr=None):
     """Diagonal of the empirical Fisher, sum_i scale * w_i * (grad loss_i)^2, into out_arr.
 
     No L2 term. Blocks, threads, buffers and exact sums as in ``loss_grad`` (``finish``
@@ -118,7 +120,7 @@ def fisher_diag(const floating[::1] theta, floating[::1] out_arr, const floating
     """
     cdef Spec sp
     cdef Input inp
-    cdef Py_ssize_t n = Y.shape[0], n_params = theta.shape[0]
+    cdef Py_ssize_t n = _n_rows(Y, y_indptr), n_params = theta.shape[0]
     cdef Py_ssize_t n_blocks = (n + block - 1) // block
     cdef Py_ssize_t n_int = tdacc.shape[1], ws = work.shape[1]
     cdef Py_ssize_t asz = acc.shape[1]
@@ -135,10 +137,9 @@ def fisher_diag(const floating[::1] theta, floating[::1] out_arr, const floating
         raise ValueError("output or workspace does not match")
     _check_exact_buffers(n_params, n_int, n_threads, work, tgrad, tdacc, acc)
     _fill(&sp, &inp, sizes, w_off, b_off, acts, out, block, X, data, indices, indptr, theta)
+    _fill_targets(&sp, Y, y_data, y_indices, y_indptr, &Y_p)
     if sample_weight is not None:
         sw = &sample_weight[0]
-    if n > 0:
-        Y_p = &Y[0, 0]
     with nogil, parallel(num_threads=n_threads):
         tid = threadid()
         memset(acc_p + tid * asz, 0, asz * sizeof(int64_t))

@@ -19,7 +19,9 @@ def layer_deltas(const floating[::1] theta, const floating[:, :] X,
                  const Py_ssize_t[::1] w_off, const Py_ssize_t[::1] b_off,
                  const int[::1] acts, int out, floating[:, ::1] work, double[:, ::1] dacc,
                  floating[::1] deltas_out, floating[:, ::1] input_grad, Py_ssize_t block,
-                 int n_threads):
+                 int n_threads,
+                 const floating[::1] y_data=None, const int[::1] y_indices=None,
+                 const Py_ssize_t[::1] y_indptr=None):
     """Per-sample deltas (into ``deltas_out``: layer l's (n, s_l) row-major block after
     layer l-1's, or None) and input gradients (``input_grad`` (n, s_0), or None).
 
@@ -28,7 +30,7 @@ def layer_deltas(const floating[::1] theta, const floating[:, :] X,
     """
     cdef Spec sp
     cdef Input inp
-    cdef Py_ssize_t n = Y.shape[0], n_blocks, ws = work.shape[1], n_int = dacc.shape[1]
+    cdef Py_ssize_t n = _n_rows(Y, y_indptr), n_blocks, ws = work.shape[1], n_int = dacc.shape[1]
     cdef Py_ssize_t total = 0, l, b, start, nb
     cdef floating* work_p
     cdef double* dacc_p
@@ -44,8 +46,6 @@ def layer_deltas(const floating[::1] theta, const floating[:, :] X,
         raise ValueError("the workspace is too small")
     if n_int != theta.shape[0] - b_off[0]:
         raise ValueError("dacc rows must hold the intercepts")
-    if Y.shape[1] != sizes[sizes.shape[0] - 1]:
-        raise ValueError("Y needs one column per output")
     for l in range(1, sizes.shape[0]):
         total += sizes[l]
     if deltas_out is not None and deltas_out.shape[0] != n * total:
@@ -56,6 +56,7 @@ def layer_deltas(const floating[::1] theta, const floating[:, :] X,
     if sample_weight is not None and sample_weight.shape[0] != n:
         raise ValueError("sample_weight needs one weight per row")
     _fill(&sp, &inp, sizes, w_off, b_off, acts, out, block, X, data, indices, indptr, theta)
+    _fill_targets(&sp, Y, y_data, y_indices, y_indptr, &Y_p)
     if n == 0:
         return
     sp.n_total = n
@@ -65,7 +66,6 @@ def layer_deltas(const floating[::1] theta, const floating[:, :] X,
         sp.input_grad = &input_grad[0, 0]
     if sample_weight is not None:
         sw = &sample_weight[0]
-    Y_p = &Y[0, 0]
     work_p = &work[0, 0]
     dacc_p = &dacc[0, 0]
     n_blocks = (n + block - 1) // block

@@ -258,6 +258,7 @@ cdef void output_activate(floating* Z, const floating* b, Py_ssize_t n, Py_ssize
 
 
 cdef double output_loss_backward(floating* Z, const floating* b, const floating* Y,
+                                 const Spec* sp, floating* yrow,
                                  const double* sw, const Py_ssize_t* rows, Py_ssize_t start,
                                  Py_ssize_t n, Py_ssize_t m, int out, double scale,
                                  double* db) noexcept nogil:
@@ -265,7 +266,8 @@ cdef double output_loss_backward(floating* Z, const floating* b, const floating*
 
     Z (n, m): pre-activations without the bias on entry, Delta_L on exit, where
     Delta_L[i] = dloss_i/dz_i * w_i * scale (= (g(z_i) - y_i) w_i scale for a proper target). Y (n_total, m) and sw (n_total,) are indexed
-    by rows[start + i] (or start + i when rows is NULL). Adds colsum(Delta_L) to db (m,).
+    by rows[start + i] (or start + i when rows is NULL); with sparse targets (sp's CSR
+    fields) each row of Y is scattered into yrow (m,) first. Adds colsum(Delta_L) to db.
     Returns sum_i w_i * loss_i in float64. The losses are computed from z, exactly:
       softmax   logsumexp(z) * sum(y) - y.z
       logistic  sum_j softplus(z_j) - y_j z_j
@@ -279,7 +281,7 @@ cdef double output_loss_backward(floating* Z, const floating* b, const floating*
     cdef double w, li, s, yz, ysum, lse, zj, total = 0.0
     for i in range(n):
         r = rows[start + i] if rows != NULL else start + i
-        y = Y + r * m
+        y = _target_row(sp, Y, r, m, yrow)
         w = sw[r] if sw != NULL else 1.0
         c = <floating> (w * scale)
         z = Z + i * m
