@@ -16,6 +16,7 @@ so a float32 network's report measures its own rounding, not the differences'.
 from dataclasses import dataclass
 
 import numpy as np
+import scipy.sparse as sp
 from sklearn.utils import check_random_state
 
 from ._network import Network
@@ -82,8 +83,9 @@ def check_gradients(net, theta, X, Y, sample_weight=None, *, alpha=0.0, n_direct
         Where to check (float32 or float64, as ``net.dtype``).
     X : {ndarray, sparse matrix} of shape (n_samples, layer_sizes[0])
         Inputs.
-    Y : ndarray of shape (n_samples, layer_sizes[-1])
-        Targets in the network's form (one-hot rows, 0/1 columns, values).
+    Y : {ndarray, sparse matrix} of shape (n_samples, layer_sizes[-1])
+        Targets in the network's form (one-hot rows, 0/1 columns, values; sparse, for
+        instance an autoencoder's sparse X).
     sample_weight : ndarray of shape (n_samples,), default=None
         Sample weights.
     alpha : float, default=0.0
@@ -132,7 +134,7 @@ def check_gradients(net, theta, X, Y, sample_weight=None, *, alpha=0.0, n_direct
     ref = Network(net.layer_sizes, activation=net.activation, output=net.output,
                   dtype=np.float64, block_size=net.block_size, n_jobs=net.n_jobs)
     theta64 = np.asarray(theta, dtype=np.float64)
-    Y = np.asarray(Y)
+    Y = Y if sp.issparse(Y) else np.asarray(Y)
     Y64 = Y.astype(np.float64)
     X64 = X.astype(np.float64) if hasattr(X, "astype") else np.asarray(X, np.float64)
     X_net = X.astype(net.dtype) if hasattr(X, "astype") else np.asarray(X, net.dtype)

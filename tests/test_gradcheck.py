@@ -41,6 +41,18 @@ def test_float32_and_sparse_networks_report_their_own_rounding():
     assert report.worst > 1e-9  # the float32 kernels, not a float64 copy, were checked
 
 
+def test_sparse_targets_are_checked_as_dense_ones():
+    """An autoencoder's sparse X as its own targets: the same report as dense targets
+    (the kernels read sparse targets row by row, with bitwise the dense results)."""
+    X = sp.random(40, 4, density=0.5, random_state=0, format="csr")
+    net = Network([4, 3, 4], activation="tanh", output="identity")
+    theta = net.init_params(random_state=0)
+    sparse = check_gradients(net, theta, X, X, alpha=1e-3)
+    dense = check_gradients(net, theta, X, X.toarray(), alpha=1e-3)
+    assert sparse == dense
+    assert sparse.worst < 1e-5
+
+
 def test_wrong_derivatives_are_reported(monkeypatch):
     net, theta, X, Y = _problem("softmax")
     original = Network.loss_grad
