@@ -95,3 +95,17 @@ def test_extra_rows_render(tiny):
     assert "First fit in a fresh process / a later one: 1.10" in table
     assert "1.90; under `threadpool_limits(1, user_api='openmp')`: 1.00" in table
     assert "adam-small 0.050 s against 0.040 s (1.25x)" in table
+
+
+def test_feature_benchmark_confidence_interval_of_the_median():
+    import importlib.util
+    import pathlib
+    path = pathlib.Path(__file__).parents[1] / "benchmarks" / "bench_features.py"
+    spec = importlib.util.spec_from_file_location("bench_features", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    # 101 values 0..100: the median is 50; 1.96 sqrt(101) / 2 = 9.85 order statistics
+    # either side, rounded outwards: from the 40th to the 60th value.
+    assert bench.median_ci(np.arange(101.0)[::-1]) == [40.0, 60.0]
+    # Tiny samples clip to the extremes rather than index outside.
+    assert bench.median_ci([1.0, 3.0, 2.0]) == [1.0, 3.0]
