@@ -891,7 +891,7 @@ class Network:
             Flat parameters.
         X : {array-like, sparse matrix} of shape (n_samples, n_features)
             Inputs.
-        Y : array-like of shape (n_samples, n_outputs)
+        Y : {array-like, sparse matrix} of shape (n_samples, n_outputs)
             Targets in the network's form.
         sample_weight : array-like of shape (n_samples,), default=None
             Sample weights.

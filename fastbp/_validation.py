@@ -147,7 +147,10 @@ def _validate_reconstruction(est, X, reset):
     kernels read row by row, never densified whole)."""
     X = validate_data(est, X, accept_sparse=["csr", "csc"], dtype=(np.float64, np.float32),
                       reset=reset)
-    Y = X.tocsr() if sp.issparse(X) else np.ascontiguousarray(X)
+    if sp.issparse(X):
+        X = X.tocsr()  # one CSR copy of a CSC X, shared by inputs and targets
+        return X, X, X
+    Y = np.ascontiguousarray(X)
     return X, Y, Y
 
 

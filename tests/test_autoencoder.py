@@ -266,3 +266,23 @@ def test_fit_never_densifies_a_sparse_x(digits, solver, monkeypatch):
         ae = MLPAutoencoder((16, 4, 16), solver=solver, max_iter=5, random_state=0,
                             batch_size=64).fit(X)
     np.testing.assert_array_equal(ae._theta, expected)
+
+
+def test_the_kernels_refuse_corrupt_sparse_targets():
+    """Direct callers of the compiled entry points get errors, not out-of-bounds writes."""
+    net, theta, X, _ = _sparse_problem(np.float64)
+    grad = np.empty(net.n_params)
+    for field, index, value, match in [("y_indices", 0, 12, "outside"),
+                                       ("y_indices", -1, -1, "outside"),
+                                       ("y_indptr", 5, 10**6, "non-decreasing|match"),
+                                       ("y_indptr", -1, 3, "do not match")]:
+        d = net.prepare(X, X)
+        arr = getattr(d, field).copy()
+        arr[index] = value
+        setattr(d, field, arr)
+        with pytest.raises(ValueError, match=match):
+            net._loss_grad(theta, d, 0.0, grad)
+    d = net.prepare(X, X)
+    d.y_indptr = d.y_indptr[:0]
+    with pytest.raises(ValueError, match="give Y"):
+        net._loss_grad(theta, d, 0.0, grad)

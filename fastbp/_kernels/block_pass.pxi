@@ -8,12 +8,12 @@
 #              db_l += colsum(Delta_l)                             (float64, in the fused pass)
 #
 # f' is computed from the activations where that is exact (logistic a(1-a), tanh 1-a^2,
-# relu a>0, leaky_relu, elu; see layers.pxi), so those layers store nothing more; gelu,
-# silu and softplus layers keep K_l = f'(Z_l) beside A_l (the layout below, where the
-# curvature cache keeps Z_l instead), written by the forward pass, so that the backward
-# pass only multiplies. Each hidden layer has its own activation (Spec.acts). Deltas overwrite the output
-# buffer, then ping-pong
-# between two scratch buffers. Inputs can be a dense C- or F-ordered matrix (an F-ordered
+# relu a>0, leaky_relu, elu; see layers.pxi), so those layers store nothing more unless
+# they drop units (then their M, below); gelu, silu and softplus layers keep
+# K_l = f'(Z_l) beside A_l (the layout below, where the curvature cache keeps Z_l
+# instead), written by the forward pass, so that the backward pass only multiplies. Each
+# hidden layer has its own activation (Spec.acts). Deltas overwrite the output buffer,
+# then ping-pong between two scratch buffers. Inputs can be a dense C- or F-ordered matrix (an F-ordered
 # one is used through gemm's transpose flag) or CSR arrays, for which the first layer
 # multiplies the sparse rows directly. A row-index array lets a minibatch address rows
 # without copying Y or the weights; dense minibatch rows are gathered into a workspace.
@@ -30,11 +30,11 @@
 #   K (gelu, silu, softplus), in layer order | M_k (B, s_k) for each hidden layer k with
 #   dropout and no K, in layer order | y (s_L, rounded up to 16) | D0 (B, h) | D1 (B, h) |
 #   Xg (B, s_0)
-# y takes one row of sparse targets at a time (the output layer's loss reads it).
-# A dropping layer's masked derivative f'(Z_k) .* mask / (1 - rate) is written by the
-# forward pass into its K, or its M, so the backward pass draws no mask again.
 # with h the widest hidden layer. A_L holds the output, then Delta_L. The part up to the
-# Zs is also the layout of one block of curvature.pxi's forward cache.
+# Zs is also the layout of one block of curvature.pxi's forward cache. A dropping layer's
+# masked derivative f'(Z_k) .* mask / (1 - rate) is written by the forward pass into its
+# K, or its M, so the backward pass draws no mask again. y takes one row of sparse
+# targets at a time (the output layer's loss reads it).
 
 cdef inline Py_ssize_t _act_offset(const Spec* sp, int l) noexcept nogil:
     """Offset of A_l (l >= 1) in the workspace."""

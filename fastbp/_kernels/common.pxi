@@ -243,7 +243,7 @@ cdef int _fill_spec(Spec* sp, const Py_ssize_t[::1] sizes, const Py_ssize_t[::1]
 
 cdef inline Py_ssize_t _yrow_len(Py_ssize_t m) noexcept nogil:
     """Elements of a workspace's target row (sparse targets are scattered into it, one
-    row at a time): m rounded up to 16, so the buffers after it stay 64-byte aligned."""
+    row at a time): m rounded up to a multiple of 16."""
     return (m + 15) // 16 * 16
 
 
@@ -276,8 +276,9 @@ cdef int _fill_targets(Spec* sp, const floating[:, ::1] Y, const floating[::1] y
                        const floating** Y_p) except -1:
     """Point the kernels at the targets: Y_p at dense Y's first row (NULL without rows),
     or sp's sparse-target fields at the CSR arrays (then Y_p is NULL). The CSR arrays'
-    contents (sorted, in-range indices) are checked by the Python layer."""
-    cdef Py_ssize_t m = sp.sizes[sp.n_layers], n
+    arrays are checked here too (O(n + nnz)), as every kernel argument is: indptr
+    non-decreasing from 0 to nnz, every index in [0, m)."""
+    cdef Py_ssize_t m = sp.sizes[sp.n_layers], n, i
     Y_p[0] = NULL
     if Y is not None:
         if y_data is not None or y_indices is not None or y_indptr is not None:
@@ -287,12 +288,20 @@ cdef int _fill_targets(Spec* sp, const floating[:, ::1] Y, const floating[::1] y
         if Y.shape[0] > 0:
             Y_p[0] = &Y[0, 0]
         return 0
-    if y_data is None or y_indices is None or y_indptr is None:
+    if (y_data is None or y_indices is None or y_indptr is None
+            or y_indptr.shape[0] < 1):
         raise ValueError("targets: give Y, or y_data, y_indices and y_indptr (CSR)")
     n = y_indptr.shape[0] - 1
     if (y_data.shape[0] != y_indices.shape[0] or y_indptr[0] != 0
             or y_indptr[n] != y_data.shape[0]):
         raise ValueError("sparse targets: y_data, y_indices and y_indptr do not match")
+    for i in range(n):
+        if y_indptr[i + 1] < y_indptr[i]:
+            raise ValueError("sparse targets: y_indptr must be non-decreasing")
+    for i in range(y_indices.shape[0]):
+        if not 0 <= y_indices[i] < m:
+            raise ValueError(f"sparse targets: column index {y_indices[i]} is outside "
+                             f"[0, {m})")
     sp.y_indptr = &y_indptr[0]
     if y_data.shape[0] > 0:
         sp.y_data = &y_data[0]

@@ -193,8 +193,9 @@ cdef void activation_rbackward(floating* RD, floating* D, const floating* A,
             db[j] += rd[j]
 
 
-cdef void output_curvature(floating* R, const floating* P, floating* D, const floating* Y,
-                           const Spec* sp, floating* yrow, const double* sw, const Py_ssize_t* rows, Py_ssize_t start,
+cdef void output_curvature(floating* R, const floating* P, floating* D,
+                           const floating* Y, const Spec* sp, floating* yrow,
+                           const double* sw, const Py_ssize_t* rows, Py_ssize_t start,
                            Py_ssize_t n, Py_ssize_t m, int out, double scale,
                            double* db) noexcept nogil:
     """R (n, m) <- H_out(R) * w_i * scale per row, with P the output activations; adds
@@ -206,7 +207,8 @@ cdef void output_curvature(floating* R, const floating* P, floating* D, const fl
     cdef floating c, ysum, pr
     for i in range(n):
         r = rows[start + i] if rows != NULL else start + i
-        y = _target_row(sp, Y, r, m, yrow)
+        # The targets are read by softmax's sum(y) and by the deltas only.
+        y = _target_row(sp, Y, r, m, yrow) if out == OUT_SOFTMAX or D != NULL else NULL
         c = <floating> ((sw[r] if sw != NULL else 1.0) * scale)
         rr = R + i * m
         p = P + i * m
