@@ -395,17 +395,8 @@ class Network:
             if X.ndim != 2:
                 raise ValueError(f"X must be 2-D, got {X.ndim}-D")
             X = sp.csr_matrix(X, dtype=self.dtype)
-            if X.nnz > np.iinfo(np.int32).max:
-                raise ValueError("sparse X has too many stored values (more than 2**31-1)")
-            X.check_format(full_check=True)
             d.X = None
-            d.data = np.ascontiguousarray(X.data, dtype=self.dtype)
-            d.x_max = _max_abs(d.data)
-            if not math.isfinite(d.x_max):
-                raise ValueError("X contains NaN or infinity (or values too large for "
-                                 f"{np.dtype(self.dtype).name})")
-            d.indices = np.ascontiguousarray(X.indices, dtype=np.int32)
-            d.indptr = np.ascontiguousarray(X.indptr, dtype=np.intp)
+            d.data, d.indices, d.indptr, d.x_max = self._csr_arrays(X, "X")
         else:
             X = np.asarray(X)
             if X.dtype.kind not in "fiub":
@@ -432,7 +423,13 @@ class Network:
         d.y_max = 0.0
         d.weight_sum = float(d.n_samples)
         if Y is not None and sp.issparse(Y):
-            self._prepare_sparse_targets(d, Y)
+            n_outputs = self.layer_sizes[-1]
+            if Y.ndim != 2 or Y.shape != (d.n_samples, n_outputs):
+                raise ValueError(
+                    f"Y must have shape ({d.n_samples}, {n_outputs}), got {Y.shape}")
+            if Y.dtype.kind not in "fiub":
+                raise TypeError(f"Y must hold numbers, got dtype {Y.dtype}")
+            d.y_data, d.y_indices, d.y_indptr, d.y_max = self._csr_arrays(Y, "Y")
         elif Y is not None:
             Y = np.asarray(Y)
             if Y.dtype.kind not in "fiub":
@@ -469,29 +466,21 @@ class Network:
             d.sample_weight = sw
         return d
 
-    def _prepare_sparse_targets(self, d, Y):
-        """Sparse targets as CSR arrays in the network's dtype (duplicates summed, on a
-        copy), checked as dense targets are."""
-        n_outputs = self.layer_sizes[-1]
-        if Y.ndim != 2 or Y.shape != (d.n_samples, n_outputs):
-            raise ValueError(
-                f"Y must have shape ({d.n_samples}, {n_outputs}), got {Y.shape}")
-        if Y.dtype.kind not in "fiub":
-            raise TypeError(f"Y must hold numbers, got dtype {Y.dtype}")
-        Y = sp.csr_matrix(Y, dtype=self.dtype)
-        if Y.nnz > np.iinfo(np.int32).max:
-            raise ValueError("sparse Y has too many stored values (more than 2**31-1)")
-        Y.check_format(full_check=True)
-        if not Y.has_canonical_format:
-            Y = Y.copy()
-            Y.sum_duplicates()
-        d.y_data = np.ascontiguousarray(Y.data, dtype=self.dtype)
-        d.y_indices = np.ascontiguousarray(Y.indices, dtype=np.int32)
-        d.y_indptr = np.ascontiguousarray(Y.indptr, dtype=np.intp)
-        d.y_max = _max_abs(d.y_data)
-        if not math.isfinite(d.y_max):
-            raise ValueError("Y contains NaN or infinity (or values too large for "
+    def _csr_arrays(self, M, name):
+        """A sparse X or Y as the kernels take it: CSR data (the network's dtype),
+        int32 indices and intp indptr, checked whole, and its largest |value|. Duplicate
+        entries stay: the kernels add them, as ``toarray`` does."""
+        M = sp.csr_matrix(M, dtype=self.dtype)
+        if M.nnz > np.iinfo(np.int32).max:
+            raise ValueError(f"sparse {name} has too many stored values (more than 2**31-1)")
+        M.check_format(full_check=True)
+        data = np.ascontiguousarray(M.data, dtype=self.dtype)
+        top = _max_abs(data)
+        if not math.isfinite(top):
+            raise ValueError(f"{name} contains NaN or infinity (or values too large for "
                              f"{np.dtype(self.dtype).name})")
+        return (data, np.ascontiguousarray(M.indices, dtype=np.int32),
+                np.ascontiguousarray(M.indptr, dtype=np.intp), top)
 
     def loss_is_surely_finite(self, theta, data, alpha=0.0):
         """True when the loss at ``theta`` on ``data`` (with L2 penalty ``alpha``) is

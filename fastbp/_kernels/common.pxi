@@ -275,8 +275,8 @@ cdef int _fill_targets(Spec* sp, const floating[:, ::1] Y, const floating[::1] y
                        const int[::1] y_indices, const Py_ssize_t[::1] y_indptr,
                        const floating** Y_p) except -1:
     """Point the kernels at the targets: Y_p at dense Y's first row (NULL without rows),
-    or sp's sparse-target fields at the CSR arrays (then Y_p is NULL). The CSR arrays'
-    arrays are checked here too (O(n + nnz)), as every kernel argument is: indptr
+    or sp's sparse-target fields at the CSR arrays (then Y_p is NULL). The CSR arrays
+    are checked here too (O(n + nnz)), as every kernel argument is: indptr
     non-decreasing from 0 to nnz, every index in [0, m)."""
     cdef Py_ssize_t m = sp.sizes[sp.n_layers], n, i
     Y_p[0] = NULL
