@@ -206,6 +206,25 @@ def test_run_epoch_refuses_more_threads_than_chunks():
                         True, 0.9, 0.999, 1e-8, opt.state_1, opt.state_2, opt.step, 2, 3)
 
 
+@pytest.mark.parametrize("bad_row", [64, -1])
+def test_run_epoch_refuses_row_indices_outside_the_data(bad_row):
+    """A direct caller's order is checked against the rows before any is read."""
+    net = Network([4, 8, 2])
+    X, y = _blobs(n=64, d=4, k=2)
+    data = net.prepare(X, np.eye(2)[y])
+    theta = net.init_params(random_state=0)
+    opt = StochasticOptimizer("adam", net.n_params, net.dtype, 1e-3, "constant", 0.9, True,
+                              0.5, 0.9, 0.999, 1e-8)
+    grads, work, dacc = opt._buffers(net, 1, 32, False)
+    order = np.arange(64, dtype=np.intp)
+    order[10] = bad_row
+    with pytest.raises(ValueError, match="outside the 64 rows"):
+        _core.run_epoch(theta, grads, data.X, None, None, None, data.Y, None, net._sizes,
+                        net._w_off, net._b_off, net._acts, net._out, work, dacc, order,
+                        False, 0, 32, 0.0, 1, 1e-3, 0.9, True, 0.9, 0.999, 1e-8,
+                        opt.state_1, opt.state_2, opt.step, 1, 1)
+
+
 def test_busy_machine_runs_fewer_threads_and_never_spins(monkeypatch):
     monkeypatch.setattr(_threads, "cpu_count", lambda: 2)
     monkeypatch.setattr(_threads, "_machine_cpus", lambda: 2)

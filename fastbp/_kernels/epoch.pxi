@@ -226,7 +226,7 @@ def run_epoch(floating[::1] theta, floating[:, ::1] grads, const floating[:, :] 
     """
     cdef Spec sp
     cdef Input inp
-    cdef Py_ssize_t n = order.shape[0], n_params = theta.shape[0]
+    cdef Py_ssize_t n = order.shape[0], n_params = theta.shape[0], n_rows
     cdef int C = n_chunks
     cdef Py_ssize_t per_chunk = (batch_size + C - 1) // C if C > 0 else 0
     cdef Py_ssize_t n_int = dacc.shape[1], ws = work.shape[1]
@@ -270,15 +270,17 @@ def run_epoch(floating[::1] theta, floating[:, ::1] grads, const floating[:, :] 
     _fill(&sp, &inp, sizes, w_off, b_off, acts, out, per_chunk, X, data, indices, indptr,
           theta)
     _fill_targets(&sp, Y, y_data, y_indices, y_indptr, &Y_p)
-    if n > 0 and _n_rows(Y, y_indptr) == 0:
-        raise ValueError("order has rows, the targets have none")
+    n_rows = _n_rows(Y, y_indptr)
+    for i in range(n):  # every row index the epoch will follow must exist
+        if not 0 <= order[i] < n_rows:
+            raise ValueError(f"order holds row {order[i]}, outside the {n_rows} rows")
     if drop is not None:  # checked by workspace_size: one rate in [0, 1) per hidden layer
         for i in range(drop.shape[0]):
             if drop[i] > 0:
                 sp.drop = &drop[0]
         sp.drop_seed = drop_seed
         if row_keys is not None:
-            if row_keys.shape[0] != _n_rows(Y, y_indptr):
+            if row_keys.shape[0] != n_rows:
                 raise ValueError("row_keys needs one key per row")
             if row_keys.shape[0] > 0:
                 sp.row_keys = &row_keys[0]
