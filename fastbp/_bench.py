@@ -574,6 +574,9 @@ def _machine():
     return f"{model}, {cpus} CPUs, {platform.system()} {platform.machine()}"
 
 
+_SMALL_PATH = {"own": "fastbp's loops", "blas": "BLAS"}
+
+
 def markdown(report):
     """The results as a Markdown table."""
     lines = [f"Measured {report['date']} on {report['machine']}; "
@@ -581,7 +584,10 @@ def markdown(report):
              + f"; GEMM peak sgemm {report['gemm_peak_gflops']['sgemm']:.1f}, dgemm "
              f"{report['gemm_peak_gflops']['dgemm']:.1f} GFLOP/s"
              + (f"; fastbp kernels {report['config']['kernels']['variant']}"
-                if "config" in report else "") + ".", "",
+                if "config" in report else "")
+             + (f", small products in {_SMALL_PATH[report['config']['kernels']['small_products']]}"
+                if "small_products" in report.get("config", {}).get("kernels", {}) else "")
+             + ".", "",
              "| workload | fastbp s | scikit-learn s | PyTorch s | speed-up vs sklearn | "
              "speed-up vs PyTorch | fastbp GFLOP/s (% peak) | accuracy fastbp / sklearn / "
              "PyTorch | target |",

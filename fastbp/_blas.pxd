@@ -9,6 +9,8 @@ from scipy.linalg.cython_blas cimport sgemm, dgemm
 
 
 cdef extern from "_small_gemm.h" nogil:
+    void set_small_gemm "fastbp_set_small_gemm"(int on)
+    int small_gemm_enabled "fastbp_small_gemm_enabled"()
     bint small_gemm_ok "fastbp_small_gemm_ok"(int trans_a, int trans_b, int m, int n, int k,
                                               size_t itemsize)
     void small_sgemm "fastbp_small_sgemm"(int trans_a, int trans_b, int m, int n, int k,

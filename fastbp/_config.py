@@ -7,7 +7,7 @@ import sys
 from threadpoolctl import threadpool_info
 
 from . import _core
-from ._threads import effective_n_jobs
+from ._threads import SMALL_PRODUCTS, effective_n_jobs
 from ._version import __version__
 
 __all__ = ["show_config"]
@@ -28,7 +28,9 @@ def _config():
                     "forced": os.environ.get("FASTBP_KERNELS") or None,
                     "built": list(_core.built_variants()),
                     "cpu_features": list(_core.cpu_features()),
-                    "openmp_version": build["openmp"]},
+                    "openmp_version": build["openmp"],
+                    "small_products": SMALL_PRODUCTS[0],
+                    "small_products_reason": SMALL_PRODUCTS[1]},
         "threads": {"n_jobs_default": effective_n_jobs(None),
                     "openmp_max_threads": _core.openmp_max_threads(),
                     "cpus_usable": _usable_cpus()},
@@ -52,6 +54,9 @@ def _text(cfg):
                                             else " (best this CPU runs)")
              + f"; built: {', '.join(k['built'])}; "
              f"CPU: {', '.join(k['cpu_features']) or 'no AVX'}",
+             f"small products (at most 2^18 multiply-adds): "
+             f"{'fastbp' if k['small_products'] == 'own' else 'BLAS'} "
+             f"({k['small_products_reason']})",
              f"OpenMP: {'version ' + str(k['openmp_version']) if k['openmp_version'] else 'none (one thread)'}",
              f"threads: n_jobs=None uses {t['n_jobs_default']}; OpenMP max "
              f"{t['openmp_max_threads']}; usable CPUs {t['cpus_usable']}"]
@@ -81,7 +86,9 @@ def show_config(mode="stdout"):
     -------
     None, dict or str
         Sections ``fastbp``, ``kernels`` (``variant``, ``compiled_isa``, ``forced``,
-        ``built``, ``cpu_features``, ``openmp_version``), ``threads``
+        ``built``, ``cpu_features``, ``openmp_version``, ``small_products``: 'own' when
+        small products run in fastbp's loops, 'blas' when BLAS computes them, and
+        ``small_products_reason``), ``threads``
         (``n_jobs_default``, ``openmp_max_threads``, ``cpus_usable``), ``blas`` and
         ``openmp`` (threadpoolctl's view of the loaded libraries).
 

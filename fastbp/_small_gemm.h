@@ -37,8 +37,19 @@
 #endif
 #define FASTBP_RB 4
 
+/* Whether products that qualify take these loops (1) or go to BLAS all the same (0). Set
+   once, when fastbp is imported (fastbp._threads.small_products), from the BLAS that
+   SciPy loaded: some BLAS kernels compute small products without packing, faster than
+   these loops. One flag per kernel module; only the chosen variant's module is loaded. */
+static int fastbp_small_gemm_on = 1;
+
+static inline void fastbp_set_small_gemm(int on) { fastbp_small_gemm_on = on != 0; }
+
+static inline int fastbp_small_gemm_enabled(void) { return fastbp_small_gemm_on; }
+
 static inline int fastbp_small_gemm_ok(int trans_a, int trans_b, int m, int n, int k,
                                        size_t itemsize) {
+    if (!fastbp_small_gemm_on) return 0;
     if (trans_a && trans_b) return 0;
     if (m <= 0 || n <= 0 || k <= 0) return 0;
     if ((double) m * (double) n * (double) k > FASTBP_SMALL_MACS) return 0;

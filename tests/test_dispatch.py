@@ -18,7 +18,7 @@ import sys
 import pytest
 
 import fastbp
-from fastbp import _core
+from fastbp import _core, _threads
 
 PROBE = r"""
 import hashlib, json, sys
@@ -72,15 +72,16 @@ print(json.dumps(out))
 """
 
 
-def _env(variant):
+def _env(variant, **more):
     """The environment of a child that imports the very fastbp this test imported (run
     from outside the checkout, whose sources would shadow an installed package)."""
     return dict(os.environ, FASTBP_KERNELS=variant,
-                PYTHONPATH=str(pathlib.Path(fastbp.__file__).resolve().parents[1]))
+                PYTHONPATH=str(pathlib.Path(fastbp.__file__).resolve().parents[1]), **more)
 
 
-def _probe(variant, cwd):
-    env = _env(variant)
+def _probe(variant, cwd, small_products=None):
+    env = _env(variant, **({"FASTBP_SMALL_PRODUCTS": small_products} if small_products
+                           else {}))
     run = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True,
                          text=True, timeout=600, cwd=cwd)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -112,9 +113,12 @@ def test_each_variant_is_compiled_for_the_isa_it_claims():
         assert set(dir(module)) == set(dir(importlib.import_module("fastbp._kernels_baseline")))
 
 
-def test_every_runnable_variant_computes_bitwise_the_same_numbers(tmp_path):
+# Small products in fastbp's own loops (the default where the BLAS has no small-matrix
+# kernels) and in BLAS: the variants agree bit for bit on both paths.
+@pytest.mark.parametrize("small_products", ["own", "blas"])
+def test_every_runnable_variant_computes_bitwise_the_same_numbers(tmp_path, small_products):
     runnable = _runnable()
-    results = {v: _probe(v, tmp_path) for v in runnable}
+    results = {v: _probe(v, tmp_path, small_products) for v in runnable}
     reference = results.pop("baseline")
     assert reference["variant"] == reference["isa"] == "baseline"
     assert len(reference) == 2 + 2 * 7 * 2 + 2 * 3 * 2  # every case ran
@@ -200,4 +204,9 @@ def test_fastbp_bench_prints_the_configuration_in_its_header(monkeypatch, capsys
     header = capsys.readouterr().out.splitlines()
     assert header[1].startswith(f"kernels: {_core.VARIANT}")
     assert any(line.startswith("BLAS: ") for line in header)
-    assert f"fastbp kernels {_core.VARIANT}." in _bench.markdown(fake)
+    assert any(line.startswith("small products (at most 2^18 multiply-adds): ")
+               for line in header)
+    # The table's first line says which kernels ran and where the small products went.
+    where = {"own": "fastbp's loops", "blas": "BLAS"}[_threads.SMALL_PRODUCTS[0]]
+    assert (f"fastbp kernels {_core.VARIANT}, small products in {where}."
+            in _bench.markdown(fake).splitlines()[0])

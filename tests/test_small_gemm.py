@@ -7,10 +7,25 @@ length k computed in any order: |error| <= gamma_k * sum_p |a_ip| |b_pj| with
 gamma_k = k u / (1 - k u), u the unit roundoff, plus one rounding of the final sum and of
 the accumulation.
 """
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
-from fastbp import _core
+from fastbp import _core, _threads
+
+
+@pytest.fixture(autouse=True)
+def own_loops():
+    """These tests are about fastbp's own loops, which some BLAS libraries make the
+    process skip (see ``_threads.small_products``): take them whatever this machine's
+    BLAS, and restore the process's choice afterwards."""
+    before = _core.small_products_in_own_loops()
+    _core.set_small_products(True)
+    yield
+    _core.set_small_products(before)
 
 
 def _operands(rng, trans_a, trans_b, m, n, k, dtype):
@@ -106,3 +121,76 @@ def test_shape_mismatch_is_refused():
     A = np.ones((3, 4))
     with pytest.raises(ValueError, match="shapes"):
         _core.gemm_rowmajor(False, False, A, np.ones((5, 6)), np.empty((3, 6)), 0.0)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("trans_a,trans_b", LAYOUTS)
+def test_with_own_loops_off_every_product_goes_to_blas(dtype, trans_a, trans_b):
+    rng = np.random.default_rng(5)
+    _core.set_small_products(False)
+    assert not _core.small_products_in_own_loops()
+    for m, n, k in ((4, 32, 16), (32, 128, 64), (60, 10, 64)):
+        for beta in (0.0, 1.0):
+            assert not _check(trans_a, trans_b, m, n, k, dtype, beta, rng), (m, n, k)
+    _core.set_small_products(True)
+    assert _check(trans_a, trans_b, 4, 32, 16, dtype, 0.0, rng)
+
+
+def _lib(arch, path="/env/lib/python3/site-packages/scipy.libs/libscipy_openblas-1.so",
+         api="openblas"):
+    return {"user_api": "blas", "internal_api": api, "architecture": arch,
+            "filepath": path}
+
+
+NUMPYS = "/env/lib/python3/site-packages/numpy.libs/libscipy_openblas64_-2.so"
+
+
+@pytest.mark.parametrize("libraries,path", [
+    ([_lib("SkylakeX")], "blas"),
+    ([_lib("Cooperlake")], "blas"),
+    ([_lib("SapphireRapids")], "blas"),
+    ([_lib("Haswell")], "own"),
+    ([_lib("Zen")], "own"),
+    ([_lib(None, api="mkl")], "own"),
+    ([], "own"),
+    # The BLAS SciPy ships decides, not NumPy's.
+    ([_lib("SkylakeX", NUMPYS), _lib("Haswell")], "own"),
+    ([_lib("Haswell", NUMPYS), _lib("SkylakeX")], "blas"),
+    # No BLAS in SciPy's directories (a system or conda SciPy): all of them must qualify.
+    ([_lib("SkylakeX", "/usr/lib/libopenblas.so.0")], "blas"),
+    ([_lib("SkylakeX", "/usr/lib/libopenblas.so.0"), _lib(None, "/usr/lib/libmkl_rt.so",
+                                                           "mkl")], "own"),
+])
+def test_small_products_go_to_blas_only_with_openblas_small_matrix_kernels(libraries, path):
+    assert _threads.small_products(libraries, environ={})[0] == path
+
+
+def test_small_products_can_be_forced_and_a_bad_value_is_refused():
+    assert _threads.small_products([_lib("SkylakeX")], {"FASTBP_SMALL_PRODUCTS": "own"}) \
+        == ("own", "FASTBP_SMALL_PRODUCTS")
+    assert _threads.small_products([], {"FASTBP_SMALL_PRODUCTS": " BLAS "})[0] == "blas"
+    with pytest.raises(RuntimeError, match="FASTBP_SMALL_PRODUCTS='fast'"):
+        _threads.small_products([], {"FASTBP_SMALL_PRODUCTS": "fast"})
+
+
+def _child(code, **env):
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=dict(os.environ, **env), timeout=120)
+
+
+def test_the_choice_is_made_at_import_and_shown():
+    code = ("import fastbp; from fastbp import _core, _threads; "
+            "cfg = fastbp.show_config(mode='dicts')['kernels']; "
+            "print(_threads.SMALL_PRODUCTS[0], _core.small_products_in_own_loops(), "
+            "cfg['small_products'])")
+    here = _child(code)
+    assert here.returncode == 0, here.stderr
+    path, own, shown = here.stdout.split()
+    assert (path == "own") == (own == "True") and shown == path
+    assert path == _threads.small_products()[0]
+    for forced, own in (("own", "True"), ("blas", "False")):
+        res = _child(code, FASTBP_SMALL_PRODUCTS=forced)
+        assert res.returncode == 0, res.stderr
+        assert res.stdout.split() == [forced, own, forced]
+    bad = _child("import fastbp", FASTBP_SMALL_PRODUCTS="fast")
+    assert bad.returncode != 0 and "FASTBP_SMALL_PRODUCTS='fast'" in bad.stderr

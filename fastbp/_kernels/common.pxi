@@ -26,7 +26,7 @@ from libc.string cimport memset, memcpy
 from cython.parallel cimport parallel, prange, threadid
 import numpy as np
 
-from ._blas cimport gemm, small_gemm_ok
+from ._blas cimport gemm, small_gemm_ok, set_small_gemm, small_gemm_enabled
 
 cdef extern from "_vmath.h" nogil:
     float fbp_expf(float x)

@@ -34,6 +34,19 @@ def openmp_max_threads():
     return omp_get_max_threads()
 
 
+def set_small_products(bint own_loops):
+    """Whether the kernels compute small products (see ``_small_gemm.h``) in fastbp's own
+    loops (True) or in BLAS (False). Process-wide; ``fastbp._threads`` sets it once at
+    import. Not for use while a computation runs: its later products would change path."""
+    set_small_gemm(own_loops)
+
+
+def small_products_in_own_loops():
+    """True when the kernels compute small products in fastbp's own loops, False when
+    they leave every product to BLAS."""
+    return bool(small_gemm_enabled())
+
+
 def gemm_rowmajor(bint trans_a, bint trans_b, const floating[:, ::1] A,
                   const floating[:, ::1] B, floating[:, ::1] C, double beta):
     """C = op(A) @ op(B) + beta * C through the kernels' own GEMM entry point (BLAS, or
