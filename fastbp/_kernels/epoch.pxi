@@ -138,7 +138,7 @@ cdef double reduce_and_step(const Spec* sp, floating* theta, floating* grads,
     """
     cdef Py_ssize_t i, k, n_params = sp.b_off[sp.n_layers - 1] + sp.sizes[sp.n_layers]
     cdef Py_ssize_t n_coef = sp.b_off[0], n_int = n_params - n_coef
-    cdef Py_ssize_t c_hi = min(hi, n_coef), c0, c1
+    cdef Py_ssize_t c_hi = min(hi, n_coef), c0, c1, n_l2
     cdef floating a = <floating> (alpha * scale)
     cdef double acc, sq = 0.0
     # The intercepts' gradients, from the float64 sums.
@@ -158,13 +158,14 @@ cdef double reduce_and_step(const Spec* sp, floating* theta, floating* grads,
                     grads[i] = grads[i] + grads[k * n_params + i]
             if alpha != 0.0:
                 sq += _sum_squares(theta + c0, min(c1, c_hi) - c0)
-                for i in range(c0, min(c1, c_hi)):
-                    grads[i] = grads[i] + a * theta[i]
+        # The coefficients get the L2 term inside the step's own pass.
+        n_l2 = min(c1, c_hi) - c0 if (c0 < c_hi and alpha != 0.0) else 0
         if solver == SOLVER_ADAM_:
             adam_step(theta + c0, grads + c0, state_1 + c0, state_2 + c0, c1 - c0, lr,
-                      beta_1, beta_2, epsilon)
+                      beta_1, beta_2, epsilon, n_l2, a)
         else:
-            sgd_step(theta + c0, grads + c0, state_1 + c0, c1 - c0, lr, momentum, nesterov)
+            sgd_step(theta + c0, grads + c0, state_1 + c0, c1 - c0, lr, momentum, nesterov,
+                     n_l2, a)
         c0 = c1
     return sq
 

@@ -9,32 +9,51 @@
 # epoch.pxi's reduce_and_step steps each thread's slices with them. sgd_update and
 # adam_update step the whole vector once, for tests/test_core.py.
 
-cdef void sgd_step(floating* theta, const floating* grad, floating* velocity, Py_ssize_t n,
-                   double lr, double momentum, bint nesterov) noexcept nogil:
+cdef void sgd_step(floating* theta, floating* grad, floating* velocity, Py_ssize_t n,
+                   double lr, double momentum, bint nesterov, Py_ssize_t n_l2=0,
+                   floating a=0) noexcept nogil:
     """velocity = momentum * velocity - lr * grad; theta += velocity, or with Nesterov
-    theta += momentum * velocity - lr * grad."""
+    theta += momentum * velocity - lr * grad. The first n_l2 entries first get the L2
+    term, grad += a * theta (written back to grad), in the same pass."""
     cdef Py_ssize_t i
-    cdef floating v, g, mu = <floating> momentum, eta = <floating> lr
-    for i in range(n):
-        g = grad[i]
-        v = mu * velocity[i] - eta * g
-        velocity[i] = v
-        if nesterov:
-            theta[i] = theta[i] + (mu * v - eta * g)
-        else:
-            theta[i] = theta[i] + v
+    cdef floating mu = <floating> momentum, eta = <floating> lr
+    for i in range(n_l2):
+        grad[i] = grad[i] + a * theta[i]
+        _sgd_one(theta, grad, velocity, i, mu, eta, nesterov)
+    for i in range(n_l2, n):
+        _sgd_one(theta, grad, velocity, i, mu, eta, nesterov)
 
 
-cdef void adam_step(floating* theta, const floating* grad, floating* m1, floating* m2,
+cdef inline void _sgd_one(floating* theta, const floating* grad, floating* velocity,
+                          Py_ssize_t i, floating mu, floating eta, bint nesterov
+                          ) noexcept nogil:
+    cdef floating g = grad[i]
+    cdef floating v = mu * velocity[i] - eta * g
+    velocity[i] = v
+    if nesterov:
+        theta[i] = theta[i] + (mu * v - eta * g)
+    else:
+        theta[i] = theta[i] + v
+
+
+cdef void adam_step(floating* theta, floating* grad, floating* m1, floating* m2,
                     Py_ssize_t n, double lr_t, double beta_1, double beta_2,
-                    double epsilon) noexcept nogil:
+                    double epsilon, Py_ssize_t n_l2=0, floating a=0) noexcept nogil:
     """m1 = b1 m1 + (1-b1) g; m2 = b2 m2 + (1-b2) g^2; theta -= lr_t m1 / (sqrt(m2) + eps),
-    where lr_t = lr * sqrt(1 - b2^t) / (1 - b1^t) is computed by the caller."""
+    where lr_t = lr * sqrt(1 - b2^t) / (1 - b1^t) is computed by the caller. The first
+    n_l2 entries first get the L2 term, g = grad + a * theta (written back to grad), in
+    the same pass: one pass over the parameters instead of two."""
     cdef Py_ssize_t i
     cdef floating g, b1 = <floating> beta_1, b2 = <floating> beta_2
     cdef floating c1 = <floating> (1 - beta_1), c2 = <floating> (1 - beta_2)
     cdef floating eta = <floating> lr_t, eps = <floating> epsilon
-    for i in range(n):
+    for i in range(n_l2):
+        g = grad[i] + a * theta[i]
+        grad[i] = g
+        m1[i] = b1 * m1[i] + c1 * g
+        m2[i] = b2 * m2[i] + c2 * g * g
+        theta[i] = theta[i] - eta * m1[i] / (_sqrt(m2[i]) + eps)
+    for i in range(n_l2, n):
         g = grad[i]
         m1[i] = b1 * m1[i] + c1 * g
         m2[i] = b2 * m2[i] + c2 * g * g
@@ -47,7 +66,7 @@ def sgd_update(floating[::1] theta, const floating[::1] grad, floating[::1] velo
     if not (theta.shape[0] == grad.shape[0] == velocity.shape[0]):
         raise ValueError("theta, grad and velocity must have the same length")
     with nogil:
-        sgd_step(&theta[0], &grad[0], &velocity[0], theta.shape[0], learning_rate,
+        sgd_step(&theta[0], <floating*> &grad[0], &velocity[0], theta.shape[0], learning_rate,
                  momentum, nesterov)
 
 
@@ -62,5 +81,5 @@ def adam_update(floating[::1] theta, const floating[::1] grad, floating[::1] m1,
         raise ValueError(f"t counts Adam steps from 1, got {t}")
     lr_t = learning_rate * sqrt(1 - beta_2 ** t) / (1 - beta_1 ** t)
     with nogil:
-        adam_step(&theta[0], &grad[0], &m1[0], &m2[0], theta.shape[0], lr_t, beta_1,
+        adam_step(&theta[0], <floating*> &grad[0], &m1[0], &m2[0], theta.shape[0], lr_t, beta_1,
                   beta_2, epsilon)
