@@ -29,14 +29,21 @@ def _config():
                     "built": list(_core.built_variants()),
                     "cpu_features": list(_core.cpu_features()),
                     "openmp_version": build["openmp"],
-                    "small_products": SMALL_PRODUCTS[0],
-                    "small_products_reason": SMALL_PRODUCTS[1]},
+                    **_small_products()},
         "threads": {"n_jobs_default": effective_n_jobs(None),
                     "openmp_max_threads": _core.openmp_max_threads(),
                     "cpus_usable": _usable_cpus()},
         "blas": blas,
         "openmp": openmp,
     }
+
+
+def _small_products():
+    """Where small products go now (the kernels' flag, which tests may have changed since
+    the import-time choice), and why."""
+    path = "own" if _core.small_products_in_own_loops() else "blas"
+    reason = SMALL_PRODUCTS[1] if path == SMALL_PRODUCTS[0] else "set_small_products"
+    return {"small_products": path, "small_products_reason": reason}
 
 
 def _usable_cpus():

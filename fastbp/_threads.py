@@ -290,40 +290,61 @@ _controller()
 # --- Small products -----------------------------------------------------------------------
 # Products of at most 2^18 multiply-adds (a small minibatch's) skip BLAS by default: BLAS
 # packs both operands on every call, which costs as much as such a product, and fastbp's
-# own loops (_small_gemm.h) do not pack. OpenBLAS's kernels for AVX-512 Intel cores
-# (SkylakeX, and Cooperlake and SapphireRapids, which build on them) have small-matrix
-# kernels of their own, which do not pack either and use fused multiply-adds; fastbp's
-# loops do not, so that every kernel variant rounds alike. There BLAS is the faster.
+# own loops (_small_gemm.h) do not pack. OpenBLAS's SkylakeX kernels (and its Cooperlake
+# and SapphireRapids ones, which build on them) have small-matrix kernels of their own,
+# which do not pack either and use fused multiply-adds; fastbp's loops do not, so that
+# every kernel variant rounds alike. There BLAS is the faster. OpenBLAS picks those
+# kernels for AVX-512 Intel CPUs, and for AMD's Zen 4 and Zen 5 (whose speed on this path
+# has not been measured here).
 # Measured 2026-12-02 on an AVX-512 Xeon, 3-epoch minibatch fits, median of 7, own loops
 # against BLAS: 20000x64, (128,), batch 32: 0.064 s against 0.050 s with OpenBLAS's
-# SkylakeX kernels and 0.064 s against 0.072 s with its Haswell kernels (which AMD CPUs
-# get); float64 0.091 s against 0.079 s; batch 64: 0.033 s against 0.026 s.
+# SkylakeX kernels and 0.064 s against 0.072 s with its Haswell kernels (which AVX2 CPUs
+# get, Zen 3 among them); float64 0.091 s against 0.079 s; batch 64: 0.033 s against
+# 0.026 s.
 # The choice depends on which BLAS is loaded, never on timings, so a given machine and
 # library always take the same path (and give the same results); FASTBP_SMALL_PRODUCTS
 # ('own' or 'blas') overrides it.
 
 _BLAS_SMALL_KERNELS = ("skylakex", "cooperlake", "sapphirerapids")
+_OPENBLAS_SMALL_SINCE = (0, 3, 17)   # small-matrix kernels in every release since
+
+
+def _path_parts(lib):
+    return os.path.normpath(str(lib.get("filepath") or "")).replace("\\", "/").split("/")
+
+
+def _in_package(parts, package):
+    """Whether a library's path lies in a wheel's library directory of ``package``:
+    ``<package>.libs`` (Linux, Windows) or ``<package>/.dylibs`` (macOS)."""
+    return (f"{package}.libs" in parts
+            or any(a == package and b in (".dylibs", ".libs")
+                   for a, b in zip(parts, parts[1:])))
 
 
 def _scipy_blas(libraries):
     """threadpoolctl's records of the BLAS that SciPy's ``cython_blas`` calls: the ones
-    loaded from SciPy's own directories when there are such (SciPy's wheels ship their
-    OpenBLAS in ``scipy.libs``; NumPy's wheels ship another), else every BLAS loaded."""
+    SciPy's wheel ships, when there are such; else every BLAS loaded but the one NumPy's
+    wheel ships (a system or conda SciPy links its BLAS from elsewhere)."""
     blas = [lib for lib in libraries if lib.get("user_api") == "blas"]
-    own = [lib for lib in blas
-           if any(part.startswith("scipy") for part in
-                  os.path.normpath(str(lib.get("filepath", ""))).split(os.sep))]
-    return own or blas
+    own = [lib for lib in blas if _in_package(_path_parts(lib), "scipy")]
+    return own or [lib for lib in blas if not _in_package(_path_parts(lib), "numpy")]
+
+
+def _version(text):
+    try:
+        return tuple(int(x) for x in str(text).split(".")[:3])
+    except ValueError:
+        return ()
 
 
 def small_products(libraries=None, environ=None):
     """Where the kernels compute small products: ``('own' or 'blas', reason)``.
 
-    'blas' when the BLAS that SciPy loaded is OpenBLAS running kernels with small-matrix
-    paths (its SkylakeX, Cooperlake and SapphireRapids cores), 'own' otherwise (other
-    OpenBLAS cores, MKL, an unknown BLAS), unless ``FASTBP_SMALL_PRODUCTS`` says 'own' or
-    'blas'. ``libraries`` (threadpoolctl's records) and ``environ`` default to this
-    process's.
+    'blas' when the BLAS that SciPy loaded is OpenBLAS 0.3.17 or later running kernels
+    with small-matrix paths (its SkylakeX, Cooperlake and SapphireRapids cores), 'own'
+    otherwise (other OpenBLAS cores, MKL, an unknown BLAS), unless
+    ``FASTBP_SMALL_PRODUCTS`` says 'own' or 'blas'. ``libraries`` (threadpoolctl's
+    records) and ``environ`` default to this process's.
     """
     environ = os.environ if environ is None else environ
     forced = environ.get("FASTBP_SMALL_PRODUCTS", "").strip().lower()
@@ -336,6 +357,7 @@ def small_products(libraries=None, environ=None):
     blas = _scipy_blas(libraries)
     if blas and all(lib.get("internal_api") == "openblas"
                     and str(lib.get("architecture") or "").lower() in _BLAS_SMALL_KERNELS
+                    and _version(lib.get("version")) >= _OPENBLAS_SMALL_SINCE
                     for lib in blas):
         return "blas", f"OpenBLAS {blas[0].get('architecture')} has small-matrix kernels"
     return "own", "no small-matrix kernels known in this BLAS"

@@ -33,7 +33,8 @@ def digest(*arrays):
         h.update(np.ascontiguousarray(a).tobytes())
     return h.hexdigest()
 
-out = {"variant": _core.VARIANT, "isa": _core.build_info()["isa"]}
+out = {"variant": _core.VARIANT, "isa": _core.build_info()["isa"],
+       "small_own": _core.small_products_in_own_loops()}
 rng = np.random.default_rng(0)
 X = rng.normal(size=(700, 13))
 y = (X[:, 0] * X[:, 1] + np.sin(X[:, 2]) > 0).astype(int) + (X[:, 3] > 1)
@@ -121,7 +122,10 @@ def test_every_runnable_variant_computes_bitwise_the_same_numbers(tmp_path, smal
     results = {v: _probe(v, tmp_path, small_products) for v in runnable}
     reference = results.pop("baseline")
     assert reference["variant"] == reference["isa"] == "baseline"
-    assert len(reference) == 2 + 2 * 7 * 2 + 2 * 3 * 2  # every case ran
+    assert len(reference) == 3 + 2 * 7 * 2 + 2 * 3 * 2  # every case ran
+    # Each child took the path it was told to.
+    assert {r["small_own"] for r in (reference, *results.values())} == {
+        small_products == "own"}
     for variant, got in results.items():
         assert got.pop("variant") == got.pop("isa") == variant
         ref = {k: val for k, val in reference.items() if k not in ("variant", "isa")}

@@ -137,12 +137,13 @@ def test_with_own_loops_off_every_product_goes_to_blas(dtype, trans_a, trans_b):
 
 
 def _lib(arch, path="/env/lib/python3/site-packages/scipy.libs/libscipy_openblas-1.so",
-         api="openblas"):
+         api="openblas", version="0.3.30"):
     return {"user_api": "blas", "internal_api": api, "architecture": arch,
-            "filepath": path}
+            "filepath": path, "version": version}
 
 
 NUMPYS = "/env/lib/python3/site-packages/numpy.libs/libscipy_openblas64_-2.so"
+MACOS = "/env/lib/python3/site-packages/scipy/.dylibs/libscipy_openblas.dylib"
 
 
 @pytest.mark.parametrize("libraries,path", [
@@ -160,6 +161,18 @@ NUMPYS = "/env/lib/python3/site-packages/numpy.libs/libscipy_openblas64_-2.so"
     ([_lib("SkylakeX", "/usr/lib/libopenblas.so.0")], "blas"),
     ([_lib("SkylakeX", "/usr/lib/libopenblas.so.0"), _lib(None, "/usr/lib/libmkl_rt.so",
                                                            "mkl")], "own"),
+    # ... and NumPy's wheel's BLAS is never SciPy's.
+    ([_lib("SkylakeX", NUMPYS)], "own"),
+    ([_lib("SkylakeX", NUMPYS), _lib(None, "/usr/lib/libblas.so.3", None)], "own"),
+    # SciPy's wheel on macOS; a project directory whose name starts with "scipy" is not
+    # SciPy's library directory.
+    ([_lib("SkylakeX", MACOS), _lib("Haswell", NUMPYS)], "blas"),
+    ([_lib("Haswell", "/home/u/scipy-dev/lib/libopenblas.so"), _lib("SkylakeX", NUMPYS)],
+     "own"),
+    # Releases before the small-matrix kernels, and a version that does not parse.
+    ([_lib("SkylakeX", version="0.3.15")], "own"),
+    ([_lib("SkylakeX", version="0.3.17")], "blas"),
+    ([_lib("SkylakeX", version=None)], "own"),
 ])
 def test_small_products_go_to_blas_only_with_openblas_small_matrix_kernels(libraries, path):
     assert _threads.small_products(libraries, environ={})[0] == path
@@ -173,24 +186,29 @@ def test_small_products_can_be_forced_and_a_bad_value_is_refused():
         _threads.small_products([], {"FASTBP_SMALL_PRODUCTS": "fast"})
 
 
-def _child(code, **env):
+def _child(code, cwd, **env):
+    """Run ``code`` in a child that imports the very fastbp this test imported (from
+    outside the checkout, whose sources would shadow an installed package)."""
+    import fastbp
+    root = str(os.path.dirname(os.path.dirname(os.path.abspath(fastbp.__file__))))
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env=dict(os.environ, **env), timeout=120)
+                          env=dict(os.environ, PYTHONPATH=root, **env), timeout=120,
+                          cwd=cwd)
 
 
-def test_the_choice_is_made_at_import_and_shown():
+def test_the_choice_is_made_at_import_and_shown(tmp_path):
     code = ("import fastbp; from fastbp import _core, _threads; "
             "cfg = fastbp.show_config(mode='dicts')['kernels']; "
             "print(_threads.SMALL_PRODUCTS[0], _core.small_products_in_own_loops(), "
             "cfg['small_products'])")
-    here = _child(code)
+    here = _child(code, tmp_path)
     assert here.returncode == 0, here.stderr
     path, own, shown = here.stdout.split()
     assert (path == "own") == (own == "True") and shown == path
     assert path == _threads.small_products()[0]
     for forced, own in (("own", "True"), ("blas", "False")):
-        res = _child(code, FASTBP_SMALL_PRODUCTS=forced)
+        res = _child(code, tmp_path, FASTBP_SMALL_PRODUCTS=forced)
         assert res.returncode == 0, res.stderr
         assert res.stdout.split() == [forced, own, forced]
-    bad = _child("import fastbp", FASTBP_SMALL_PRODUCTS="fast")
+    bad = _child("import fastbp", tmp_path, FASTBP_SMALL_PRODUCTS="fast")
     assert bad.returncode != 0 and "FASTBP_SMALL_PRODUCTS='fast'" in bad.stderr
