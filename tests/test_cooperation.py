@@ -191,38 +191,34 @@ def test_epoch_result_depends_on_chunks_not_threads(dtype, solver):
         np.testing.assert_array_equal(results[threads][1], results[1][1])
 
 
-def test_run_epoch_refuses_more_threads_than_chunks():
+def _direct_epoch(order, n_chunks, n_threads):
+    """run_epoch called directly, as the kernels' own callers never would: 64 rows of a
+    4-8-2 network, Adam, batches of 32."""
     net = Network([4, 8, 2])
     X, y = _blobs(n=64, d=4, k=2)
     data = net.prepare(X, np.eye(2)[y])
     theta = net.init_params(random_state=0)
     opt = StochasticOptimizer("adam", net.n_params, net.dtype, 1e-3, "constant", 0.9, True,
                               0.5, 0.9, 0.999, 1e-8)
-    grads, work, dacc = opt._buffers(net, 2, 32, False)
+    grads, work, dacc = opt._buffers(net, n_chunks, 32, False)
+    _core.run_epoch(theta, grads, data.X, None, None, None, data.Y, None, net._sizes,
+                    net._w_off, net._b_off, net._acts, net._out, work, dacc, order, False, 0,
+                    32, 0.0, 1, 1e-3, 0.9, True, 0.9, 0.999, 1e-8, opt.state_1,
+                    opt.state_2, opt.step, n_chunks, n_threads)
+
+
+def test_run_epoch_refuses_more_threads_than_chunks():
     with pytest.raises(ValueError, match="n_threads <= n_chunks"):
-        _core.run_epoch(theta, grads, data.X, None, None, None, data.Y, None, net._sizes,
-                        net._w_off, net._b_off, net._acts, net._out, work, dacc,
-                        np.arange(64, dtype=np.intp), False, 0, 32, 0.0, 1, 1e-3, 0.9,
-                        True, 0.9, 0.999, 1e-8, opt.state_1, opt.state_2, opt.step, 2, 3)
+        _direct_epoch(np.arange(64, dtype=np.intp), 2, 3)
 
 
 @pytest.mark.parametrize("bad_row", [64, -1])
 def test_run_epoch_refuses_row_indices_outside_the_data(bad_row):
     """A direct caller's order is checked against the rows before any is read."""
-    net = Network([4, 8, 2])
-    X, y = _blobs(n=64, d=4, k=2)
-    data = net.prepare(X, np.eye(2)[y])
-    theta = net.init_params(random_state=0)
-    opt = StochasticOptimizer("adam", net.n_params, net.dtype, 1e-3, "constant", 0.9, True,
-                              0.5, 0.9, 0.999, 1e-8)
-    grads, work, dacc = opt._buffers(net, 1, 32, False)
     order = np.arange(64, dtype=np.intp)
     order[10] = bad_row
     with pytest.raises(ValueError, match="outside the 64 rows"):
-        _core.run_epoch(theta, grads, data.X, None, None, None, data.Y, None, net._sizes,
-                        net._w_off, net._b_off, net._acts, net._out, work, dacc, order,
-                        False, 0, 32, 0.0, 1, 1e-3, 0.9, True, 0.9, 0.999, 1e-8,
-                        opt.state_1, opt.state_2, opt.step, 1, 1)
+        _direct_epoch(order, 1, 1)
 
 
 def test_busy_machine_runs_fewer_threads_and_never_spins(monkeypatch):
