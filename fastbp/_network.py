@@ -422,30 +422,27 @@ class Network:
         d.Y = d.sample_weight = d.y_data = d.y_indices = d.y_indptr = None
         d.y_max = 0.0
         d.weight_sum = float(d.n_samples)
-        if Y is not None and sp.issparse(Y):
-            n_outputs = self.layer_sizes[-1]
-            if Y.ndim != 2 or Y.shape != (d.n_samples, n_outputs):
-                raise ValueError(
-                    f"Y must have shape ({d.n_samples}, {n_outputs}), got {Y.shape}")
-            if Y.dtype.kind not in "fiub":
-                raise TypeError(f"Y must hold numbers, got dtype {Y.dtype}")
-            d.y_data, d.y_indices, d.y_indptr, d.y_max = self._csr_arrays(Y, "Y")
-        elif Y is not None:
-            Y = np.asarray(Y)
+        if Y is not None:
+            sparse_y = sp.issparse(Y)
+            if not sparse_y:
+                Y = np.asarray(Y)
             if Y.dtype.kind not in "fiub":
                 raise TypeError(f"Y must hold numbers, got dtype {Y.dtype}")
             n_outputs = self.layer_sizes[-1]
-            if Y.ndim == 1 and n_outputs == 1:
+            if not sparse_y and Y.ndim == 1 and n_outputs == 1:
                 Y = Y.reshape(-1, 1)
             if Y.ndim != 2 or Y.shape != (d.n_samples, n_outputs):
                 raise ValueError(
                     f"Y must have shape ({d.n_samples}, {n_outputs}), got {Y.shape}"
                 )
-            d.Y = np.ascontiguousarray(Y, dtype=self.dtype)
-            d.y_max = _max_abs(d.Y)
-            if not math.isfinite(d.y_max):
-                raise ValueError("Y contains NaN or infinity (or values too large for "
-                                 f"{np.dtype(self.dtype).name})")
+            if sparse_y:
+                d.y_data, d.y_indices, d.y_indptr, d.y_max = self._csr_arrays(Y, "Y")
+            else:
+                d.Y = np.ascontiguousarray(Y, dtype=self.dtype)
+                d.y_max = _max_abs(d.Y)
+                if not math.isfinite(d.y_max):
+                    raise ValueError("Y contains NaN or infinity (or values too large for "
+                                     f"{np.dtype(self.dtype).name})")
         if sample_weight is not None:
             sw = np.asarray(sample_weight)
             if sw.dtype.kind not in "fiub":
