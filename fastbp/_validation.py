@@ -159,9 +159,15 @@ def _validate_classes(est, X, y, incremental, reset):
                          dtype=(np.float64, np.float32), reset=reset)
     if y.ndim == 2 and y.shape[1] == 1:
         y = column_or_1d(y, warn=True)
+    codes = None
     if (not hasattr(est, "classes_")) or (not est.warm_start and not incremental):
+        counted = _count_integer_labels(y)
         est._label_binarizer = LabelBinarizer()
-        est._label_binarizer.fit(y)
+        if counted is None:
+            est._label_binarizer.fit(y)
+        else:  # the same fitted state as fit(y), from the classes alone
+            classes, codes = counted
+            est._label_binarizer.fit(classes)
         if est._label_binarizer.y_type_ != "multilabel-indicator":
             check_two_classes(est._label_binarizer.classes_)
         est.classes_ = est._label_binarizer.classes_
@@ -176,7 +182,24 @@ def _validate_classes(est, X, y, incremental, reset):
         elif len(np.setdiff1d(classes, est.classes_, assume_unique=True)):
             raise ValueError(f"`y` has classes not in `self.classes_`. "
                              f"`self.classes_` has {est.classes_}. 'y' has {classes}.")
-    return X, _encode_labels(est._label_binarizer, y, X.dtype), y
+    return X, _encode_labels(est._label_binarizer, y, X.dtype, codes), y
+
+
+def _count_integer_labels(y):
+    """(classes, codes) of 1-D integer labels by counting, O(n + range): classes sorted,
+    codes[i] the index of y[i] among them; None for other labels (strings, floats, 2-D,
+    empty, or a range much wider than the sample), which take LabelBinarizer's path.
+    Integer labels are 'binary' or 'multiclass' by their count of classes alone, so
+    LabelBinarizer fitted on the classes holds the state it would hold fitted on y."""
+    if y.ndim != 1 or y.dtype.kind not in "iu" or not len(y):
+        return None
+    lo, hi = int(y.min()), int(y.max())
+    if hi - lo > 4 * len(y) + 1024 or lo < -2**62 or hi > 2**62:
+        return None
+    offsets = y.astype(np.int64, copy=False) - lo
+    present = np.bincount(offsets) > 0
+    classes = (np.flatnonzero(present) + lo).astype(y.dtype)
+    return classes, (np.cumsum(present) - 1)[offsets]
 
 
 def _check_weight_dict(weights, where, classes):
@@ -255,13 +278,16 @@ def class_weight_rows(est, y, sample_weight=None, incremental=False):
     return np.asarray(per_class, dtype=np.float64)[np.searchsorted(lb.classes_, y)]
 
 
-def _encode_labels(lb, y, dtype):
+def _encode_labels(lb, y, dtype, codes=None):
     """One-hot (or, for two classes, one 0/1 column) targets, as LabelBinarizer's
-    transform gives them; 1-D labels take one search instead of its label checks."""
-    if y.ndim == 1 and lb.y_type_ in ("binary", "multiclass") and len(y):
+    transform gives them; 1-D labels take one search instead of its label checks, or
+    none when ``codes`` (each label's index among ``lb.classes_``) are given."""
+    if y.ndim == 1 and lb.y_type_ in ("binary", "multiclass") and len(y) and len(
+            lb.classes_) > 1:
         classes = lb.classes_
-        idx = np.searchsorted(classes, y)
-        if idx.max() < len(classes) and np.array_equal(classes[idx], y):
+        idx = np.searchsorted(classes, y) if codes is None else codes
+        if codes is not None or (idx.max() < len(classes)
+                                 and np.array_equal(classes[idx], y)):
             if len(classes) == 2:
                 return (idx == 1).astype(dtype).reshape(-1, 1)
             Y = np.zeros((len(y), len(classes)), dtype=dtype)

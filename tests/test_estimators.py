@@ -1097,6 +1097,37 @@ def test_arbitrary_labels_round_trip(labels, solver):
         np.testing.assert_array_equal(scores.argmax(axis=1), proba.argmax(axis=1))
 
 
+@pytest.mark.parametrize("y", [
+    np.array([3, 7, 3, 3, 7]), np.array([9, 9, 9]), np.arange(-4, 6) % 7 - 2,
+    np.random.RandomState(0).randint(0, 12, 500).astype(np.uint8),
+    np.random.RandomState(1).randint(-3, 40, 200).astype(np.int16),
+    np.array([2**40, 5, 5]), np.array([-2**62, 2**62]),
+    np.array(["b", "a", "b"]), np.array([1.0, 2.0, 1.0]), np.array([True, False, True]),
+], ids=["int2", "int1", "negative", "uint8", "int16", "wide", "extreme", "str", "float",
+        "bool"])
+def test_counted_integer_labels_match_label_binarizer(y):
+    # Integer labels are counted instead of passed through LabelBinarizer.fit(y); the
+    # fitted binarizer and the one-hot targets must be exactly what that would give.
+    from fastbp._validation import _count_integer_labels, _encode_labels
+    from sklearn.preprocessing import LabelBinarizer
+    reference = LabelBinarizer().fit(y)
+    counted = _count_integer_labels(y)
+    if y.dtype.kind not in "iu" or np.ptp(y.astype(float)) > 4 * len(y) + 1024:
+        assert counted is None  # strings, floats, bools and wide ranges: the slow path
+        return
+    classes, codes = counted
+    np.testing.assert_array_equal(classes, reference.classes_)
+    assert classes.dtype == reference.classes_.dtype
+    np.testing.assert_array_equal(classes[codes], y)
+    lb = LabelBinarizer().fit(classes)
+    assert lb.y_type_ == reference.y_type_
+    expected = reference.transform(y).astype(np.float32)
+    for given in (None, codes):
+        got = _encode_labels(lb, y, np.float32, given)
+        assert got.dtype == np.float32
+        np.testing.assert_array_equal(got, expected)
+
+
 def test_single_class_is_refused():
     # scikit-learn fits a single class and predicts it; fastbp refuses, on purpose (the
     # README lists the difference): there is nothing to learn.
