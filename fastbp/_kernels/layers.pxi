@@ -293,13 +293,17 @@ cdef double output_loss_backward(floating* Z, const floating* b, const floating*
             for j in range(1, m):
                 if z[j] > mx:
                     mx = z[j]
-            s = 0.0
+            # Three loops rather than one: the sums run in index order (float64, never
+            # reassociated) while the exponentials, elementwise, vectorize.
             yz = 0.0
             ysum = 0.0
             for j in range(m):
                 yz += <double> y[j] * z[j]
                 ysum += y[j]
+            for j in range(m):
                 z[j] = _exp(z[j] - mx)
+            s = 0.0
+            for j in range(m):
                 s += z[j]
             lse = mx + log(s)
             li = ysum * lse - yz
