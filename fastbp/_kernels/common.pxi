@@ -182,23 +182,29 @@ cdef inline floating _sqrt(floating x) noexcept nogil:
 
 
 cdef double _sum_squares(const floating* x, Py_ssize_t n) noexcept nogil:
-    """sum(x^2) in float64, with 32 independent partial sums, added in a fixed order at
-    the end: four chains of eight lanes, so that the additions' latency is hidden on a
-    512-bit unit (one chain of eight would leave it waiting) and every variant adds in
-    the same order."""
+    """sum(x^2) in float64, in one fixed order whatever the vector unit: 32 independent
+    partial sums (four chains of eight lanes, so that the additions' latency is hidden),
+    folded pairwise (32 -> 16 -> ... -> 1, a few vector additions instead of a serial
+    chain of 32), then the tail past the last multiple of 32."""
     cdef Py_ssize_t i, k, n32 = n - n % 32
     cdef double acc[32]
-    cdef double sq = 0.0
+    cdef double tail = 0.0
     for k in range(32):
         acc[k] = 0.0
     for i in range(0, n32, 32):
         for k in range(32):
             acc[k] += (<double> x[i + k]) * x[i + k]
     for i in range(n32, n):
-        sq += (<double> x[i]) * x[i]
-    for k in range(32):
-        sq += acc[k]
-    return sq
+        tail += (<double> x[i]) * x[i]
+    for k in range(16):
+        acc[k] += acc[k + 16]
+    for k in range(8):
+        acc[k] += acc[k + 8]
+    for k in range(4):
+        acc[k] += acc[k + 4]
+    for k in range(2):
+        acc[k] += acc[k + 2]
+    return (acc[0] + acc[1]) + tail
 
 
 # ---------------------------------------------------------------------------------------
