@@ -120,6 +120,47 @@ def test_chunk_sums_merge_to_the_whole(dtype, kind):
     np.testing.assert_array_equal(out, ref)
 
 
+def _grid_words(values):
+    """The exact accumulator words for ``values``: each |x| truncated to the 2^-128
+    grid, signed, summed as an integer modulo 2^256, split into four int64 words, the
+    most significant first (Python's exact integers, independent of the kernels)."""
+    from fractions import Fraction
+    total = 0
+    for x in values:
+        units = int(Fraction(abs(float(x))) * 2**128)  # floor: truncation toward zero
+        total += -units if x < 0 else units
+    total %= 2**256
+    words = [(total >> (64 * (3 - k))) & (2**64 - 1) for k in range(4)]
+    return np.array(words, dtype=np.uint64).view(np.int64)
+
+
+@pytest.mark.parametrize("case", ["wide", "tiny", "signs", "edges"])
+def test_exact_sum_words_are_the_truncated_grid_values(case):
+    # The fixed-point accumulator holds sum(sign(x) floor(|x| 2^128)) mod 2^256, bit for
+    # bit, whatever the exponent: values spanning the grid's words, bits below 2^-128,
+    # subnormals, signed zeros and magnitudes just below the 2^116 limit.
+    from fastbp import _core
+    rng = np.random.default_rng({"wide": 1, "tiny": 2, "signs": 3, "edges": 4}[case])
+    if case == "wide":
+        x = rng.normal(size=400) * 2.0 ** rng.integers(-140, 115, 400)
+    elif case == "tiny":
+        x = rng.normal(size=400) * 2.0 ** rng.integers(-190, -120, 400)
+    elif case == "signs":
+        x = rng.choice([-1.0, 1.0], 400) * rng.random(400) * 2.0 ** rng.integers(-70, 70, 400)
+    else:
+        big = np.nextafter(2.0**116, 0)
+        x = np.array([0.0, -0.0, 5e-324, -5e-324, 2.0**-128, -(2.0**-128), 2.0**-129,
+                      1.5 * 2.0**-128, -(1.5 * 2.0**-128), big, -big, big, 2.0**64,
+                      -(2.0**64), 2.0**63 + 2.0**11, 1.0, -1.0, 2.0**-64, 3 * 2.0**-65])
+    np.testing.assert_array_equal(_core.sum_words(x), _grid_words(x))
+    # Any order, any split into parts merged afterwards: the same words.
+    perm = rng.permutation(len(x))
+    np.testing.assert_array_equal(_core.sum_words(x[perm]), _grid_words(x))
+    total = _core.sum_words(x[perm[: len(x) // 3]])
+    _core.merge_accumulators(total, _core.sum_words(x[perm[len(x) // 3:]]))
+    np.testing.assert_array_equal(total, _grid_words(x))
+
+
 def test_exact_sums_are_accurate_and_refuse_non_finite():
     from fastbp import _core
     rng = np.random.default_rng(0)
