@@ -186,20 +186,25 @@ def _validate_classes(est, X, y, incremental, reset):
 
 
 def _count_integer_labels(y):
-    """(classes, codes) of 1-D integer labels by counting, O(n + range): classes sorted,
-    codes[i] the index of y[i] among them; None for other labels (strings, floats, 2-D,
-    empty, or a range much wider than the sample), which take LabelBinarizer's path.
-    Integer labels are 'binary' or 'multiclass' by their count of classes alone, so
-    LabelBinarizer fitted on the classes holds the state it would hold fitted on y."""
+    """(classes, codes) of 1-D integer labels by counting, O(n) time and memory: classes
+    sorted, codes[i] the index of y[i] among them. None for other labels, which take
+    LabelBinarizer's path: strings, floats, booleans, 2-D, empty, a range of values
+    wider than n + 1024 (the counts would outgrow the labels), or values beyond
+    +-2^62 (int64 offsets must not overflow). Integer labels are 'binary' or
+    'multiclass' by their count of classes alone, so LabelBinarizer fitted on the
+    classes holds the state it would hold fitted on y."""
     if y.ndim != 1 or y.dtype.kind not in "iu" or not len(y):
         return None
     lo, hi = int(y.min()), int(y.max())
-    if hi - lo > 4 * len(y) + 1024 or lo < -2**62 or hi > 2**62:
+    if hi - lo > len(y) + 1024 or lo < -2**62 or hi > 2**62:
         return None
-    offsets = y.astype(np.int64, copy=False) - lo
+    offsets = y.astype(np.int64)
+    offsets -= lo
     present = np.bincount(offsets) > 0
     classes = (np.flatnonzero(present) + lo).astype(y.dtype)
-    return classes, (np.cumsum(present) - 1)[offsets]
+    lookup = np.cumsum(present, dtype=np.intp)
+    lookup -= 1
+    return classes, lookup[offsets]
 
 
 def _check_weight_dict(weights, where, classes):
@@ -281,7 +286,9 @@ def class_weight_rows(est, y, sample_weight=None, incremental=False):
 def _encode_labels(lb, y, dtype, codes=None):
     """One-hot (or, for two classes, one 0/1 column) targets, as LabelBinarizer's
     transform gives them; 1-D labels take one search instead of its label checks, or
-    none when ``codes`` (each label's index among ``lb.classes_``) are given."""
+    none when ``codes`` (each label's index among ``lb.classes_``) are given. A single
+    class (which fit refuses anyway) is left to LabelBinarizer, which gives a column of
+    zeros."""
     if y.ndim == 1 and lb.y_type_ in ("binary", "multiclass") and len(y) and len(
             lb.classes_) > 1:
         classes = lb.classes_

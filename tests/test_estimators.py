@@ -1097,35 +1097,63 @@ def test_arbitrary_labels_round_trip(labels, solver):
         np.testing.assert_array_equal(scores.argmax(axis=1), proba.argmax(axis=1))
 
 
+_R = np.random.RandomState(0)
+
+
 @pytest.mark.parametrize("y", [
     np.array([3, 7, 3, 3, 7]), np.array([9, 9, 9]), np.arange(-4, 6) % 7 - 2,
-    np.random.RandomState(0).randint(0, 12, 500).astype(np.uint8),
-    np.random.RandomState(1).randint(-3, 40, 200).astype(np.int16),
-    np.array([2**40, 5, 5]), np.array([-2**62, 2**62]),
-    np.array(["b", "a", "b"]), np.array([1.0, 2.0, 1.0]), np.array([True, False, True]),
-], ids=["int2", "int1", "negative", "uint8", "int16", "wide", "extreme", "str", "float",
-        "bool"])
+    _R.randint(0, 12, 500).astype(np.uint8), _R.randint(-3, 40, 200).astype(np.int16),
+    np.array([-128, 127, 0, -128], dtype=np.int8),
+    np.array([2**64 - 1, 2**64 - 2, 2**64 - 1], dtype=np.uint64),
+    np.array([-2**63, -2**63 + 1, -2**63]), np.array([2**40, 5, 5]),
+    np.array([-2**62, 2**62]), _R.randint(0, 5, 300)[::3],
+    np.array([0] * 50 + [51 + 1024]), np.array([0] * 50 + [51 + 1025]),
+    np.array([0, 10**6] * 5), np.array(["b", "a", "b"]), np.array([1.0, 2.0, 1.0]),
+    np.array([True, False, True]),
+], ids=["int2", "int1", "negative", "uint8", "int16", "int8-extremes", "uint64-top",
+        "int64-bottom", "wide", "extreme", "strided", "range-at-limit", "range-past-limit",
+        "sparse-pair", "str", "float", "bool"])
 def test_counted_integer_labels_match_label_binarizer(y):
-    # Integer labels are counted instead of passed through LabelBinarizer.fit(y); the
-    # fitted binarizer and the one-hot targets must be exactly what that would give.
-    from fastbp._validation import _count_integer_labels, _encode_labels
+    # A classifier's integer labels are counted instead of passed through
+    # LabelBinarizer.fit(y). Whichever path a y takes, the fitted binarizer and the
+    # one-hot targets must be exactly what LabelBinarizer gives.
+    from fastbp._validation import _count_integer_labels, validate_local
     from sklearn.preprocessing import LabelBinarizer
     reference = LabelBinarizer().fit(y)
     counted = _count_integer_labels(y)
-    if y.dtype.kind not in "iu" or np.ptp(y.astype(float)) > 4 * len(y) + 1024:
-        assert counted is None  # strings, floats, bools and wide ranges: the slow path
+    if y.dtype.kind not in "iu":
+        assert counted is None  # strings, floats and booleans: LabelBinarizer's path
+    if counted is not None:
+        classes, codes = counted
+        np.testing.assert_array_equal(classes, reference.classes_)
+        np.testing.assert_array_equal(classes[codes], y)
+    est = MLPClassifier()
+    X = np.zeros((len(y), 2), dtype=np.float32)
+    if len(reference.classes_) < 2:
+        with pytest.raises(ValueError, match="at least 2 classes"):
+            validate_local(est, X, y, False, True)
         return
-    classes, codes = counted
-    np.testing.assert_array_equal(classes, reference.classes_)
-    assert classes.dtype == reference.classes_.dtype
-    np.testing.assert_array_equal(classes[codes], y)
-    lb = LabelBinarizer().fit(classes)
-    assert lb.y_type_ == reference.y_type_
-    expected = reference.transform(y).astype(np.float32)
-    for given in (None, codes):
-        got = _encode_labels(lb, y, np.float32, given)
-        assert got.dtype == np.float32
-        np.testing.assert_array_equal(got, expected)
+    _, Y, _ = validate_local(est, X, y, False, True)
+    lb = est._label_binarizer
+    np.testing.assert_array_equal(lb.classes_, reference.classes_)
+    assert lb.classes_.dtype == reference.classes_.dtype
+    assert (lb.y_type_, lb.sparse_input_) == (reference.y_type_, reference.sparse_input_)
+    np.testing.assert_array_equal(est.classes_, reference.classes_)
+    assert Y.dtype == np.float32
+    np.testing.assert_array_equal(Y, reference.transform(y))
+
+
+def test_counted_labels_never_count_a_range_wider_than_the_sample():
+    # The counts are as long as the range of the labels: past n + 1024 values (or near
+    # the int64 limits) the labels go to LabelBinarizer instead, so memory stays O(n).
+    from fastbp._validation import _count_integer_labels
+    n = 51
+    assert _count_integer_labels(np.array([0] * (n - 1) + [n + 1024])) is not None
+    assert _count_integer_labels(np.array([0] * (n - 1) + [n + 1025])) is None
+    assert _count_integer_labels(np.array([2**62 + 1, 2**62 + 2])) is None
+    assert _count_integer_labels(np.array([-2**62 - 1, -2**62])) is None
+    assert _count_integer_labels(np.array([], dtype=np.int64)) is None
+    assert _count_integer_labels(np.array([[1, 2], [2, 1]])) is None
 
 
 def test_single_class_is_refused():

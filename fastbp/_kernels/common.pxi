@@ -182,10 +182,11 @@ cdef inline floating _sqrt(floating x) noexcept nogil:
 
 
 cdef double _sum_squares(const floating* x, Py_ssize_t n) noexcept nogil:
-    """sum(x^2) in float64, in one fixed order whatever the vector unit: 32 independent
-    partial sums (four chains of eight lanes, so that the additions' latency is hidden),
-    folded pairwise (32 -> 16 -> ... -> 1, a few vector additions instead of a serial
-    chain of 32), then the tail past the last multiple of 32."""
+    """sum(x^2) in float64, in one order fixed by this source whatever the vector unit:
+    32 independent partial sums (on AVX-512 four vector chains, where eight sums made
+    one, whose additions' latency then set the pace), folded pairwise (32 -> 16 -> ...
+    -> 1, a few vector additions instead of a serial chain), then the tail past the last
+    multiple of 32."""
     cdef Py_ssize_t i, k, n32 = n - n % 32
     cdef double acc[32]
     cdef double tail = 0.0

@@ -294,7 +294,8 @@ cdef double output_loss_backward(floating* Z, const floating* b, const floating*
                 if z[j] > mx:
                     mx = z[j]
             # Three loops rather than one: the sums run in index order (float64, never
-            # reassociated) while the exponentials, elementwise, vectorize.
+            # reassociated) while the float32 exponentials (_vmath.h's), elementwise,
+            # vectorize; float64 calls the C library's exp either way.
             yz = 0.0
             ysum = 0.0
             for j in range(m):
