@@ -82,21 +82,22 @@ cdef void _act_deriv_mul(floating* R, const floating* A, const floating* Zpre,
     Zpre for gelu and silu (NULL for the others)."""
     cdef Py_ssize_t i
     cdef Py_ssize_t nm = n * m
+    cdef floating one = 1  # literals would be double: keep the layer's precision
     if act == ACT_RELU:
         for i in range(nm):
             R[i] = R[i] if A[i] > 0 else 0
     elif act == ACT_TANH:
         for i in range(nm):
-            R[i] = R[i] * (1 - A[i] * A[i])
+            R[i] = R[i] * (one - A[i] * A[i])
     elif act == ACT_LOGISTIC:
         for i in range(nm):
-            R[i] = R[i] * A[i] * (1 - A[i])
+            R[i] = R[i] * A[i] * (one - A[i])
     elif act == ACT_LEAKY_RELU:
         for i in range(nm):
             R[i] = R[i] if A[i] > 0 else R[i] * <floating> 0.01
     elif act == ACT_ELU:
         for i in range(nm):
-            R[i] = R[i] if A[i] > 0 else R[i] * (A[i] + 1)
+            R[i] = R[i] if A[i] > 0 else R[i] * (A[i] + one)
     elif act == ACT_SOFTPLUS:
         for i in range(nm):
             R[i] = R[i] * -_expm1(-A[i])
@@ -129,6 +130,7 @@ cdef void activation_rbackward(floating* RD, floating* D, const floating* A,
     activation, the choice made once per row, so that each loop can vectorize."""
     cdef Py_ssize_t i, j
     cdef floating a, d1, d2, z, c, p, s
+    cdef floating one = 1, two = 2  # literals would be double: keep the layer's precision
     cdef floating* rd
     cdef floating* d
     cdef const floating* ar
@@ -143,14 +145,14 @@ cdef void activation_rbackward(floating* RD, floating* D, const floating* A,
         if act == ACT_TANH:
             for j in range(m):
                 a = ar[j]
-                d1 = 1 - a * a
-                d2 = -2 * a * d1
+                d1 = one - a * a
+                d2 = -two * a * d1
                 _rstep(rd, d, rz, j, d1, d2)
         elif act == ACT_LOGISTIC:
             for j in range(m):
                 a = ar[j]
-                d1 = a * (1 - a)
-                d2 = d1 * (1 - 2 * a)
+                d1 = a * (one - a)
+                d2 = d1 * (one - two * a)
                 _rstep(rd, d, rz, j, d1, d2)
         elif act == ACT_RELU:
             for j in range(m):
@@ -163,13 +165,13 @@ cdef void activation_rbackward(floating* RD, floating* D, const floating* A,
         elif act == ACT_ELU:
             for j in range(m):
                 a = ar[j]
-                d1 = 1 if a > 0 else a + 1
-                d2 = 0 if a > 0 else a + 1
+                d1 = 1 if a > 0 else a + one
+                d2 = 0 if a > 0 else a + one
                 _rstep(rd, d, rz, j, d1, d2)
         elif act == ACT_SOFTPLUS:
             for j in range(m):
                 d1 = -_expm1(-ar[j])
-                d2 = d1 * (1 - d1)
+                d2 = d1 * (one - d1)
                 _rstep(rd, d, rz, j, d1, d2)
         elif act == ACT_GELU:
             # f' = Phi + z phi, f'' = phi (2 - z^2) (0 where phi underflows, before z^2
@@ -177,15 +179,15 @@ cdef void activation_rbackward(floating* RD, floating* D, const floating* A,
             for j in range(m):
                 z = zp[j]
                 c = _gelu_parts(z, &p)
-                d2 = p * (2 - z * z) if p != 0 else 0
+                d2 = p * (two - z * z) if p != 0 else 0
                 _rstep(rd, d, rz, j, c + z * p, d2)
         elif act == ACT_SILU:
             # f' = s (1 + z (1 - s)), f'' = s (1 - s) (2 + z (1 - 2 s)), s = sigmoid(z).
             for j in range(m):
                 z = zp[j]
                 s = _sigmoid(z)
-                _rstep(rd, d, rz, j, s * (1 + z * (1 - s)),
-                       s * (1 - s) * (2 + z * (1 - 2 * s)))
+                _rstep(rd, d, rz, j, s * (one + z * (one - s)),
+                       s * (one - s) * (two + z * (one - two * s)))
         else:
             for j in range(m):
                 _rstep(rd, d, rz, j, 1, 0)
@@ -204,7 +206,7 @@ cdef void output_curvature(floating* R, const floating* P, floating* D,
     cdef const floating* y
     cdef floating* rr
     cdef const floating* p
-    cdef floating c, ysum, pr
+    cdef floating c, ysum, pr, one = 1
     for i in range(n):
         r = rows[start + i] if rows != NULL else start + i
         # The targets are read by softmax's sum(y) and by the deltas only.
@@ -223,7 +225,7 @@ cdef void output_curvature(floating* R, const floating* P, floating* D,
                 rr[j] = ysum * p[j] * (rr[j] - pr) * c
         elif out == OUT_LOGISTIC:
             for j in range(m):
-                rr[j] = p[j] * (1 - p[j]) * rr[j] * c
+                rr[j] = p[j] * (one - p[j]) * rr[j] * c
         elif out == OUT_EXP:
             for j in range(m):
                 rr[j] = p[j] * rr[j] * c

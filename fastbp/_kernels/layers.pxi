@@ -85,8 +85,8 @@ cdef inline floating _gelu_d1(floating z) noexcept nogil:
 
 cdef inline floating _silu_d1(floating z) noexcept nogil:
     """SiLU's f'(z) = s (1 + z (1 - s)), s = sigmoid(z)."""
-    cdef floating s = _sigmoid(z)
-    return s * (1 + z * (1 - s))
+    cdef floating s = _sigmoid(z), one = 1
+    return s * (one + z * (one - s))
 
 
 cdef void bias_activate(floating* Z, const floating* b, floating* K, Py_ssize_t n,
@@ -99,6 +99,7 @@ cdef void bias_activate(floating* Z, const floating* b, floating* K, Py_ssize_t 
     cdef floating* z
     cdef floating* k
     cdef floating v, e, d, c, p, s
+    cdef floating one = 1  # literals would be double: keep the layer's precision
     for i in range(n):
         z = Z + i * m
         k = K + i * m if K != NULL else NULL
@@ -143,7 +144,7 @@ cdef void bias_activate(floating* Z, const floating* b, floating* K, Py_ssize_t 
                 s = _sigmoid(v)
                 z[j] = v * s
                 if keep_deriv:
-                    k[j] = s * (1 + v * (1 - s))
+                    k[j] = s * (one + v * (one - s))
                 else:
                     k[j] = v
         else:
@@ -165,6 +166,7 @@ cdef void activation_backward(floating* D, const floating* A, const floating* K,
     cdef floating* d
     cdef const floating* a
     cdef const floating* k
+    cdef floating one = 1  # literals would be double: keep the layer's precision
     for i in range(n):
         d = D + i * m
         a = A + i * m
@@ -180,16 +182,16 @@ cdef void activation_backward(floating* D, const floating* A, const floating* K,
                 d[j] = d[j] if a[j] > 0 else 0
         elif act == ACT_TANH:
             for j in range(m):
-                d[j] = d[j] * (1 - a[j] * a[j])
+                d[j] = d[j] * (one - a[j] * a[j])
         elif act == ACT_LOGISTIC:
             for j in range(m):
-                d[j] = d[j] * a[j] * (1 - a[j])
+                d[j] = d[j] * a[j] * (one - a[j])
         elif act == ACT_LEAKY_RELU:
             for j in range(m):
                 d[j] = d[j] if a[j] > 0 else d[j] * <floating> 0.01
         elif act == ACT_ELU:
             for j in range(m):
-                d[j] = d[j] if a[j] > 0 else d[j] * (a[j] + 1)
+                d[j] = d[j] if a[j] > 0 else d[j] * (a[j] + one)
         elif act == ACT_SOFTPLUS:
             for j in range(m):
                 d[j] = d[j] * _sigmoid(k[j])
@@ -208,21 +210,22 @@ cdef void activation_deriv(floating* M, const floating* A, Py_ssize_t n, Py_ssiz
     """M (n, m) <- f'(A), written in terms of A = f(Z), for the activations that keep no
     K (the same expressions as activation_backward's): a dropping layer's derivative."""
     cdef Py_ssize_t i, nm = n * m
+    cdef floating one = 1
     if act == ACT_RELU:
         for i in range(nm):
             M[i] = 1 if A[i] > 0 else 0
     elif act == ACT_TANH:
         for i in range(nm):
-            M[i] = 1 - A[i] * A[i]
+            M[i] = one - A[i] * A[i]
     elif act == ACT_LOGISTIC:
         for i in range(nm):
-            M[i] = A[i] * (1 - A[i])
+            M[i] = A[i] * (one - A[i])
     elif act == ACT_LEAKY_RELU:
         for i in range(nm):
             M[i] = 1 if A[i] > 0 else <floating> 0.01
     elif act == ACT_ELU:
         for i in range(nm):
-            M[i] = 1 if A[i] > 0 else A[i] + 1
+            M[i] = 1 if A[i] > 0 else A[i] + one
     else:
         for i in range(nm):
             M[i] = 1
@@ -233,7 +236,7 @@ cdef void output_activate(floating* Z, const floating* b, Py_ssize_t n, Py_ssize
     """Z (n, m) <- g(Z + b) in place, for an output activation g (no loss)."""
     cdef Py_ssize_t i, j
     cdef floating* z
-    cdef floating mx, s
+    cdef floating mx, s, one = 1
     for i in range(n):
         z = Z + i * m
         for j in range(m):
@@ -251,7 +254,7 @@ cdef void output_activate(floating* Z, const floating* b, Py_ssize_t n, Py_ssize
                 z[j] = z[j] / s
         elif out == OUT_LOGISTIC:
             for j in range(m):
-                z[j] = 1 / (1 + _exp(-z[j]))
+                z[j] = one / (one + _exp(-z[j]))
         elif out == OUT_EXP:
             for j in range(m):
                 z[j] = _exp(z[j])
@@ -277,7 +280,7 @@ cdef double output_loss_backward(floating* Z, const floating* b, const floating*
     cdef Py_ssize_t i, j, r
     cdef floating* z
     cdef const floating* y
-    cdef floating p, mx, c
+    cdef floating p, mx, c, one = 1
     cdef double w, li, s, yz, ysum, lse, zj, total = 0.0
     for i in range(n):
         r = rows[start + i] if rows != NULL else start + i
@@ -317,7 +320,7 @@ cdef double output_loss_backward(floating* Z, const floating* b, const floating*
             for j in range(m):
                 zj = z[j]
                 li += (zj if zj > 0 else 0.0) + log1p(exp(-fabs(zj))) - y[j] * zj
-                p = 1 / (1 + _exp(-z[j]))
+                p = one / (one + _exp(-z[j]))
                 z[j] = (p - y[j]) * c
                 db[j] += z[j]
         elif out == OUT_EXP:
