@@ -212,3 +212,55 @@ def test_the_choice_is_made_at_import_and_shown(tmp_path):
         assert res.stdout.split() == [forced, own, forced]
     bad = _child("import fastbp", tmp_path, FASTBP_SMALL_PRODUCTS="fast")
     assert bad.returncode != 0 and "FASTBP_SMALL_PRODUCTS='fast'" in bad.stderr
+
+
+# Products that BLAS gets whole or cut for its small-matrix kernels (own loops off): the
+# layouts of block_pass on 2048-row blocks, an F-ordered input block (A^T), a weight
+# gradient over a block (k = rows), a delta through a 10-wide output layer (a transposed
+# first operand with k = 10, which those kernels refuse), and a layer too wide to cut.
+CUTS = [
+    (False, False, 2048, 64, 64, "rows"),
+    (False, False, 2048, 10, 64, "rows"),
+    (True, False, 2048, 64, 64, "rows"),
+    (True, False, 64, 64, 2048, "depth"),
+    (True, False, 64, 10, 2047, "depth"),
+    (False, True, 2048, 64, 10, None),
+    (False, False, 300, 784, 256, None),
+]
+
+
+@pytest.mark.parametrize("trans_a,trans_b,m,n,k,kind", CUTS)
+def test_blas_products_are_cut_only_into_pieces_its_small_kernels_take(
+        trans_a, trans_b, m, n, k, kind):
+    _core.set_small_products(False)
+    got, piece = _core.gemm_cut(trans_a, trans_b, m, n, k)
+    assert got == kind
+    if kind is None:
+        assert piece == 0
+        return
+    cut = m if kind == "rows" else k
+    others = n * k if kind == "rows" else m * n
+    # The fewest pieces within M N K <= 100^3, of equal length (the last one shorter by
+    # less than one per piece), none under 64.
+    pieces = -(-cut // (100**3 // others))
+    assert piece == -(-cut // pieces)
+    assert 64 <= piece and piece * others <= 100**3
+    # With fastbp's own loops on, nothing is cut: BLAS then has no small kernels.
+    _core.set_small_products(True)
+    assert _core.gemm_cut(trans_a, trans_b, m, n, k) == (None, 0)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("beta", [0.0, 1.0])
+def test_cut_products_are_exact_to_rounding(dtype, beta):
+    # The pieces after the first add to C (beta = 1): the bound of a k-term dot product
+    # in any order still holds, for the rows and for the depth cut.
+    rng = np.random.default_rng(6)
+    _core.set_small_products(False)
+    for trans_a, trans_b, m, n, k, kind in CUTS:
+        assert not _check(trans_a, trans_b, m, n, k, dtype, beta, rng), (m, n, k)
+
+
+def test_cut_sizes_are_checked():
+    with pytest.raises(ValueError, match="positive"):
+        _core.gemm_cut(False, False, 0, 4, 4)

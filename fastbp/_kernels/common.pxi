@@ -26,7 +26,8 @@ from libc.string cimport memset, memcpy
 from cython.parallel cimport parallel, prange, threadid
 import numpy as np
 
-from ._blas cimport gemm, small_gemm_ok, set_small_gemm, small_gemm_enabled
+from ._blas cimport (gemm, small_gemm_ok, set_small_gemm, small_gemm_enabled, blas_cut,
+                     CUT_ROWS, CUT_DEPTH)
 
 cdef extern from "_vmath.h" nogil:
     float fbp_expf(float x)

@@ -4,6 +4,7 @@
 #                        OpenMP version (fastbp/_config.py's show_config, _threads.py)
 #   openmp_max_threads   OpenMP's default thread count (_config.py, _threads.py)
 #   gemm_rowmajor        the kernels' own GEMM entry point (tests/test_small_gemm.py)
+#   gemm_cut             how that entry point cuts a product it sends to BLAS (same)
 #   gemm_only            exactly loss_grad's GEMM calls and nothing else: the floor of
 #                        one loss_grad call (benchmarks/bench_loss_grad.py)
 #   vmath_float32        the float math of _vmath.h over an array, in a loop that
@@ -66,6 +67,17 @@ def gemm_rowmajor(bint trans_a, bint trans_b, const floating[:, ::1] A,
         gemm(trans_a, trans_b, m, n, k, <floating> 1.0, &A[0, 0], <int> A.shape[1],
              &B[0, 0], <int> B.shape[1], <floating> beta, &C[0, 0], n)
     return small
+
+
+def gemm_cut(bint trans_a, bint trans_b, int m, int n, int k):
+    """How the GEMM entry point cuts an (m, n, k) product that it sends to BLAS, for
+    BLAS's small-matrix kernels (see _blas.pxd): ``(kind, piece)`` with kind 'rows' (the
+    rows of C), 'depth' (k) or None, and the length of the pieces (0 for None)."""
+    if m <= 0 or n <= 0 or k <= 0:
+        raise ValueError("m, n and k must be positive")
+    cdef int piece = 0
+    cdef int cut = blas_cut(trans_a, trans_b, m, n, k, &piece)
+    return {CUT_ROWS: "rows", CUT_DEPTH: "depth"}.get(cut), piece
 
 
 cdef void _block_gemms(const Spec* sp, const floating* X, Py_ssize_t start, Py_ssize_t nb,
