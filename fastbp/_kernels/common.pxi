@@ -31,6 +31,7 @@ from ._blas cimport (gemm, small_gemm_ok, set_small_gemm, small_gemm_enabled, bl
 
 cdef extern from "_vmath.h" nogil:
     float fbp_expf(float x)
+    double fbp_exp(double x)
     float fbp_expm1f(float x)
     float fbp_log1pf(float x)
     float fbp_tanhf(float x)
@@ -151,7 +152,7 @@ cdef inline floating _exp(floating x) noexcept nogil:
     if floating is float:
         return fbp_expf(x)
     else:
-        return exp(x)
+        return fbp_exp(x)
 
 
 cdef inline floating _expm1(floating x) noexcept nogil:

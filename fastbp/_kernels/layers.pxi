@@ -23,7 +23,7 @@
 # fastbp/_vmath.h: every loop below is straight-line code the compiler vectorizes (a
 # select such as v > 0 ? v : e takes values already computed), so elu, gelu, silu,
 # softplus, tanh and logistic cost a few vector instructions per element, not a libm
-# call. Float64 calls the C library's double math. Intercept sums (db) are float64,
+# call. Float64 calls the C library's double math, but for exp (_vmath.h's fbp_exp). Intercept sums (db) are float64,
 # added row by row in row order. noexcept nogil and allocation-free. Callers: block_pass.pxi (the gradient pass),
 # curvature.pxi and fisher.pxi.
 
@@ -297,8 +297,7 @@ cdef double output_loss_backward(floating* Z, const floating* b, const floating*
                 if z[j] > mx:
                     mx = z[j]
             # Three loops rather than one: the sums run in index order (float64, never
-            # reassociated) while the float32 exponentials (_vmath.h's), elementwise,
-            # vectorize; float64 calls the C library's exp either way.
+            # reassociated) while the exponentials (_vmath.h's), elementwise, vectorize.
             yz = 0.0
             ysum = 0.0
             for j in range(m):

@@ -9,6 +9,7 @@
 #                        one loss_grad call (benchmarks/bench_loss_grad.py)
 #   vmath_float32        the float math of _vmath.h over an array, in a loop that
 #                        vectorizes as the layer kernels' do (tests/test_vmath.py)
+#   vmath_exp_float64    its double exp, the same way (same)
 
 cdef extern from *:
     """
@@ -178,3 +179,14 @@ def vmath_float32(str name, const float[::1] x, float[::1] out):
         else:
             for i in range(n):
                 out[i] = fbp_sigmoidf(x[i])
+
+
+def vmath_exp_float64(const double[::1] x, double[::1] out):
+    """out[i] = exp(x[i]) by _vmath.h's fbp_exp, in a loop that the compiler vectorizes as
+    the layer kernels' loops are. For tests: its accuracy and special values."""
+    cdef Py_ssize_t i, n = x.shape[0]
+    if out.shape[0] != n:
+        raise ValueError(f"out has {out.shape[0]} elements, x has {n}")
+    with nogil:
+        for i in range(n):
+            out[i] = fbp_exp(x[i])
