@@ -31,11 +31,16 @@ cdef extern from "_small_gemm.h" nogil:
 # over a block of rows), the pieces after the first added with beta = 1. Measured on an
 # AVX-512 Xeon, one thread, 2048-row float64 products of a 64-64-10 network, full against
 # cut: 64x64 forward 286 against 228 us, 10 outputs 97 against 50, their weight gradients
-# 363 against 282 and 116 against 57. The cut depends only on the shapes, so results do
-# not depend on timings, threads or the row blocks' order.
+# 363 against 282 and 116 against 57, the delta through the 10 outputs (by a copied W^T)
+# 70 against about 50. The cut depends only on the shapes, so results do not depend on
+# timings, threads or the row blocks' order.
 cdef enum:
     BLAS_SMALL_MNK = 1000000
     MIN_PIECE = 64
+    # A product by the transpose of a matrix of at most this many elements (32 KiB in
+    # float64), such as D W^T through a small layer, is computed by W^T copied to the
+    # stack: OpenBLAS's small kernels refuse a transposed first operand with k < 32.
+    TRANSPOSE_MAX = 4096
 
 
 cdef inline bint _blas_small(bint cm_ta, bint cm_tb, double M, double N,
@@ -79,14 +84,22 @@ cdef enum:
     CUT_NONE = 0
     CUT_ROWS = 1
     CUT_DEPTH = 2
+    CUT_ROWS_BT = 3
 
 
 cdef inline int blas_cut(bint trans_a, bint trans_b, int m, int n, int k,
                          int* piece) noexcept nogil:
-    """How gemm cuts a product it sends to BLAS: CUT_ROWS (the rows of C) or CUT_DEPTH
-    (k), in pieces of ``piece[0]`` (the last one shorter), or CUT_NONE."""
+    """How gemm cuts a product it sends to BLAS: CUT_ROWS (the rows of C), CUT_ROWS_BT
+    (the same after copying op(B) = B^T to the stack) or CUT_DEPTH (k), in pieces of
+    ``piece[0]`` (the last one shorter), or CUT_NONE."""
     piece[0] = 0
-    if small_gemm_enabled() or <double> m * n * k <= BLAS_SMALL_MNK:
+    if small_gemm_enabled():
+        return CUT_NONE
+    if <double> m * n * k <= BLAS_SMALL_MNK:
+        if (trans_b and not trans_a and n * k <= TRANSPOSE_MAX
+                and not _blas_small(trans_b, trans_a, n, m, k)):
+            piece[0] = m   # one piece: BLAS takes it small once B^T is copied
+            return CUT_ROWS_BT
         return CUT_NONE
     # Column-major terms: M = n, N = m, the first operand op(B), the second op(A).
     piece[0] = _piece(m, <double> n * k)
@@ -95,6 +108,10 @@ cdef inline int blas_cut(bint trans_a, bint trans_b, int m, int n, int k,
     piece[0] = _piece(k, <double> m * n)
     if piece[0] and _blas_small(trans_b, trans_a, n, m, piece[0]):
         return CUT_DEPTH
+    if trans_b and not trans_a and n * k <= TRANSPOSE_MAX:
+        piece[0] = _piece(m, <double> n * k)
+        if piece[0] and _blas_small(False, False, n, piece[0], k):
+            return CUT_ROWS_BT
     piece[0] = 0
     return CUT_NONE
 
@@ -109,8 +126,9 @@ cdef inline void gemm(bint trans_a, bint trans_b, int m, int n, int k,
     packing; the others go to SciPy's BLAS, cut into pieces for its small-matrix
     kernels where they qualify (see above).
     """
-    cdef int piece, i, step
+    cdef int piece, i, j, step
     cdef int cut
+    cdef floating bt[TRANSPOSE_MAX]
     if m == 0 or n == 0:
         return
     if (alpha == 1 and (beta == 0 or beta == 1)
@@ -121,6 +139,14 @@ cdef inline void gemm(bint trans_a, bint trans_b, int m, int n, int k,
             small_dgemm(trans_a, trans_b, m, n, k, A, lda, B, ldb, beta == 1, C, ldc)
         return
     cut = blas_cut(trans_a, trans_b, m, n, k, &piece)
+    if cut == CUT_ROWS_BT:
+        for i in range(n):
+            for j in range(k):
+                bt[j * n + i] = B[i * ldb + j]
+        B = bt
+        ldb = n
+        trans_b = False
+        cut = CUT_ROWS
     i = 0
     if cut == CUT_ROWS:
         while i < m:

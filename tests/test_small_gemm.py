@@ -216,15 +216,20 @@ def test_the_choice_is_made_at_import_and_shown(tmp_path):
 
 # Products that BLAS gets whole or cut for its small-matrix kernels (own loops off): the
 # layouts of block_pass on 2048-row blocks, an F-ordered input block (A^T), a weight
-# gradient over a block (k = rows), a delta through a 10-wide output layer (a transposed
-# first operand with k = 10, which those kernels refuse), and a layer too wide to cut.
+# gradient over a block (k = rows), a delta through a 10-wide output layer (D W^T: in
+# BLAS's terms a transposed first operand with k = 10, which those kernels refuse, so W^T
+# is copied first), the same for a 32-row minibatch (small already, one piece), and
+# layers too wide to cut or to copy.
 CUTS = [
     (False, False, 2048, 64, 64, "rows"),
     (False, False, 2048, 10, 64, "rows"),
     (True, False, 2048, 64, 64, "rows"),
     (True, False, 64, 64, 2048, "depth"),
     (True, False, 64, 10, 2047, "depth"),
-    (False, True, 2048, 64, 10, None),
+    (False, True, 2048, 64, 10, "rows, B transposed"),
+    (False, True, 2000, 64, 64, "rows, B transposed"),
+    (False, True, 32, 128, 10, "rows, B transposed"),
+    (False, True, 128, 256, 128, None),
     (False, False, 300, 784, 256, None),
 ]
 
@@ -232,22 +237,24 @@ CUTS = [
 @pytest.mark.parametrize("trans_a,trans_b,m,n,k,kind", CUTS)
 def test_blas_products_are_cut_only_into_pieces_its_small_kernels_take(
         trans_a, trans_b, m, n, k, kind):
+    # With fastbp's own loops on, nothing is cut: BLAS then has no small kernels.
+    assert _core.gemm_cut(trans_a, trans_b, m, n, k) == (None, 0)
     _core.set_small_products(False)
     got, piece = _core.gemm_cut(trans_a, trans_b, m, n, k)
     assert got == kind
     if kind is None:
         assert piece == 0
         return
-    cut = m if kind == "rows" else k
-    others = n * k if kind == "rows" else m * n
+    cut = k if kind == "depth" else m
+    others = m * n if kind == "depth" else n * k
     # The fewest pieces within M N K <= 100^3, of equal length (the last one shorter by
-    # less than one per piece), none under 64.
+    # less than one per piece), none under 64 unless the product is whole.
     pieces = -(-cut // (100**3 // others))
+    if pieces == 1:
+        assert kind == "rows, B transposed" and piece == m
+        return
     assert piece == -(-cut // pieces)
     assert 64 <= piece and piece * others <= 100**3
-    # With fastbp's own loops on, nothing is cut: BLAS then has no small kernels.
-    _core.set_small_products(True)
-    assert _core.gemm_cut(trans_a, trans_b, m, n, k) == (None, 0)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -27,7 +27,7 @@ from cython.parallel cimport parallel, prange, threadid
 import numpy as np
 
 from ._blas cimport (gemm, small_gemm_ok, set_small_gemm, small_gemm_enabled, blas_cut,
-                     CUT_ROWS, CUT_DEPTH)
+                     CUT_ROWS, CUT_DEPTH, CUT_ROWS_BT)
 
 cdef extern from "_vmath.h" nogil:
     float fbp_expf(float x)

@@ -73,12 +73,14 @@ def gemm_rowmajor(bint trans_a, bint trans_b, const floating[:, ::1] A,
 def gemm_cut(bint trans_a, bint trans_b, int m, int n, int k):
     """How the GEMM entry point cuts an (m, n, k) product that it sends to BLAS, for
     BLAS's small-matrix kernels (see _blas.pxd): ``(kind, piece)`` with kind 'rows' (the
-    rows of C), 'depth' (k) or None, and the length of the pieces (0 for None)."""
+    rows of C), 'rows, B transposed' (the same, op(B) = B^T copied first), 'depth' (k)
+    or None, and the length of the pieces (0 for None)."""
     if m <= 0 or n <= 0 or k <= 0:
         raise ValueError("m, n and k must be positive")
     cdef int piece = 0
     cdef int cut = blas_cut(trans_a, trans_b, m, n, k, &piece)
-    return {CUT_ROWS: "rows", CUT_DEPTH: "depth"}.get(cut), piece
+    return {CUT_ROWS: "rows", CUT_DEPTH: "depth",
+            CUT_ROWS_BT: "rows, B transposed"}.get(cut), piece
 
 
 cdef void _block_gemms(const Spec* sp, const floating* X, Py_ssize_t start, Py_ssize_t nb,
