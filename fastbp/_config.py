@@ -63,7 +63,9 @@ def _text(cfg):
              f"CPU: {', '.join(k['cpu_features']) or 'no AVX'}",
              f"small products (at most 2^18 multiply-adds): "
              f"{'fastbp' if k['small_products'] == 'own' else 'BLAS'} "
-             f"({k['small_products_reason']})",
+             f"({k['small_products_reason']})"
+             + ("; larger products with two small sides cut for BLAS's small-matrix "
+                "kernels" if k["small_products"] == "blas" else ""),
              f"OpenMP: {'version ' + str(k['openmp_version']) if k['openmp_version'] else 'none (one thread)'}",
              f"threads: n_jobs=None uses {t['n_jobs_default']}; OpenMP max "
              f"{t['openmp_max_threads']}; usable CPUs {t['cpus_usable']}"]
@@ -94,8 +96,9 @@ def show_config(mode="stdout"):
     None, dict or str
         Sections ``fastbp``, ``kernels`` (``variant``, ``compiled_isa``, ``forced``,
         ``built``, ``cpu_features``, ``openmp_version``, ``small_products``: 'own' when
-        small products run in fastbp's loops, 'blas' when BLAS computes them, and
-        ``small_products_reason``), ``threads``
+        small products run in fastbp's loops, 'blas' when BLAS computes them, and then
+        larger products whose other two sides are small are cut into pieces for its
+        small-matrix kernels; ``small_products_reason``), ``threads``
         (``n_jobs_default``, ``openmp_max_threads``, ``cpus_usable``), ``blas`` and
         ``openmp`` (threadpoolctl's view of the loaded libraries).
 

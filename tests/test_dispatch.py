@@ -208,8 +208,12 @@ def test_fastbp_bench_prints_the_configuration_in_its_header(monkeypatch, capsys
     header = capsys.readouterr().out.splitlines()
     assert header[1].startswith(f"kernels: {_core.VARIANT}")
     assert any(line.startswith("BLAS: ") for line in header)
-    assert any(line.startswith("small products (at most 2^18 multiply-adds): ")
-               for line in header)
+    small = [line for line in header
+             if line.startswith("small products (at most 2^18 multiply-adds): ")]
+    assert len(small) == 1
+    # Where small products go to BLAS, larger ones are cut for its small kernels: said.
+    assert (("cut for BLAS's small-matrix kernels" in small[0])
+            == (fake["config"]["kernels"]["small_products"] == "blas"))
     # The table's first line says which kernels ran and where the small products went.
     where = {"own": "fastbp's loops", "blas": "BLAS"}[_threads.SMALL_PRODUCTS[0]]
     assert (f"fastbp kernels {_core.VARIANT}, small products in {where}."
