@@ -73,11 +73,12 @@ cdef inline int _piece(int total, double per_unit) noexcept nogil:
     """Equal pieces of ``total`` within BLAS_SMALL_MNK (per_unit: the product of the
     other two sides), or 0 when they would be under MIN_PIECE."""
     cdef double most = BLAS_SMALL_MNK / per_unit
-    cdef int count
+    cdef Py_ssize_t count, longest
     if most < MIN_PIECE:
         return 0
-    count = (total + <int> most - 1) // <int> most
-    return (total + count - 1) // count
+    longest = <Py_ssize_t> most
+    count = (total + longest - 1) // longest
+    return <int> ((total + count - 1) // count)
 
 
 cdef enum:
@@ -96,7 +97,7 @@ cdef inline int blas_cut(bint trans_a, bint trans_b, int m, int n, int k,
     if small_gemm_enabled():
         return CUT_NONE
     if <double> m * n * k <= BLAS_SMALL_MNK:
-        if (trans_b and not trans_a and n * k <= TRANSPOSE_MAX
+        if (trans_b and not trans_a and <double> n * k <= TRANSPOSE_MAX
                 and not _blas_small(trans_b, trans_a, n, m, k)):
             piece[0] = m   # one piece: BLAS takes it small once B^T is copied
             return CUT_ROWS_BT
@@ -108,7 +109,7 @@ cdef inline int blas_cut(bint trans_a, bint trans_b, int m, int n, int k,
     piece[0] = _piece(k, <double> m * n)
     if piece[0] and _blas_small(trans_b, trans_a, n, m, piece[0]):
         return CUT_DEPTH
-    if trans_b and not trans_a and n * k <= TRANSPOSE_MAX:
+    if trans_b and not trans_a and <double> n * k <= TRANSPOSE_MAX:
         piece[0] = _piece(m, <double> n * k)
         if piece[0] and _blas_small(False, False, n, piece[0], k):
             return CUT_ROWS_BT
@@ -142,7 +143,7 @@ cdef inline void gemm(bint trans_a, bint trans_b, int m, int n, int k,
     if cut == CUT_ROWS_BT:
         for i in range(n):
             for j in range(k):
-                bt[j * n + i] = B[i * ldb + j]
+                bt[j * n + i] = B[<Py_ssize_t> i * ldb + j]
         B = bt
         ldb = n
         trans_b = False
