@@ -37,10 +37,13 @@ def block_rows(n_samples, block_size=DEFAULT_BLOCK):
 
 
 def _max_abs(a):
-    """max |a|: NaN or infinity when a holds one (max and min propagate NaN); 0 if empty.
-    Two vectorized reductions, no temporary array."""
+    """max |a|: NaN or infinity when a holds one; 0 if empty. A contiguous float32 or
+    float64 array takes one pass of the kernels, any other array two NumPy reductions
+    (max and min propagate NaN). No temporary array either way."""
     if a.size == 0:
         return 0.0
+    if a.dtype in (np.float32, np.float64) and (a.flags.c_contiguous or a.flags.f_contiguous):
+        return _core.max_abs(a.ravel(order="K"))
     return max(abs(float(a.max())), abs(float(a.min())))
 
 

@@ -1,0 +1,60 @@
+"""The largest |value| of an input (``_core.max_abs``), which ``Network.prepare`` takes to
+check X and Y for NaN and infinity and to bound the loss: one pass over the bits of the
+values (an integer maximum of the bits with the sign cleared)."""
+import numpy as np
+import pytest
+
+from fastbp import _core
+from fastbp._network import _max_abs
+
+SIZES = [1, 15, 16, 17, 65535, 65536, 65537, 3 * 65536 + 5]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n", SIZES)
+def test_equals_numpy(dtype, n):
+    rng = np.random.default_rng(n)
+    a = (rng.standard_normal(n) * 10.0 ** rng.integers(-30, 30, n)).astype(dtype)
+    expected = float(np.abs(a).max())
+    assert _core.max_abs(a) == expected
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_nan_and_infinity_anywhere(dtype):
+    n = 2 * 65536 + 37
+    for where in (0, 15, 16, 65535, 65536, n - 1):
+        for bad, check in ((np.nan, np.isnan), (np.inf, np.isposinf), (-np.inf, np.isposinf)):
+            a = np.ones(n, dtype)
+            a[where] = bad
+            assert check(_core.max_abs(a)), (where, bad)
+    # A NaN wins over an infinity, whatever their order.
+    a = np.zeros(n, dtype)
+    a[3], a[n - 2] = np.inf, np.nan
+    assert np.isnan(_core.max_abs(a))
+    a[3], a[n - 2] = np.nan, -np.inf
+    assert np.isnan(_core.max_abs(a))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_signs_zeros_and_subnormals(dtype):
+    tiny = np.finfo(dtype).smallest_subnormal
+    assert _core.max_abs(np.array([-0.0, 0.0, -0.0], dtype)) == 0.0
+    assert _core.max_abs(np.array([-0.0, tiny, -2 * tiny], dtype)) == 2 * tiny
+    big = np.finfo(dtype).max
+    assert _core.max_abs(np.array([1.0, -big, 2.0], dtype)) == big
+    assert _core.max_abs(np.empty(0, dtype)) == 0.0
+
+
+def test_any_layout_gives_the_same_answer():
+    rng = np.random.default_rng(1)
+    a = rng.standard_normal((300, 70))
+    assert _max_abs(a) == float(np.abs(a).max())                    # C order: kernel
+    assert _max_abs(np.asfortranarray(a)) == float(np.abs(a).max())  # F order: kernel
+    strided = a[::2, ::3]                                                 # NumPy's reductions
+    assert _max_abs(strided) == float(np.abs(strided).max())
+    ints = (a * 100).astype(np.int64)
+    assert _max_abs(ints) == float(np.abs(ints).max())
+    b = a.copy()
+    b[6, 6] = np.nan
+    assert np.isnan(_max_abs(b[::2, :]))
+    assert np.isnan(_max_abs(np.asfortranarray(b)))
