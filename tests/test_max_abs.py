@@ -58,3 +58,20 @@ def test_any_layout_gives_the_same_answer():
     b[6, 6] = np.nan
     assert np.isnan(_max_abs(b[::2, :]))
     assert np.isnan(_max_abs(np.asfortranarray(b)))
+
+
+@pytest.mark.parametrize("make", ["classifier", "regressor", "autoencoder"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("sparse", [False, True])
+def test_fit_refuses_non_finite_X_with_scikit_learns_messages(make, bad, sparse):
+    # The fit paths check X with this pass instead of scikit-learn's, and keep its words.
+    import scipy.sparse as sp
+    import fastbp
+    est = {"classifier": fastbp.MLPClassifier, "regressor": fastbp.MLPRegressor,
+           "autoencoder": fastbp.MLPAutoencoder}[make](max_iter=3)
+    X = np.random.default_rng(2).random((20, 3)).astype(np.float32)
+    X[4, 2] = bad
+    X = sp.csr_matrix(X) if sparse else X
+    words = "NaN" if np.isnan(bad) else "infinity or a value too large for dtype.'float32'."
+    with pytest.raises(ValueError, match=f"^Input X contains {words}"):
+        est.fit(X) if make == "autoencoder" else est.fit(X, np.arange(20) % 2)
