@@ -70,15 +70,16 @@ cdef inline void _blas_gemm(bint trans_a, bint trans_b, int m, int n, int k,
 
 
 cdef inline int _piece(int total, double per_unit) noexcept nogil:
-    """Equal pieces of ``total`` within BLAS_SMALL_MNK (per_unit: the product of the
-    other two sides), or 0 when they would be under MIN_PIECE."""
+    """The length of the fewest equal pieces of ``total`` within BLAS_SMALL_MNK (per_unit:
+    the product of the other two sides), or 0 when they would be under MIN_PIECE."""
     cdef double most = BLAS_SMALL_MNK / per_unit
-    cdef Py_ssize_t count, longest
+    cdef Py_ssize_t count, longest, piece
     if most < MIN_PIECE:
         return 0
     longest = <Py_ssize_t> most
     count = (total + longest - 1) // longest
-    return <int> ((total + count - 1) // count)
+    piece = (total + count - 1) // count
+    return <int> piece if piece >= MIN_PIECE else 0
 
 
 cdef enum:

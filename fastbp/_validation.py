@@ -142,7 +142,7 @@ def validate_local(est, X, y, incremental, reset):
     return _validate_regression(est, X, y, reset)
 
 
-def _finite_X(X):
+def _finite_X(est, X):
     """X, checked for NaN and infinity with scikit-learn's messages, in one vectorized
     pass over its (stored) values. The fit paths call validate_data with
     ``ensure_all_finite=False`` and this instead: scikit-learn's check of a large dense
@@ -150,7 +150,9 @@ def _finite_X(X):
     data = X.data if sp.issparse(X) else X
     top = _max_abs(data)
     if math.isnan(top):
-        raise ValueError("Input X contains NaN.")
+        raise ValueError(f"Input X contains NaN.\n{type(est).__name__} does not accept "
+                         "missing values: impute them first (sklearn.impute, in a "
+                         "pipeline) or drop the rows that have them.")
     if math.isinf(top):
         raise ValueError(f"Input X contains infinity or a value too large for {data.dtype!r}.")
     return X
@@ -159,9 +161,9 @@ def _finite_X(X):
 def _validate_reconstruction(est, X, reset):
     """An autoencoder's input; its targets are X itself (a sparse X as CSR, which the
     kernels read row by row, never densified whole)."""
-    X = _finite_X(validate_data(est, X, accept_sparse=["csr", "csc"],
-                                dtype=(np.float64, np.float32), reset=reset,
-                                ensure_all_finite=False))
+    X = _finite_X(est, validate_data(est, X, accept_sparse=["csr", "csc"],
+                                     dtype=(np.float64, np.float32), reset=reset,
+                                     ensure_all_finite=False))
     if sp.issparse(X):
         X = X.tocsr()  # one CSR copy of a CSC X, shared by inputs and targets
         return X, X, X
@@ -173,7 +175,7 @@ def _validate_classes(est, X, y, incremental, reset):
     X, y = validate_data(est, X, y, accept_sparse=["csr", "csc"], multi_output=True,
                          dtype=(np.float64, np.float32), reset=reset,
                          ensure_all_finite=False)
-    _finite_X(X)
+    _finite_X(est, X)
     if y.ndim == 2 and y.shape[1] == 1:
         y = column_or_1d(y, warn=True)
     codes = None
@@ -324,7 +326,7 @@ def _validate_regression(est, X, y, reset):
     X, y = validate_data(est, X, y, accept_sparse=["csr", "csc"], multi_output=True,
                          y_numeric=True, dtype=(np.float64, np.float32), reset=reset,
                          ensure_all_finite=False)
-    _finite_X(X)
+    _finite_X(est, X)
     if y.ndim == 2 and y.shape[1] == 1:
         y = column_or_1d(y, warn=True)
     if est.loss == "poisson" and (y < 0).any():

@@ -73,5 +73,7 @@ def test_fit_refuses_non_finite_X_with_scikit_learns_messages(make, bad, sparse)
     X[4, 2] = bad
     X = sp.csr_matrix(X) if sparse else X
     words = "NaN" if np.isnan(bad) else "infinity or a value too large for dtype.'float32'."
-    with pytest.raises(ValueError, match=f"^Input X contains {words}"):
+    with pytest.raises(ValueError, match=f"^Input X contains {words}") as info:
         est.fit(X) if make == "autoencoder" else est.fit(X, np.arange(20) % 2)
+    if np.isnan(bad):  # and says what to do about missing values
+        assert f"{type(est).__name__} does not accept missing values" in str(info.value)

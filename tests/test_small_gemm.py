@@ -271,3 +271,40 @@ def test_cut_products_are_exact_to_rounding(dtype, beta):
 def test_cut_sizes_are_checked():
     with pytest.raises(ValueError, match="positive"):
         _core.gemm_cut(False, False, 0, 4, 4)
+
+
+def test_no_cut_makes_pieces_under_64_whatever_the_shape():
+    # The fewest equal pieces can come out shorter than the longest allowed one (65 rows
+    # where 64 fit: two pieces of 33): then the product is not cut.
+    _core.set_small_products(False)
+    rng = np.random.default_rng(8)
+    shapes = [(65, 125, 125), (100, 100, 101), (129, 88, 88)]
+    shapes += [tuple(int(v) for v in rng.integers(1, 3000, 3)) for _ in range(3000)]
+    for trans_a, trans_b in LAYOUTS:
+        for m, n, k in shapes:
+            kind, piece = _core.gemm_cut(trans_a, trans_b, m, n, k)
+            if kind is None:
+                assert piece == 0
+            elif piece != m or kind != "rows, B transposed":  # not the one-piece copy
+                cut = k if kind == "depth" else m
+                others = m * n if kind == "depth" else n * k
+                assert 64 <= piece and piece * others <= 100**3, (m, n, k, kind, piece)
+                assert piece < cut, (m, n, k, kind, piece)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_cut_products_overwrite_c_when_beta_is_zero(dtype):
+    # Every piece of a rows cut, and the first of a depth cut, must ignore what C held.
+    rng = np.random.default_rng(9)
+    _core.set_small_products(False)
+    for trans_a, trans_b, m, n, k, kind in CUTS + [(False, True, 64, 10, 2048, "depth")]:
+        assert _core.gemm_cut(trans_a, trans_b, m, n, k)[0] == kind
+        A, B = _operands(rng, trans_a, trans_b, m, n, k, dtype)
+        C = np.full((m, n), np.nan, dtype)
+        _core.gemm_rowmajor(trans_a, trans_b, A, B, C, 0.0)
+        a = (A.T if trans_a else A).astype(np.float64)
+        b = (B.T if trans_b else B).astype(np.float64)
+        u = np.finfo(dtype).eps / 2
+        bound = (k + 2) * u / (1 - (k + 2) * u) * (np.abs(a) @ np.abs(b))
+        assert (np.abs(C - a @ b) <= bound).all(), (trans_a, trans_b, m, n, k)
+
