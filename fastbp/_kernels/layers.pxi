@@ -23,9 +23,10 @@
 # fastbp/_vmath.h: every loop below is straight-line code the compiler vectorizes (a
 # select such as v > 0 ? v : e takes values already computed), so elu, gelu, silu,
 # softplus, tanh and logistic cost a few vector instructions per element, not a libm
-# call. Float64 calls the C library's double math, but for exp (_vmath.h's fbp_exp). Intercept sums (db) are float64,
-# added row by row in row order. noexcept nogil and allocation-free. Callers: block_pass.pxi (the gradient pass),
-# curvature.pxi and fisher.pxi.
+# call. Float64 calls the C library's double math, but for exp (_vmath.h's fbp_exp).
+# Intercept sums (db) are float64, added row by row in row order. noexcept nogil and
+# allocation-free. Callers: block_pass.pxi (the gradient pass), curvature.pxi and
+# fisher.pxi.
 
 cdef inline floating _sigmoid(floating z) noexcept nogil:
     """1 / (1 + e^-z): for float _vmath.h's fbp_sigmoidf."""
