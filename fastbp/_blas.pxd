@@ -94,27 +94,30 @@ cdef inline int blas_cut(bint trans_a, bint trans_b, int m, int n, int k,
     """How gemm cuts a product it sends to BLAS: CUT_ROWS (the rows of C), CUT_ROWS_BT
     (the same after copying op(B) = B^T to the stack) or CUT_DEPTH (k), in pieces of
     ``piece[0]`` (the last one shorter), or CUT_NONE."""
+    # Column-major terms: M = n, N = m, the first operand op(B), the second op(A).
+    # D W^T through a small layer: a transposed first operand that the small kernels
+    # may refuse, and that a copy of B^T turns into A B, which they always take.
+    cdef bint copy_bt = trans_b and not trans_a and <double> n * k <= TRANSPOSE_MAX
+    cdef int rows, depth
     piece[0] = 0
     if small_gemm_enabled():
         return CUT_NONE
     if <double> m * n * k <= BLAS_SMALL_MNK:
-        if (trans_b and not trans_a and <double> n * k <= TRANSPOSE_MAX
-                and not _blas_small(trans_b, trans_a, n, m, k)):
+        if copy_bt and not _blas_small(trans_b, trans_a, n, m, k):
             piece[0] = m   # one piece: BLAS takes it small once B^T is copied
             return CUT_ROWS_BT
         return CUT_NONE
-    # Column-major terms: M = n, N = m, the first operand op(B), the second op(A).
-    piece[0] = _piece(m, <double> n * k)
-    if piece[0] and _blas_small(trans_b, trans_a, n, piece[0], k):
+    rows = _piece(m, <double> n * k)
+    if rows and _blas_small(trans_b, trans_a, n, rows, k):
+        piece[0] = rows
         return CUT_ROWS
-    piece[0] = _piece(k, <double> m * n)
-    if piece[0] and _blas_small(trans_b, trans_a, n, m, piece[0]):
+    depth = _piece(k, <double> m * n)
+    if depth and _blas_small(trans_b, trans_a, n, m, depth):
+        piece[0] = depth
         return CUT_DEPTH
-    if trans_b and not trans_a and <double> n * k <= TRANSPOSE_MAX:
-        piece[0] = _piece(m, <double> n * k)
-        if piece[0] and _blas_small(False, False, n, piece[0], k):
-            return CUT_ROWS_BT
-    piece[0] = 0
+    if copy_bt and rows:
+        piece[0] = rows
+        return CUT_ROWS_BT
     return CUT_NONE
 
 
