@@ -357,8 +357,7 @@ class _BaseMLP(_CallbackSupport, BaseEstimator):
             loss_curve=self.loss_curve_, t=self.t_, best_loss=self.best_loss_,
             validation_scores=self.validation_scores_,
             best_validation_score=self.best_validation_score_,
-            no_improvement_count=self._no_improvement_count,
-            best_theta=getattr(self, "_best_theta", None))
+            no_improvement_count=self._no_improvement_count)
         try:
             fit_stochastic(
                 objective, opt, theta, record, max_iter=self.max_iter,
@@ -371,13 +370,14 @@ class _BaseMLP(_CallbackSupport, BaseEstimator):
             self._optimizer = None  # its moments/velocities may be non-finite too
             raise
         finally:
+            if not incremental and self._optimizer is not None:
+                self._optimizer.release()
             self.n_iter_, self.t_ = record.n_iter, record.t
             if record.n_iter:
                 self.loss_ = record.loss
             self.best_loss_ = record.best_loss
             self.best_validation_score_ = record.best_validation_score
             self._no_improvement_count = record.no_improvement_count
-            self._best_theta = record.best_theta
 
     def _iteration_hook(self, watch, val):
         """A full-batch solver's ``progress(n_iter, loss) -> stop``: records the

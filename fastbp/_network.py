@@ -36,6 +36,9 @@ def block_rows(n_samples, block_size=DEFAULT_BLOCK):
     return max(1, min(n_samples, block_size, max(MIN_BLOCK, -(-n_samples // MAX_SPLIT))))
 
 
+_INIT_VALUES = 1 << 15  # weights drawn at a time by init_params (256 KiB of float64)
+
+
 def _max_abs(a):
     """max |a|: NaN or infinity when a holds one; 0 if empty. A contiguous float32 or
     float64 array takes one pass of the kernels, any other array two NumPy reductions
@@ -322,7 +325,11 @@ class Network:
             factor = 2.0 if logistic else 6.0
             fan_in, fan_out = W.shape
             bound = np.sqrt(factor / (fan_in + fan_out))
-            W[...] = rng.uniform(-bound, bound, (fan_in, fan_out))
+            # Rows at a time: the same draws, without a float64 temporary of the whole
+            # matrix (32 MB for a 2048 x 2048 layer) that every fit would page in anew.
+            rows = max(1, _INIT_VALUES // fan_out)
+            for r in range(0, fan_in, rows):
+                W[r:r + rows] = rng.uniform(-bound, bound, (min(rows, fan_in - r), fan_out))
             b[...] = rng.uniform(-bound, bound, fan_out)
         return theta
 

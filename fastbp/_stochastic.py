@@ -68,6 +68,17 @@ class StochasticOptimizer:
         return (self.solver == solver and self.state_1.shape[0] == n_params
                 and self.state_1.dtype == dtype)
 
+    def release(self):
+        """Free the scratch buffers (gradients per chunk, workspaces): a fit ends with
+        it, ``partial_fit`` keeps them for its next call."""
+        self._grads = self._work = self._dacc = self._buf_key = None
+
+    def __getstate__(self):  # the scratch is not part of a pickled model
+        state = dict(self.__dict__)
+        for name in ("_grads", "_work", "_dacc", "_buf_key"):
+            state.pop(name, None)
+        return state
+
     def _buffers(self, net, n_chunks, batch_size, sparse, drop=None):
         """Per-chunk gradient and intercept-sum rows and per-thread workspaces (at most
         one thread per chunk), reused across epochs."""
@@ -177,12 +188,11 @@ class TrainingRecord:
     ``partial_fit``): scikit-learn's fitted attributes without their trailing underscore.
 
     ``validation_scores`` is a list when a validation score is recorded, else None;
-    ``best_loss`` is None while early stopping is used; ``best_theta`` holds the
-    parameters early stopping (or Ctrl-C) restores.
+    ``best_loss`` is None while early stopping is used.
     """
 
     def __init__(self, loss_curve=None, t=0, best_loss=math.inf, validation_scores=None,
-                 best_validation_score=None, no_improvement_count=0, best_theta=None):
+                 best_validation_score=None, no_improvement_count=0):
         self.n_iter = 0
         self.t = t
         self.loss = math.nan
@@ -191,7 +201,52 @@ class TrainingRecord:
         self.validation_scores = validation_scores
         self.best_validation_score = best_validation_score
         self.no_improvement_count = no_improvement_count
-        self.best_theta = best_theta
+
+
+class _Snapshots:
+    """The copies of theta that a fit may restore, made from at most three buffers.
+
+    - ``start``: theta before the fit (restored when the final parameters give a
+      non-finite loss);
+    - ``last_good``: theta before the epoch that is running (restored when it diverges);
+    - ``best``: the parameters that early stopping, or Ctrl-C, restores; None while
+      they are theta's current values.
+
+    Each names a buffer, and often the same one: theta is copied before each epoch
+    (not after, so never after the last), into the buffer of the previous copy unless
+    ``start`` or ``best`` still needs it. A one-epoch fit copies theta once, a fit
+    whose loss keeps improving once per epoch into one buffer after the second; a
+    buffer is added only for a ``start`` or ``best`` that differs from the others.
+    """
+
+    def __init__(self, theta):
+        self.theta = theta
+        self.start = self.last_good = self.best = None
+        self._buffers = []
+
+    def before_epoch(self):
+        buf = next((b for b in self._buffers
+                    if b is not self.start and b is not self.best), None)
+        if buf is None:
+            buf = np.empty_like(self.theta)
+            self._buffers.append(buf)
+        buf[...] = self.theta
+        self.last_good = buf
+        if self.start is None:
+            self.start = buf
+        if self.best is None:
+            self.best = buf
+
+    def improved(self):
+        """theta's current values are the best so far."""
+        self.best = None
+
+    def restore(self, which):
+        """Put the ``which`` ('start', 'last_good' or 'best') snapshot back into theta;
+        nothing to do while it has not been taken or is theta's current values."""
+        saved = getattr(self, which)
+        if saved is not None:
+            self.theta[...] = saved
 
 
 def fit_stochastic(objective, optimizer, theta, record, *, max_iter, batch_size, shuffle,
@@ -237,24 +292,20 @@ def fit_stochastic(objective, optimizer, theta, record, *, max_iter, batch_size,
     if early_stopping and validation is None:
         raise ValueError("early_stopping needs a validation score")
     mode, n_threads = plan
-    last_good = theta.copy()
-    if record.best_theta is None or record.best_theta.shape != theta.shape:
-        record.best_theta = theta.copy()
-    record.best_theta[...] = theta
+    snaps = _Snapshots(theta)
     team = n_threads if mode == "team" else 1
-    start = None if incremental else theta.copy()
     if optimizer.lr_schedule == "cosine":  # decays to 0 over max_iter epochs
         optimizer.cosine_steps = max_iter * -(-objective.n_samples // batch_size)
     with blas_threads(n_threads if mode == "blas" else 1):
         _run_epochs(objective, optimizer, theta, record, max_iter, batch_size, shuffle,
                     rng, team, tol, n_iter_no_change, early_stopping, validation,
-                    on_epoch, incremental, verbose, last_good, dropout)
+                    on_epoch, incremental, verbose, snaps, dropout)
         # Each epoch's loss is measured on the way, before each update. The final
         # parameters are certified from a bound (O(n_params)); only when the bound
         # cannot tell is the loss measured once more on the training rows.
-        if (start is not None and not objective.surely_finite(theta)
+        if (not incremental and not objective.surely_finite(theta)
                 and not math.isfinite(objective.loss_grad(theta, None))):
-            theta[...] = start
+            snaps.restore("start")
             raise DivergenceError(
                 "Training diverged: the final parameters give a non-finite loss on "
                 "the training data. The model keeps the parameters it had before "
@@ -264,7 +315,7 @@ def fit_stochastic(objective, optimizer, theta, record, *, max_iter, batch_size,
 
 def _run_epochs(objective, opt, theta, record, max_iter, batch_size, shuffle, rng,
                 n_threads, tol, n_iter_no_change, early_stopping, validation, on_epoch,
-                incremental, verbose, last_good, dropout=None):
+                incremental, verbose, snaps, dropout=None):
     net, data, n_samples = objective.net, objective.data, objective.n_samples
     order = np.arange(n_samples, dtype=np.intp)
     keys = None if dropout is None else row_keys(data, net.layer_sizes[0])
@@ -275,12 +326,12 @@ def _run_epochs(objective, opt, theta, record, max_iter, batch_size, shuffle, rn
         for _ in range(max_iter):
             seed = int(rng.randint(0, 2**32, dtype=np.uint64)) << 32 | \
                 int(rng.randint(0, 2**32, dtype=np.uint64))
+            snaps.before_epoch()
             total = opt.epoch(net, theta, data, order, shuffle, seed, batch_size,
                               objective.alpha, n_threads, dropout, keys)
-            if not (math.isfinite(total) and np.isfinite(theta).all()):
-                theta[...] = last_good
+            if not (math.isfinite(total) and math.isfinite(_core.max_abs(theta))):
+                snaps.restore("last_good")
                 raise diverged(f"in epoch {record.n_iter + 1} of {opt.solver}")
-            last_good[...] = theta
             record.n_iter += 1
             record.loss = total / n_samples
             record.t += n_samples
@@ -290,8 +341,8 @@ def _run_epochs(objective, opt, theta, record, max_iter, batch_size, shuffle, rn
             stop = bool(on_epoch(record)) if on_epoch is not None else False
             if not early_stopping and record.loss < best_train_loss:
                 best_train_loss = record.loss
-                record.best_theta[...] = theta
-            _count_no_improvement(record, theta, tol, early_stopping, validation, verbose)
+                snaps.improved()
+            _count_no_improvement(record, snaps, tol, early_stopping, validation, verbose)
             opt.iteration_ends(record.t)
             if record.no_improvement_count > n_iter_no_change:
                 measure = "Validation score" if early_stopping else "Training loss"
@@ -312,10 +363,10 @@ def _run_epochs(objective, opt, theta, record, max_iter, batch_size, shuffle, rn
         warnings.warn("Training interrupted by user; the model keeps the best "
                       "parameters found so far.", UserWarning)
     if early_stopping or (interrupted and math.isfinite(best_train_loss)):
-        theta[...] = record.best_theta
+        snaps.restore("best")
 
 
-def _count_no_improvement(record, theta, tol, early_stopping, validation, verbose):
+def _count_no_improvement(record, snaps, tol, early_stopping, validation, verbose):
     """Record the validation score, and count epochs without a ``tol`` improvement of
     the validation score (early stopping) or of the training loss."""
     if validation is not None:
@@ -330,7 +381,7 @@ def _count_no_improvement(record, theta, tol, early_stopping, validation, verbos
             record.no_improvement_count = 0
         if score > record.best_validation_score:
             record.best_validation_score = score
-            record.best_theta[...] = theta
+            snaps.improved()
     else:
         if validation is not None and (record.best_validation_score is None
                                        or score > record.best_validation_score):

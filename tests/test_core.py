@@ -650,10 +650,12 @@ def sklearn_style_init(sizes, activation, seed, dtype):
     return coefs, intercepts
 
 
+# The last sizes exceed init_params' draws at a time (2^15): 300 x 400 takes blocks of
+# 81 rows, the last one short; 3 x 40000 one row at a time; 40000 x 2 three blocks.
+@pytest.mark.parametrize("sizes", [[5, 7, 4, 3], [300, 400, 3], [3, 40000, 2]])
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("activation", ACTIVATIONS)
-def test_init_params_glorot_like_sklearn(activation, dtype):
-    sizes = [5, 7, 4, 3]
+def test_init_params_glorot_like_sklearn(activation, dtype, sizes):
     net = Network(sizes, activation=activation, output="softmax", dtype=dtype)
     for seed in (0, 42):
         theta = net.init_params(random_state=seed)

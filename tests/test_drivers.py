@@ -107,3 +107,54 @@ def test_divergence_restores_the_last_finite_parameters():
     expected = before[-1] if before else net.init_params(random_state=0)
     np.testing.assert_array_equal(theta, expected)
     assert all(math.isfinite(v) for v in record.loss_curve)
+
+
+def test_snapshots_restore_what_eager_copies_would_with_few_buffers():
+    # Random runs of epochs (theta changes in each; some improve) against a reference
+    # that copies theta eagerly: before the fit, before each epoch, and at each
+    # improvement. Every snapshot restores exactly the reference's values.
+    from fastbp._stochastic import _Snapshots
+    rng = np.random.default_rng(0)
+    for trial in range(300):
+        theta = rng.normal(size=7)
+        snaps = _Snapshots(theta)
+        ref = {"start": theta.copy(), "best": theta.copy()}
+        always_improves = trial % 3 == 0
+        for epoch in range(int(rng.integers(1, 8))):
+            snaps.before_epoch()
+            ref["last_good"] = theta.copy()
+            theta += rng.normal(size=7)  # the epoch
+            if always_improves or rng.random() < 0.5:
+                snaps.improved()
+                ref["best"] = theta.copy()
+            assert len(snaps._buffers) <= 3
+        n_epochs = epoch + 1
+        if n_epochs == 1:
+            assert len(snaps._buffers) == 1
+        elif always_improves:
+            assert len(snaps._buffers) == 2  # start, and one reused for last_good
+        end = theta.copy()
+        for which in ("last_good", "best", "start"):
+            snaps.restore(which)
+            np.testing.assert_array_equal(theta, ref[which])
+            theta[...] = end  # restore() writes into theta in place
+
+
+def test_a_one_epoch_fit_copies_theta_once(monkeypatch):
+    net, objective = _problem()
+    theta = net.init_params(random_state=0)
+    copies = []
+    original = np.empty_like
+
+    def counted(a, *args, **kwargs):
+        copies.append(a is theta)
+        return original(a, *args, **kwargs)
+
+    monkeypatch.setattr(np, "empty_like", counted)
+    _fit(objective, TrainingRecord(), theta, max_iter=1)
+    assert copies == [True]
+    copies.clear()
+    record = TrainingRecord()
+    _fit(objective, record, theta, max_iter=5)
+    assert np.all(np.diff(record.loss_curve) < 0)
+    assert copies == [True, True]  # start, and one buffer for every later epoch

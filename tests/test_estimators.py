@@ -777,6 +777,31 @@ def test_same_random_state_is_bitwise_reproducible(solver):
     np.testing.assert_array_equal(regs[0].predict(Xr), regs[1].predict(Xr))
 
 
+def test_fitted_model_keeps_no_scratch_and_pickles_small():
+    # A fitted Adam model holds its parameters and Adam's two moments: three vectors
+    # of n_params. The per-chunk gradients and workspaces of the fit are freed, and
+    # are never pickled; partial_fit keeps them from one call to the next.
+    X, y = _iris_scaled()
+    X = np.repeat(X, 4, axis=0)
+    y = np.repeat(y, 4)
+    est = MLPClassifier((64, 64), solver="adam", random_state=0, max_iter=3,
+                        batch_size=200, n_jobs=2).fit(X, y)
+    assert est._optimizer._grads is None and est._optimizer._work is None
+    vectors = 3 * est._theta.nbytes
+    assert vectors < len(pickle.dumps(est)) < vectors + 20_000
+    part = MLPClassifier((64, 64), solver="adam", random_state=0, batch_size=200)
+    part.partial_fit(X, y, classes=np.unique(y))
+    grads = part._optimizer._grads
+    assert grads is not None
+    blob = pickle.dumps(part)
+    assert len(blob) < vectors + 20_000
+    part.partial_fit(X, y)
+    assert part._optimizer._grads is grads
+    back = pickle.loads(blob)
+    back.partial_fit(X, y)  # allocates its scratch again
+    np.testing.assert_array_equal(back._theta, part._theta)
+
+
 @pytest.mark.parametrize("solver", SOLVERS)
 def test_pickle_round_trip(solver):
     X, y = _iris_scaled()
