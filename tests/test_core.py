@@ -994,6 +994,63 @@ def test_adam_first_step_literal():
     np.testing.assert_allclose(m, [0.05, -0.3, 1e-4], rtol=1e-15)
 
 
+def _sum_squares_reference(x):
+    """The kernels' order for sum(x^2) in float64: 32 partial sums over blocks of 32,
+    folded pairwise (32 -> 16 -> ... -> 2 -> 1), then the sequential tail."""
+    x = np.asarray(x, dtype=np.float64)
+    n32 = len(x) - len(x) % 32
+    acc = np.zeros(32)
+    for i0 in range(0, n32, 32):
+        acc = acc + x[i0:i0 + 32] * x[i0:i0 + 32]
+    tail = 0.0
+    for v in x[n32:]:
+        tail += float(v) * float(v)
+    width = 16
+    while width >= 1:
+        acc = acc[:width] + acc[width:2 * width]
+        width //= 2
+    return float(acc[0]) + tail
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("n,n_l2", [(1, 1), (31, 31), (32, 32), (33, 33), (100, 64),
+                                    (1024, 1024), (1024, 1000), (1057, 1043), (50, 0)])
+@pytest.mark.parametrize("solver", ["adam", "sgd"])
+def test_step_takes_the_l2_term_and_the_sum_of_squares_in_its_pass(solver, n, n_l2,
+                                                                   dtype):
+    # The epoch kernel steps with the L2 term and takes the coefficients' sum of squares
+    # (the minibatch loss's penalty) in one pass. Both must be bitwise what two passes
+    # give: the sum in _sum_squares' fixed order, then a plain step on grad + a theta.
+    rng = np.random.default_rng(n + n_l2)
+    theta = (rng.normal(size=n) * 3).astype(dtype)
+    start = theta.copy()
+    grad = rng.normal(size=n).astype(dtype)
+    state = [rng.random(n).astype(dtype) for _ in range(2)]
+    a = 0.37
+    expected_sq = _sum_squares_reference(theta[:n_l2])
+    ref_grad = grad.copy()
+    ref_grad[:n_l2] = grad[:n_l2] + dtype(a) * theta[:n_l2]
+    ref = [theta.copy(), ref_grad, *[s.copy() for s in state]]
+    if solver == "adam":
+        sq = _core.adam_update(theta, grad, *state, 3, 0.01, 0.9, 0.999, 1e-8, n_l2, a)
+        assert _core.adam_update(*ref, 3, 0.01, 0.9, 0.999, 1e-8) is None
+    else:
+        sq = _core.sgd_update(theta, grad, state[0], 0.05, 0.9, True, n_l2, a)
+        assert _core.sgd_update(ref[0], ref[1], ref[2], 0.05, 0.9, True) is None
+    if n_l2 == 0:
+        assert sq is None
+    else:
+        assert sq == expected_sq
+        # ... which is the sum of squares, to float64 rounding (n terms, all positive:
+        # each sum is within n_l2 units of 2^-53 of the exact one).
+        squares = start[:n_l2].astype(np.float64) ** 2
+        assert sq == pytest.approx(squares.sum(), rel=2 * n_l2 * 2.0**-53)
+    for got, want in zip([theta, grad, *state], ref):
+        np.testing.assert_array_equal(got, want)
+    with pytest.raises(ValueError, match="n_l2"):
+        _core.sgd_update(theta, grad, state[0], 0.05, 0.9, True, n + 1, a)
+
+
 def test_optimizers_match_sklearn():
     from sklearn.neural_network._stochastic_optimizers import (AdamOptimizer,
                                                                SGDOptimizer)

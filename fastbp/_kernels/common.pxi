@@ -199,6 +199,12 @@ cdef double _sum_squares(const floating* x, Py_ssize_t n) noexcept nogil:
             acc[k] += (<double> x[i + k]) * x[i + k]
     for i in range(n32, n):
         tail += (<double> x[i]) * x[i]
+    return _fold32(acc, tail)
+
+
+cdef inline double _fold32(double* acc, double tail) noexcept nogil:
+    """_sum_squares' last step: its 32 partial sums folded pairwise, then the tail."""
+    cdef int k
     for k in range(16):
         acc[k] += acc[k + 16]
     for k in range(8):

@@ -140,7 +140,7 @@ cdef double reduce_and_step(const Spec* sp, floating* theta, floating* grads,
     cdef Py_ssize_t n_coef = sp.b_off[0], n_int = n_params - n_coef
     cdef Py_ssize_t c_hi = min(hi, n_coef), c0, c1, n_l2
     cdef floating a = <floating> (alpha * scale)
-    cdef double acc, sq = 0.0
+    cdef double acc, sq = 0.0, chunk_sq
     # The intercepts' gradients, from the float64 sums.
     for i in range(max(lo, n_coef), hi):
         acc = daccs[i - n_coef]
@@ -156,16 +156,18 @@ cdef double reduce_and_step(const Spec* sp, floating* theta, floating* grads,
             for k in range(1, chunks):
                 for i in range(c0, min(c1, c_hi)):
                     grads[i] = grads[i] + grads[k * n_params + i]
-            if alpha != 0.0:
-                sq += _sum_squares(theta + c0, min(c1, c_hi) - c0)
-        # The coefficients get the L2 term inside the step's own pass.
+        # The coefficients get the L2 term, and their sum of squares is taken (before
+        # the step, for this minibatch's loss), inside the step's own pass.
         n_l2 = min(c1, c_hi) - c0 if (c0 < c_hi and alpha != 0.0) else 0
+        chunk_sq = 0.0
         if solver == SOLVER_ADAM_:
             adam_step(theta + c0, grads + c0, state_1 + c0, state_2 + c0, c1 - c0, lr,
-                      beta_1, beta_2, epsilon, n_l2, a)
+                      beta_1, beta_2, epsilon, n_l2, a, &chunk_sq if n_l2 > 0 else NULL)
         else:
             sgd_step(theta + c0, grads + c0, state_1 + c0, c1 - c0, lr, momentum, nesterov,
-                     n_l2, a)
+                     n_l2, a, &chunk_sq if n_l2 > 0 else NULL)
+        if n_l2 > 0:
+            sq += chunk_sq
         c0 = c1
     return sq
 
