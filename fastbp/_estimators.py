@@ -200,7 +200,7 @@ class _BaseMLP(_CallbackSupport, BaseEstimator):
         dropout = dropout_rates(self.dropout, len(hidden), self.solver)
         _, per_layer = check_activation(self.activation, len(hidden))
         first_pass = not hasattr(self, "coefs_") or (not self.warm_start and not incremental)
-        X, Y, sample_weight, data = validate_fit(self, X, y, sample_weight, client,
+        X, Y, sample_weight, data, x_max = validate_fit(self, X, y, sample_weight, client,
                                                  incremental, first_pass)
         n_features, n_outputs = ((data.n_features, data.n_outputs) if data is not None
                                  else (X.shape[1], Y.shape[1]))
@@ -220,7 +220,7 @@ class _BaseMLP(_CallbackSupport, BaseEstimator):
                 if data is not None:
                     data.cast(self._net.dtype)
                 else:
-                    X = X.astype(self._net.dtype)
+                    X, x_max = X.astype(self._net.dtype), None
             self._net.n_jobs = self.n_jobs
         else:
             self._initialize(n_features, n_outputs, dtype)
@@ -239,10 +239,12 @@ class _BaseMLP(_CallbackSupport, BaseEstimator):
             finally:
                 objective.close()
         elif self.solver in STOCHASTIC:
-            self._fit_stochastic(X, Y, sample_weight, incremental, val, watch, dropout)
+            self._fit_stochastic(X, Y, sample_weight, incremental, val, watch, dropout,
+                                 x_max)
         else:
             self._fit_full_batch(LocalObjective(
-                self._net, self._net.prepare(X, Y, sample_weight), self.alpha), val, watch)
+                self._net, self._net.prepare(X, Y, sample_weight, x_max=x_max),
+                self.alpha), val, watch)
         if not np.isfinite(self._theta).all():  # defensive: the solvers never leave these
             raise diverged("at the end of training")
         if callbacks is not None:
@@ -311,7 +313,7 @@ class _BaseMLP(_CallbackSupport, BaseEstimator):
             self.beta_1, self.beta_2, self.epsilon)
 
     def _fit_stochastic(self, X, Y, sample_weight, incremental, val=None, watch=None,
-                        dropout=None):
+                        dropout=None, x_max=None):
         net, theta = self._net, self._theta
         if self.early_stopping and incremental:
             raise ValueError("partial_fit does not support early_stopping=True")
@@ -336,6 +338,7 @@ class _BaseMLP(_CallbackSupport, BaseEstimator):
                 random_state=self._random_state, test_size=self.validation_fraction,
                 stratify=stratify)
             X, X_val, Y, Y_val = split[:4]
+            x_max = None  # of the whole X; the training part needs its own
             sample_weight, sw_val = (split[4], split[5]) if sample_weight is not None \
                 else (None, None)
             if X_val.shape[0] < 2:
@@ -349,7 +352,8 @@ class _BaseMLP(_CallbackSupport, BaseEstimator):
         elif self.best_loss_ is None:
             self.best_loss_ = np.inf
 
-        objective = LocalObjective(net, net.prepare(X, Y, sample_weight), self.alpha)
+        objective = LocalObjective(net, net.prepare(X, Y, sample_weight, x_max=x_max),
+                                   self.alpha)
         batch_size = self._batch_size(objective.n_samples)
         plan = minibatch_plan(self.n_jobs, batch_size, net.layer_sizes, net.dtype.itemsize)
         self.parallelism_ = {"mode": plan[0], "threads": plan[1]}

@@ -393,11 +393,14 @@ class Network:
                              f"{np.dtype(self.dtype).name})")
         return theta
 
-    def prepare(self, X, Y=None, sample_weight=None):
+    def prepare(self, X, Y=None, sample_weight=None, x_max=None):
         """Convert data once into the form the kernels take (internal, for solvers).
 
         Copies only when it must: a C- or F-contiguous array of the network's dtype is
         used as it is; CSR is used as it is (CSC and other sparse formats become CSR).
+        ``x_max``: max |X| when the caller has just found it on this very (dense) X, as
+        the estimators' input checks do; it spares a pass over X, and is not used when
+        X must be converted.
         """
         d = _Data()
         n_features = self.layer_sizes[0]
@@ -415,8 +418,9 @@ class Network:
                 raise ValueError(f"X must be 2-D (n_samples, n_features), got shape {X.shape}")
             if X.dtype != self.dtype or not (X.flags.c_contiguous or X.flags.f_contiguous):
                 X = np.ascontiguousarray(X, dtype=self.dtype)
+                x_max = None
             # Finite, and the largest |x| for the bound of loss_is_surely_finite.
-            d.x_max = _max_abs(X)
+            d.x_max = _max_abs(X) if x_max is None else float(x_max)
             if not math.isfinite(d.x_max):
                 raise ValueError("X contains NaN or infinity (or values too large for "
                                  f"{np.dtype(self.dtype).name})")

@@ -1158,7 +1158,7 @@ def test_counted_integer_labels_match_label_binarizer(y):
         with pytest.raises(ValueError, match="at least 2 classes"):
             validate_local(est, X, y, False, True)
         return
-    _, Y, _ = validate_local(est, X, y, False, True)
+    _, Y, _, _ = validate_local(est, X, y, False, True)
     lb = est._label_binarizer
     np.testing.assert_array_equal(lb.classes_, reference.classes_)
     assert lb.classes_.dtype == reference.classes_.dtype

@@ -77,3 +77,36 @@ def test_fit_refuses_non_finite_X_with_scikit_learns_messages(make, bad, sparse)
         est.fit(X) if make == "autoencoder" else est.fit(X, np.arange(20) % 2)
     if np.isnan(bad):  # and says what to do about missing values
         assert f"{type(est).__name__} does not accept missing values" in str(info.value)
+
+
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+@pytest.mark.parametrize("make", ["classifier", "regressor", "autoencoder"])
+@pytest.mark.parametrize("solver", ["adam", "lbfgs"])
+def test_a_fit_passes_over_X_once(make, solver, monkeypatch):
+    # The input check's max |X| serves Network.prepare too: one pass over X per fit. A
+    # float64 X for a float32 network (warm start) is converted, and checked again.
+    import fastbp
+    est = {"classifier": fastbp.MLPClassifier, "regressor": fastbp.MLPRegressor,
+           "autoencoder": fastbp.MLPAutoencoder}[make](
+        hidden_layer_sizes=(4,), solver=solver, max_iter=2, random_state=0)
+    rng = np.random.default_rng(3)
+    X = rng.random((60, 5)).astype(np.float32)
+    y = np.arange(60) % 2 if make == "classifier" else rng.random(60)
+    passes = []
+    original = _core.max_abs
+
+    def counted(a):
+        passes.append(a.size)
+        return original(a)
+
+    monkeypatch.setattr(_core, "max_abs", counted)
+    fit = (lambda X: est.fit(X)) if make == "autoencoder" else (lambda X: est.fit(X, y))
+    fit(X)
+    assert passes.count(X.size) == (2 if make == "autoencoder" else 1)  # X as targets too
+    assert est._net.dtype == np.float32
+    passes.clear()
+    est.set_params(warm_start=True)
+    fit(X.astype(np.float64))
+    # Checked as given, then as converted to float32 (a float64 value beyond float32's
+    # range would become infinite there).
+    assert passes.count(X.size) == (3 if make == "autoencoder" else 2)
