@@ -159,6 +159,8 @@ class _BaseMLP(_CallbackSupport, BaseEstimator):
         return state
 
     def __setstate__(self, state):
+        state = dict(state)
+        state.pop("_best_theta", None)  # kept by fits before 2026-12-03; no longer used
         super().__setstate__(state)
         if "_theta" in self.__dict__:
             self._set_views()

@@ -479,8 +479,9 @@ class Network:
 
     def _csr_arrays(self, M, name):
         """A sparse X or Y as the kernels take it: CSR data (the network's dtype),
-        int32 indices and intp indptr, checked whole, and its largest |value|. Duplicate
-        entries stay: the kernels add them, as ``toarray`` does."""
+        int32 indices and intp indptr, checked whole, and a bound on its largest |value|.
+        Duplicate entries stay: the kernels add them, as ``toarray`` does, so the bound is
+        then the largest sum of |duplicates| (in float64)."""
         M = sp.csr_matrix(M, dtype=self.dtype)
         if M.nnz > np.iinfo(np.int32).max:
             raise ValueError(f"sparse {name} has too many stored values (more than 2**31-1)")
@@ -490,6 +491,13 @@ class Network:
         if not math.isfinite(top):
             raise ValueError(f"{name} contains NaN or infinity (or values too large for "
                              f"{np.dtype(self.dtype).name})")
+        if not M.has_canonical_format:  # may hold duplicates
+            # (sum_duplicates works in place: on copies of the index arrays, which M,
+            # and the caller's matrix, may share)
+            sums = sp.csr_matrix((np.abs(data).astype(np.float64), M.indices.copy(),
+                                  M.indptr.copy()), shape=M.shape)
+            sums.sum_duplicates()
+            top = max(top, _max_abs(sums.data))
         return (data, np.ascontiguousarray(M.indices, dtype=np.int32),
                 np.ascontiguousarray(M.indptr, dtype=np.intp), top)
 

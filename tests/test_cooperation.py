@@ -348,6 +348,24 @@ def test_bound_certifies_ordinary_parameters_and_refuses_extreme_ones():
                     assert np.isfinite(net.loss_grad(big, X, Y)[0]), (output, act, factor)
             # Large but certifiable parameters exist, and the extreme ones are refused.
             assert 1 <= certified < len(factors), (output, act, certified)
+    # Duplicate entries of a sparse X add up in the kernels, so the bound on |x| is the
+    # largest sum of |duplicates| (3 here, where no stored value exceeds 2); a float32
+    # sum that would overflow is bounded in float64 instead of refused.
+    import scipy.sparse as sp
+    net = Network([3, 4, 2], activation="relu", output="identity", dtype=np.float32)
+    dup = sp.csr_matrix((np.array([2.0, -1.0, 0.5], np.float32), np.array([1, 1, 0]),
+                         np.array([0, 2, 3])), shape=(2, 3))
+    assert not dup.has_canonical_format
+    before = [dup.data.copy(), dup.indices.copy(), dup.indptr.copy()]
+    assert net.prepare(dup, np.zeros((2, 2), np.float32)).x_max == 3.0
+    for kept, now in zip(before, [dup.data, dup.indices, dup.indptr]):
+        np.testing.assert_array_equal(kept, now)  # the caller's matrix is untouched
+    big = sp.csr_matrix((np.array([3e38, 3e38], np.float32), np.array([0, 0]),
+                         np.array([0, 2, 2])), shape=(2, 3))
+    assert net.prepare(big, np.zeros((2, 2), np.float32)).x_max == float(
+        np.float32(3e38)) * 2
+    canonical = sp.csr_matrix(dup.toarray())  # [[0, 1, 0], [0.5, 0, 0]]
+    assert net.prepare(canonical, np.zeros((2, 2), np.float32)).x_max == 1.0
     # The L2 penalty counts too: weights whose squares overflow float64 are refused even
     # where tanh caps what the next layer sees.
     net = Network([3, 4, 2], activation="tanh", output="identity")

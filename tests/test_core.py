@@ -1051,6 +1051,23 @@ def test_step_takes_the_l2_term_and_the_sum_of_squares_in_its_pass(solver, n, n_
         _core.sgd_update(theta, grad, state[0], 0.05, 0.9, True, n + 1, a)
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_step_sum_of_squares_is_the_full_batch_penalty_bitwise(dtype):
+    # The same sum as the kernels' own _sum_squares, which the full-batch loss uses for
+    # its penalty: on one row of zeros whose target is the output's intercept, the data
+    # term is 0 and the loss with alpha = 2 is exactly sum(W^2).
+    rng = np.random.default_rng(7)
+    for k in (1, 31, 32, 33, 1000, 1024, 1057, 4099):
+        net = Network([k, 1], output="identity", dtype=dtype)
+        theta = (rng.normal(size=k + 1) * 5).astype(dtype)
+        X = np.zeros((1, k), dtype=dtype)
+        Y = theta[-1:].reshape(1, 1)
+        penalty = net.loss_grad(theta, X, Y, alpha=2.0)[0]
+        zeros = [np.zeros(k + 1, dtype=dtype) for _ in range(3)]
+        sq = _core.adam_update(theta.copy(), *zeros, 1, 0.01, 0.9, 0.999, 1e-8, k, 0.0)
+        assert sq == penalty, k
+
+
 def test_optimizers_match_sklearn():
     from sklearn.neural_network._stochastic_optimizers import (AdamOptimizer,
                                                                SGDOptimizer)

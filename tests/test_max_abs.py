@@ -110,3 +110,9 @@ def test_a_fit_passes_over_X_once(make, solver, monkeypatch):
     # Checked as given, then as converted to float32 (a float64 value beyond float32's
     # range would become infinite there).
     assert passes.count(X.size) == (3 if make == "autoencoder" else 2)
+    if solver == "adam" and make != "autoencoder":
+        # Early stopping trains on a part of X: that part takes a pass of its own.
+        passes.clear()
+        est.set_params(warm_start=False, early_stopping=True, validation_fraction=0.25)
+        fit(X)
+        assert passes.count(X.size) == 1 and passes.count(45 * 5) == 1
