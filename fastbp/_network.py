@@ -404,6 +404,8 @@ class Network:
         """
         d = _Data()
         n_features = self.layer_sizes[0]
+        # An autoencoder's targets are its inputs: Y then reuses X's checked arrays.
+        targets_are_inputs = Y is not None and Y is X
         if sp.issparse(X):
             if X.ndim != 2:
                 raise ValueError(f"X must be 2-D, got {X.ndim}-D")
@@ -450,10 +452,12 @@ class Network:
                     f"Y must have shape ({d.n_samples}, {n_outputs}), got {Y.shape}"
                 )
             if sparse_y:
-                d.y_data, d.y_indices, d.y_indptr, d.y_max = self._csr_arrays(Y, "Y")
+                d.y_data, d.y_indices, d.y_indptr, d.y_max = (
+                    (d.data, d.indices, d.indptr, d.x_max) if targets_are_inputs
+                    else self._csr_arrays(Y, "Y"))
             else:
                 d.Y = np.ascontiguousarray(Y, dtype=self.dtype)
-                d.y_max = _max_abs(d.Y)
+                d.y_max = d.x_max if targets_are_inputs else _max_abs(d.Y)
                 if not math.isfinite(d.y_max):
                     raise ValueError("Y contains NaN or infinity (or values too large for "
                                      f"{np.dtype(self.dtype).name})")
