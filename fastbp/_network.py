@@ -520,23 +520,28 @@ class Network:
         dtype's overflow threshold, and, for the exp output, when exp(z) cannot overflow.
         ``data`` carries max |x| and max |y| from ``prepare``.
         """
-        if not np.isfinite(theta).all():
-            return False
         info = np.finfo(self.dtype)
         limit = float(info.max) / 8
         bound = float(data.x_max)
         coefs, intercepts = self.unpack(theta)
         n_layers = len(coefs)
-        # The L2 term, added in float64 to the loss: 0.5 alpha sum(W^2) / weight sum.
-        sq = 0.0
-        with np.errstate(over="ignore"):  # an overflow here just means "cannot tell"
-            for W in coefs:
-                w = W.ravel().astype(np.float64)
-                sq += float(np.dot(w, w))
+        # Per layer, in one pass over W: sum_i |W[i, j]| per column, and the squares for
+        # the L2 term (added in float64 to the loss: 0.5 alpha sum(W^2) / weight sum). A
+        # NaN or infinity in W, or sums too large for float64, leave a column's sum
+        # non-finite: "cannot tell", as for a non-finite intercept.
+        cols, sq = [], 0.0
+        for W, b in zip(coefs, intercepts):
+            col = np.empty(W.shape[1])
+            sq_col = np.empty(W.shape[1])
+            _core.column_sums(W, col, sq_col)
+            if not (np.isfinite(col).all() and math.isfinite(_max_abs(b))):
+                return False
+            cols.append(col)
+            sq += float(sq_col.sum())
         if alpha and not 0.5 * alpha * sq < 2.0 ** 1000:
             return False
         for l, (W, b) in enumerate(zip(coefs, intercepts)):
-            col = np.abs(W).sum(axis=0, dtype=np.float64)
+            col = cols[l]
             with np.errstate(over="ignore"):  # infinity: "cannot tell", just below
                 z = float(np.max(bound * col + np.abs(b))) if W.shape[1] else 0.0
             z *= 1 + 2 * (W.shape[0] + 1) * float(info.eps)

@@ -386,6 +386,39 @@ def test_bound_certifies_ordinary_parameters_and_refuses_extreme_ones():
     assert not net.loss_is_surely_finite(theta, data)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_column_sums_match_numpy_and_flag_non_finite_columns(dtype):
+    """The bound check's one pass over W: per-column sums of |w| and w^2 in float64."""
+    W = np.random.default_rng(0).standard_normal((37, 19)).astype(dtype)
+    col, sq = np.empty(19), np.empty(19)
+    _core.column_sums(W, col, sq)
+    np.testing.assert_allclose(col, np.abs(W).sum(axis=0, dtype=np.float64), rtol=1e-14)
+    np.testing.assert_allclose(sq, (W.astype(np.float64) ** 2).sum(axis=0), rtol=1e-14)
+    W[3, 4], W[5, 7] = np.nan, -np.inf
+    _core.column_sums(W, col, sq)
+    assert np.isnan(col[4]) and np.isnan(sq[4])
+    assert col[7] == np.inf and sq[7] == np.inf
+    assert np.isfinite(np.delete(col, [4, 7])).all()
+    with pytest.raises(ValueError, match="one entry per column"):
+        _core.column_sums(W, np.empty(18), sq)
+
+
+@pytest.mark.parametrize("where", ["first weight", "last weight", "first intercept",
+                                   "last intercept"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_bound_refuses_any_non_finite_parameter(where, bad):
+    X, y = _blobs(n=50)
+    net = Network([8, 16, 3])
+    data = net.prepare(X, np.eye(3)[y])
+    theta = net.init_params(random_state=0)
+    assert net.loss_is_surely_finite(theta, data)
+    coefs, intercepts = net.unpack(theta)
+    {"first weight": coefs[0][0], "last weight": coefs[-1][-1],
+     "first intercept": intercepts[0], "last intercept": intercepts[-1]}[where][-1] = bad
+    assert not np.isfinite(theta).all()
+    assert not net.loss_is_surely_finite(theta, data)
+
+
 def test_uncertain_final_parameters_are_measured_and_divergence_reported(monkeypatch):
     X, y = _blobs(n=300)
     monkeypatch.setattr(Network, "loss_is_surely_finite", lambda self, *args: False)

@@ -435,3 +435,27 @@ def max_abs(const floating[::1] a):
         else:
             top = fastbp_max_abs_d(&a[0], n)
     return top
+
+
+def column_sums(const floating[:, ::1] W, double[::1] abs_sums, double[::1] sq_sums):
+    """Per column j of W (rows, cols): abs_sums[j] = sum_i |W[i, j]| and sq_sums[j] =
+    sum_i W[i, j]^2, in float64, rows added in order. One pass over W, vectorized
+    across the columns, with no temporary: the parameters' bound check
+    (Network.loss_is_surely_finite) on wide layers. A NaN or infinity in a column makes
+    both of its sums NaN or infinite."""
+    cdef Py_ssize_t i, j, rows = W.shape[0], cols = W.shape[1]
+    cdef const floating* w
+    cdef double v
+    if abs_sums.shape[0] != cols or sq_sums.shape[0] != cols:
+        raise ValueError("abs_sums and sq_sums need one entry per column of W")
+    if cols == 0:
+        return
+    with nogil:
+        memset(&abs_sums[0], 0, cols * sizeof(double))
+        memset(&sq_sums[0], 0, cols * sizeof(double))
+        for i in range(rows):
+            w = &W[i, 0]
+            for j in range(cols):
+                v = w[j]
+                abs_sums[j] += fabs(v)
+                sq_sums[j] += v * v
