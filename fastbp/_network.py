@@ -537,7 +537,8 @@ class Network:
             if not (np.isfinite(col).all() and math.isfinite(_max_abs(b))):
                 return False
             cols.append(col)
-            sq += float(sq_col.sum())
+            with np.errstate(over="ignore"):  # an overflow here just means "cannot tell"
+                sq += float(sq_col.sum())
         if alpha and not 0.5 * alpha * sq < 2.0 ** 1000:
             return False
         for l, (W, b) in enumerate(zip(coefs, intercepts)):

@@ -377,6 +377,12 @@ def test_bound_certifies_ordinary_parameters_and_refuses_extreme_ones():
     assert np.isfinite(net.loss_grad(theta, Xs, np.eye(2)[y % 2])[0])
     assert not net.loss_is_surely_finite(theta, data, alpha=1e-4)
     assert not np.isfinite(net.loss_grad(theta, Xs, np.eye(2)[y % 2], alpha=1e-4)[0])
+    # Squares each finite in float64 whose total overflows: refused quietly.
+    theta = net.init_params(random_state=0)
+    theta[:4] = 1.3e154  # the first row of W_1: 1.7e308 per column, finite
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not net.loss_is_surely_finite(theta, data, alpha=1e-4)
     net = Network([8, 16, 3], output="exp")
     data = net.prepare(X, np.eye(3)[y])
     theta = net.init_params(random_state=0)
