@@ -525,25 +525,18 @@ class Network:
         bound = float(data.x_max)
         coefs, intercepts = self.unpack(theta)
         n_layers = len(coefs)
-        # Per layer, in one pass over W: sum_i |W[i, j]| per column, and the squares for
-        # the L2 term (added in float64 to the loss: 0.5 alpha sum(W^2) / weight sum). A
-        # NaN or infinity in W, or sums too large for float64, leave a column's sum
-        # non-finite: "cannot tell", as for a non-finite intercept.
-        cols, sq = [], 0.0
-        for W, b in zip(coefs, intercepts):
+        sq = 0.0  # sum(W^2) for the L2 term, added in float64 to the loss
+        for l, (W, b) in enumerate(zip(coefs, intercepts)):
+            # One pass over W: sum_i |W[i, j]| per column, and the columns' squares. A
+            # NaN or infinity in W, or sums too large for float64, leave a column's sum
+            # non-finite: "cannot tell", as for a non-finite intercept.
             col = np.empty(W.shape[1])
             sq_col = np.empty(W.shape[1])
             _core.column_sums(W, col, sq_col)
             if not (np.isfinite(col).all() and math.isfinite(_max_abs(b))):
                 return False
-            cols.append(col)
-            with np.errstate(over="ignore"):  # an overflow here just means "cannot tell"
+            with np.errstate(over="ignore"):  # infinity: "cannot tell", below
                 sq += float(sq_col.sum())
-        if alpha and not 0.5 * alpha * sq < 2.0 ** 1000:
-            return False
-        for l, (W, b) in enumerate(zip(coefs, intercepts)):
-            col = cols[l]
-            with np.errstate(over="ignore"):  # infinity: "cannot tell", just below
                 z = float(np.max(bound * col + np.abs(b))) if W.shape[1] else 0.0
             z *= 1 + 2 * (W.shape[0] + 1) * float(info.eps)
             if not z <= limit:
@@ -559,6 +552,9 @@ class Network:
                 bound = z * (1 + 4 * float(info.eps))
             else:  # relu, identity, leaky_relu, silu: |f(z)| <= |z|, rounded too
                 bound = z
+        # The L2 term: 0.5 alpha sum(W^2) / weight sum.
+        if alpha and not 0.5 * alpha * sq < 2.0 ** 1000:
+            return False
         # A bound on one row's loss (see the kernels' output_loss_backward), then on the
         # weighted sum over the rows, which must stay inside the exact accumulators'
         # range (2^116, with room to spare: 2^100).
