@@ -357,7 +357,8 @@ class _BaseMLP(_CallbackSupport, BaseEstimator):
         objective = LocalObjective(net, net.prepare(X, Y, sample_weight, x_max=x_max),
                                    self.alpha)
         batch_size = self._batch_size(objective.n_samples)
-        plan = minibatch_plan(self.n_jobs, batch_size, net.layer_sizes, net.dtype.itemsize)
+        plan = minibatch_plan(self.n_jobs, batch_size, net.layer_sizes, net.dtype.itemsize,
+                              units_ok=objective.data.X is not None and dropout is None)
         self.parallelism_ = {"mode": plan[0], "threads": plan[1]}
         record = TrainingRecord(
             loss_curve=self.loss_curve_, t=self.t_, best_loss=self.best_loss_,
@@ -538,15 +539,17 @@ _COMMON_PARAMS_DOC = """
         given; -1: every CPU this process may run on, -2: all but one, and so on.
         Full-batch work (the full-batch solvers, predict) spreads blocks of rows over
         the threads and sums them exactly: bitwise the same result for any ``n_jobs``.
-        'sgd'/'adam' use the threads one of two ways, chosen from the shapes
-        (``parallelism_`` says which): small networks cut each minibatch into one chunk
-        of rows per thread (at least 16 rows and 2^20 float32-equivalent flops each,
-        else the minibatch runs on one thread) with single-threaded BLAS; networks
-        whose weights and per-thread gradients would not fit the CPU's last-level cache
-        run each minibatch on one thread with multi-threaded BLAS. With chunks, the
-        result depends on the number of chunks (through floating-point summation order)
-        but not on how many threads run them: on a busy machine fewer threads run the
-        same chunks and give the same model.
+        'sgd'/'adam' use the threads one of three ways, chosen from the shapes
+        (``parallelism_`` says which): with one hidden layer at least as wide as the
+        minibatch is long (dense X, no dropout), each thread owns a part of the hidden
+        units and their weights ('units'); other small networks cut each minibatch into
+        one chunk of rows per thread (at least 16 rows and 2^20 float32-equivalent flops
+        each, else the minibatch runs on one thread) with single-threaded BLAS
+        ('team'); networks whose weights and per-thread gradients would not fit the
+        CPU's last-level cache run each minibatch on one thread with multi-threaded BLAS
+        ('blas'). With chunks or parts, the result depends on their number (through
+        floating-point summation order) but not on how many threads run them: on a busy
+        machine fewer threads run the same chunks and give the same model.
     curvature : {'gauss-newton', 'hessian'}, default='gauss-newton'
         The curvature products 'newton-cg' and 'trust-krylov' use: the Gauss-Newton
         matrix (positive semi-definite) or the exact Hessian (not in scikit-learn).

@@ -37,6 +37,7 @@
 #   exact_sums.pxi  fixed-point accumulators; full-batch loss_grad, forward, merge/finish
 #   inspection.pxi  per-sample deltas and input gradients; dropout's mask, for tests
 #   updates.pxi     SGD and Adam steps
+#   unit_split.pxi  a minibatch step split by hidden units (run_epoch's 'units' mode)
 #   epoch.pxi       the minibatch epoch: shuffle, team barrier, reduce_and_step
 #   curvature.pxi   R-operator: Gauss-Newton and Hessian products
 #   fisher.pxi      empirical-Fisher diagonal
@@ -47,6 +48,7 @@ include "_kernels/block_pass.pxi"
 include "_kernels/exact_sums.pxi"
 include "_kernels/inspection.pxi"
 include "_kernels/updates.pxi"
+include "_kernels/unit_split.pxi"
 include "_kernels/epoch.pxi"
 include "_kernels/curvature.pxi"
 include "_kernels/fisher.pxi"

@@ -20,6 +20,7 @@ from sklearn.exceptions import ConvergenceWarning
 
 from . import _core
 from ._divergence import DivergenceError, diverged
+from ._network import CACHE_LINE, aligned_empty, aligned_zeros
 from ._threads import blas_threads, team_for_now
 
 __all__ = ["StochasticOptimizer", "TrainingRecord", "fit_stochastic", "dropout_seed"]
@@ -44,8 +45,8 @@ class StochasticOptimizer:
         self.set_hyperparameters(learning_rate_init, lr_schedule, momentum, nesterov,
                                  power_t, beta_1, beta_2, epsilon)
         # SGD: state_1 is the velocity. Adam: first and second moments.
-        self.state_1 = np.zeros(n_params, dtype=dtype)
-        self.state_2 = np.zeros(n_params if solver == "adam" else 1, dtype=dtype)
+        self.state_1 = aligned_zeros(n_params, dtype)
+        self.state_2 = aligned_zeros(n_params if solver == "adam" else 1, dtype)
         self.step = np.zeros(1, dtype=np.longlong)  # Adam's t
 
     def set_hyperparameters(self, learning_rate_init, lr_schedule, momentum, nesterov,
@@ -79,22 +80,34 @@ class StochasticOptimizer:
             state.pop(name, None)
         return state
 
-    def _buffers(self, net, n_chunks, batch_size, sparse, drop=None):
+    def _buffers(self, net, n_chunks, batch_size, sparse, drop=None, units=False):
         """Per-chunk gradient and intercept-sum rows and per-thread workspaces (at most
-        one thread per chunk), reused across epochs."""
+        one thread per chunk), reused across epochs; split by ``units``, one gradient
+        row and a workspace and intercept-sum row per part."""
         per_chunk = -(-batch_size // n_chunks)
         key = (n_chunks, per_chunk, net.layer_sizes, tuple(net._acts), sparse,
-               None if drop is None else tuple(drop))
+               None if drop is None else tuple(drop), units)
         if getattr(self, "_buf_key", None) != key:
-            ws = _core.workspace_size(net._sizes, net._acts, per_chunk, not sparse, drop)
-            self._grads = np.empty((n_chunks, net.n_params), dtype=net.dtype)
-            self._work = np.empty((n_chunks, ws), dtype=net.dtype)
-            self._dacc = np.empty((n_chunks, net._n_intercepts), dtype=np.float64)
+            if units:
+                ws = _core.units_workspace_size(net._sizes, net._acts, batch_size,
+                                                n_chunks)
+            else:
+                ws = _core.workspace_size(net._sizes, net._acts, per_chunk, not sparse,
+                                          drop)
+            self._grads = aligned_empty((1 if units else n_chunks, net.n_params),
+                                        net.dtype)
+            n_int = net._n_intercepts
+            if units:  # each part's rows start on a cache line of their own
+                ws = -(-ws * net.dtype.itemsize // CACHE_LINE) * CACHE_LINE \
+                    // net.dtype.itemsize
+                n_int = -(-n_int * 8 // CACHE_LINE) * CACHE_LINE // 8
+            self._work = aligned_empty((n_chunks, ws), net.dtype)
+            self._dacc = aligned_empty((n_chunks, n_int), np.float64)
             self._buf_key = key
         return self._grads, self._work, self._dacc
 
     def epoch(self, net, theta, data, order, shuffle, seed, batch_size, alpha, n_chunks=1,
-              dropout=None, keys=None):
+              dropout=None, keys=None, units=False):
         """One pass over ``order``'s rows; returns the sum of batch loss x batch size.
 
         ``dropout``: None, or one rate in [0, 1) per hidden layer (float64 array) for
@@ -104,10 +117,12 @@ class StochasticOptimizer:
         With ``n_chunks`` > 1 every minibatch is cut into that many chunks of rows, shared
         by a team of up to n_chunks threads (fewer while other work keeps cores busy; the
         result depends on n_chunks only); BLAS should then be limited to one thread (see
-        ``_threads.minibatch_plan``).
+        ``_threads.minibatch_plan``). With ``units`` (one hidden layer, dense X, no
+        dropout) the minibatch is split by hidden units into n_chunks parts instead (see
+        ``_core.run_epoch``).
         """
         grads, work, dacc = self._buffers(net, n_chunks, batch_size, data.X is None,
-                                          dropout)
+                                          dropout, units)
         drop_seed = dropout_seed(seed)
         n_threads, spin = team_for_now(n_chunks)
         cosine = self.lr_schedule == "cosine"
@@ -119,7 +134,8 @@ class StochasticOptimizer:
             _core.SOLVERS[self.solver], rate, self.momentum, self.nesterov,
             self.beta_1, self.beta_2, self.epsilon, self.state_1, self.state_2, self.step,
             n_chunks, n_threads, spin, self.cosine_steps if cosine else 0,
-            self.cosine_step if cosine else 0, dropout, drop_seed, keys, **data.targets())
+            self.cosine_step if cosine else 0, dropout, drop_seed, keys, **data.targets(),
+            units=units)
         if cosine:
             self.cosine_step += n_batches
             done = min(self.cosine_step, self.cosine_steps) / max(self.cosine_steps, 1)
@@ -268,7 +284,9 @@ def fit_stochastic(objective, optimizer, theta, record, *, max_iter, batch_size,
         Draws each epoch's shuffling seed.
     plan : (mode, threads)
         From ``_threads.minibatch_plan``: 'team' splits every minibatch over ``threads``
-        chunks with single-threaded BLAS, 'blas' gives BLAS the threads, 'serial' one.
+        chunks of rows with single-threaded BLAS, 'units' over ``threads`` parts of the
+        hidden units (one hidden layer, dense X, no dropout), 'blas' gives BLAS the
+        threads, 'serial' one.
     early_stopping : bool
         Count improvements of the validation score (``validation`` is then required) and
         end with the parameters that scored best; otherwise count the training loss.
@@ -293,13 +311,13 @@ def fit_stochastic(objective, optimizer, theta, record, *, max_iter, batch_size,
         raise ValueError("early_stopping needs a validation score")
     mode, n_threads = plan
     snaps = _Snapshots(theta)
-    team = n_threads if mode == "team" else 1
+    team = n_threads if mode in ("team", "units") else 1
     if optimizer.lr_schedule == "cosine":  # decays to 0 over max_iter epochs
         optimizer.cosine_steps = max_iter * -(-objective.n_samples // batch_size)
     with blas_threads(n_threads if mode == "blas" else 1):
         _run_epochs(objective, optimizer, theta, record, max_iter, batch_size, shuffle,
                     rng, team, tol, n_iter_no_change, early_stopping, validation,
-                    on_epoch, incremental, verbose, snaps, dropout)
+                    on_epoch, incremental, verbose, snaps, dropout, mode == "units")
         # Each epoch's loss is measured on the way, before each update. The final
         # parameters are certified from a bound (O(n_params)); only when the bound
         # cannot tell is the loss measured once more on the training rows.
@@ -315,7 +333,7 @@ def fit_stochastic(objective, optimizer, theta, record, *, max_iter, batch_size,
 
 def _run_epochs(objective, opt, theta, record, max_iter, batch_size, shuffle, rng,
                 n_threads, tol, n_iter_no_change, early_stopping, validation, on_epoch,
-                incremental, verbose, snaps, dropout=None):
+                incremental, verbose, snaps, dropout=None, units=False):
     net, data, n_samples = objective.net, objective.data, objective.n_samples
     order = np.arange(n_samples, dtype=np.intp)
     keys = None if dropout is None else row_keys(data, net.layer_sizes[0])
@@ -328,7 +346,7 @@ def _run_epochs(objective, opt, theta, record, max_iter, batch_size, shuffle, rn
                 int(rng.randint(0, 2**32, dtype=np.uint64))
             snaps.before_epoch()
             total = opt.epoch(net, theta, data, order, shuffle, seed, batch_size,
-                              objective.alpha, n_threads, dropout, keys)
+                              objective.alpha, n_threads, dropout, keys, units)
             if not (math.isfinite(total) and math.isfinite(_core.max_abs(theta))):
                 snaps.restore("last_good")
                 raise diverged(f"in epoch {record.n_iter + 1} of {opt.solver}")

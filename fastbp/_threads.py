@@ -21,6 +21,7 @@ __all__ = ["cpu_count", "team_for_now", "effective_n_jobs", "minibatch_plan", "b
 
 # Fewer rows than this per thread and splitting a minibatch costs more than it saves.
 MIN_ROWS_PER_THREAD = 16
+_CACHE_LINE = 64   # bytes: the 'units' split gives each thread whole lines of units
 
 
 def cpu_count():
@@ -118,7 +119,7 @@ def team_for_now(chunks):
 
 
 # --- Minibatch parallelism ----------------------------------------------------------------
-# A minibatch can use several cores in two ways:
+# A minibatch can use several cores in three ways:
 #   'team'  fastbp's threads split its rows, each calling single-threaded BLAS on its share,
 #           then split the parameter vector to reduce their gradients and step. Everything
 #           runs in parallel (the elementwise passes and the update too), at the price of
@@ -129,8 +130,20 @@ def team_for_now(chunks):
 # The team wins while its working set (the weights plus one gradient per thread, read or
 # written on every minibatch) stays in the last-level cache: past that, every thread
 # streams its own copy of the weights and of its gradient from memory on every step, and
-# the GEMMs, big by then, are what multi-threaded BLAS does best. 'serial' is one thread
-# and one BLAS thread.
+# the GEMMs, big by then, are what multi-threaded BLAS does best.
+#   'units' (one hidden layer, dense inputs, no dropout) fastbp's threads split the hidden
+#           units: each owns a block of them with their weights, computes its share of
+#           the outputs, and after one exchange of those (minibatch x outputs values) its
+#           complete gradient, and steps its own parameters. No gradient copies, no
+#           reduction; every thread gathers the minibatch and computes the output layer.
+# A team's overhead per minibatch grows with the parameters (it reduces and passes around
+# whole gradients, h (d + k) values for h hidden units, d inputs and k outputs), the
+# units split's with the minibatch (each thread gathers it and forms the outputs,
+# about batch (d + k) values): the units split is chosen when the hidden layer is at
+# least as wide as the minibatch is long. Measured on 2 cores, the units split took
+# 0.73-0.87x the team's time for h / batch from 2 to 4, and 1.06-1.19x for h / batch
+# from 0.16 to 0.64 (benchmarks/bench_units.py). 'serial' is one thread and one BLAS
+# thread.
 
 _DEFAULT_LLC = 8 * 2**20   # when the OS does not say: a conservative last-level cache
 
@@ -178,24 +191,33 @@ def flops_per_sample(layer_sizes):
     return 2 * (3 * sum(mm) - mm[0])
 
 
-def minibatch_plan(n_jobs, batch_size, layer_sizes, itemsize):
+def minibatch_plan(n_jobs, batch_size, layer_sizes, itemsize, units_ok=False):
     """How minibatch training uses the cores: ``(mode, threads)``.
 
-    ``mode`` is 'serial', 'team' or 'blas' (see above); ``threads`` the team size (the
-    number of chunks of each minibatch) or the BLAS thread count. The choice depends on
-    the shapes and the thread budget only (never on timings), so a given machine and
-    thread count always make the same choice.
+    ``mode`` is 'serial', 'team', 'units' or 'blas' (see above); ``threads`` the team
+    size (the number of chunks or parts of each minibatch) or the BLAS thread count.
+    ``units_ok``: the data and settings allow the units split (dense inputs, no
+    dropout; the network must have one hidden layer too). The choice depends on the
+    shapes and the thread budget only (never on timings), so a given machine and thread
+    count always make the same choice.
     """
     threads = effective_n_jobs(n_jobs)
     if threads == 1:
         return "serial", 1
+    work = flops_per_sample(layer_sizes) * itemsize / 4 * batch_size
+    if units_ok and len(layer_sizes) == 3 and layer_sizes[1] >= batch_size:
+        # Parts of at least one cache line of units, a quarter of a team's minimum work
+        # each (one barrier crossing, no reduction).
+        parts = min(threads, layer_sizes[1] * itemsize // _CACHE_LINE,
+                    int(work * 4 // MIN_TEAM_WORK))
+        if parts > 1:
+            return "units", parts
     n_params = sum(a * b + b for a, b in zip(layer_sizes[:-1], layer_sizes[1:]))
     team = max(1, min(threads, batch_size // MIN_ROWS_PER_THREAD))
     if (max(team, 2) + 1) * n_params * itemsize > last_level_cache_bytes():
         # BLAS gets no more threads than the process allows it (threadpool_limits).
         threads = min(threads, _blas_max_threads())
         return ("blas", threads) if threads > 1 else ("serial", 1)
-    work = flops_per_sample(layer_sizes) * itemsize / 4 * batch_size
     team = min(team, int(work // MIN_TEAM_WORK))
     return ("team", team) if team > 1 else ("serial", 1)
 

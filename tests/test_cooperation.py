@@ -10,6 +10,7 @@ import warnings
 
 import numpy as np
 import pytest
+import scipy.sparse as sp
 from threadpoolctl import threadpool_info, threadpool_limits
 
 import fastbp
@@ -93,6 +94,24 @@ def test_plan_team_for_small_networks_blas_for_large_ones(monkeypatch):
     # Too little arithmetic per thread between barriers (adam-small's shapes): no team.
     assert _threads.flops_per_sample([64, 128, 10]) * 32 < 2 * _threads.MIN_TEAM_WORK
     assert _threads.minibatch_plan(None, 32, [64, 128, 10], 4) == ("serial", 1)
+    # ... but a units split, when the data allow it: 128 units for 32 rows, two parts of
+    # 64 (whole cache lines), a quarter of a team's work each.
+    assert _threads.minibatch_plan(None, 32, [64, 128, 10], 4, units_ok=True) == \
+        ("units", 2)
+    # Not with fewer units than rows, nor with more than one hidden layer; nor parts
+    # narrower than a cache line (16 float32 units), nor too little work.
+    assert _threads.minibatch_plan(None, 200, small, 8, units_ok=True) == ("team", 2)
+    assert _threads.minibatch_plan(None, 32, [64, 128, 128, 10], 4, units_ok=True) == \
+        ("team", 2)
+    assert _threads.minibatch_plan(None, 16, [4096, 16, 10], 4, units_ok=True)[0] != \
+        "units"
+    assert _threads.minibatch_plan(None, 4, [4, 64, 2], 4, units_ok=True) == ("serial", 1)
+    monkeypatch.setattr(_threads, "effective_n_jobs", lambda n_jobs: 4)
+    assert _threads.minibatch_plan(None, 32, [64, 128, 10], 4, units_ok=True) == \
+        ("units", 4)   # 4 parts of 32 units, the work allows 4
+    assert _threads.minibatch_plan(None, 32, [64, 128, 10], 8, units_ok=True) == \
+        ("units", 4)   # 4 parts of 32 float64 units (4 lines each)
+    monkeypatch.setattr(_threads, "effective_n_jobs", lambda n_jobs: 2)
     # The weights and per-thread gradients would not fit the cache: one thread, BLAS on
     # both cores.
     big = [1024, 1024, 10]
@@ -115,7 +134,16 @@ def test_last_level_cache_is_a_sane_size():
 def test_fitted_estimator_reports_its_parallelism():
     X, y = _blobs(n=400, d=200)
     clf = MLPClassifier((256,), batch_size=64, max_iter=2, n_jobs=2, random_state=0).fit(X, y)
-    assert clf.parallelism_ == {"mode": "team", "threads": 2}
+    assert clf.parallelism_ == {"mode": "units", "threads": 2}  # 256 units >= 64 rows
+    clf = MLPClassifier((256,), batch_size=64, max_iter=2, n_jobs=2, random_state=0,
+                        dropout=0.1).fit(X, y)
+    assert clf.parallelism_ == {"mode": "team", "threads": 2}  # no units split with dropout
+    clf = MLPClassifier((256,), batch_size=64, max_iter=2, n_jobs=2,
+                        random_state=0).fit(sp.csr_matrix(X), y)
+    assert clf.parallelism_ == {"mode": "team", "threads": 2}  # nor with sparse X
+    clf = MLPClassifier((128,), batch_size=256, max_iter=2, n_jobs=2,
+                        random_state=0).fit(X, y)
+    assert clf.parallelism_ == {"mode": "team", "threads": 2}  # fewer units than rows
     clf = MLPClassifier((8,), batch_size=64, max_iter=2, n_jobs=2, random_state=0).fit(X, y)
     assert clf.parallelism_ == {"mode": "serial", "threads": 1}  # too little work
     clf = MLPClassifier((256,), batch_size=64, max_iter=2, n_jobs=1, random_state=0).fit(X, y)
@@ -130,11 +158,11 @@ def _blas_threads():
 
 
 @pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
-@pytest.mark.parametrize("mode", ["team", "blas"])
+@pytest.mark.parametrize("mode", ["team", "units", "blas"])
 def test_blas_limits_are_restored_exactly(monkeypatch, mode):
     X, y = _blobs(n=400)
     monkeypatch.setattr("fastbp._estimators.minibatch_plan",
-                        lambda n_jobs, batch, n_params, itemsize: (mode, 2))
+                        lambda n_jobs, batch, n_params, itemsize, units_ok: (mode, 2))
     seen = []
     original = StochasticOptimizer.epoch
 
@@ -145,7 +173,7 @@ def test_blas_limits_are_restored_exactly(monkeypatch, mode):
     before = _blas_threads()
     MLPClassifier((8,), batch_size=64, max_iter=2, random_state=0).fit(X, y)
     assert _blas_threads() == before
-    assert seen == [1 if mode == "team" else min(2, max(n for _, n in before))] * 2
+    assert seen == [1 if mode != "blas" else min(2, max(n for _, n in before))] * 2
     # A user's own limit is kept during the fit (a 'blas' fit never raises it) and after.
     with threadpool_limits(1, user_api="blas"):
         limited = _blas_threads()
@@ -280,14 +308,16 @@ def test_failed_limit_leaves_no_registration(monkeypatch):
 
 
 @pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
-def test_fit_on_a_busy_machine_gives_the_same_model(monkeypatch):
+@pytest.mark.parametrize("hidden, batch, mode", [((256,), 64, "units"),
+                                                 ((128,), 256, "team")])
+def test_fit_on_a_busy_machine_gives_the_same_model(monkeypatch, hidden, batch, mode):
     X, y = _blobs(n=800, d=200)
-    kw = dict(hidden_layer_sizes=(256,), batch_size=64, max_iter=3, n_jobs=2,
+    kw = dict(hidden_layer_sizes=hidden, batch_size=batch, max_iter=3, n_jobs=2,
               random_state=0)
     quiet = MLPClassifier(**kw).fit(X, y)
     monkeypatch.setattr(_threads, "_others_runnable", lambda: 10**6)
     busy = MLPClassifier(**kw).fit(X, y)
-    assert busy.parallelism_ == quiet.parallelism_ == {"mode": "team", "threads": 2}
+    assert busy.parallelism_ == quiet.parallelism_ == {"mode": mode, "threads": 2}
     for a, b in zip(quiet.coefs_ + quiet.intercepts_, busy.coefs_ + busy.intercepts_):
         np.testing.assert_array_equal(a, b)
 
@@ -460,7 +490,8 @@ def test_blas_mode_is_deterministic_and_agrees_with_serial(monkeypatch):
     # thread count; the serial model up to the rounding of BLAS's threaded GEMMs (which
     # may split sums differently from its single-threaded ones).
     X, y = _blobs(n=512, d=256, k=4, dtype=np.float32)
-    kw = dict(hidden_layer_sizes=(256,), batch_size=128, max_iter=2, random_state=0)
+    # More rows per minibatch than hidden units: no units split.
+    kw = dict(hidden_layer_sizes=(256,), batch_size=300, max_iter=2, random_state=0)
     serial = MLPClassifier(n_jobs=1, **kw).fit(X, y)
     monkeypatch.setattr(_threads, "last_level_cache_bytes", lambda: 2**16)
     first = MLPClassifier(n_jobs=2, **kw).fit(X, y)
@@ -472,7 +503,7 @@ def test_blas_mode_is_deterministic_and_agrees_with_serial(monkeypatch):
     for a, b, c in zip(first.coefs_ + first.intercepts_, again.coefs_ + again.intercepts_,
                        serial.coefs_ + serial.intercepts_):
         np.testing.assert_array_equal(a, b)
-        # Same start, 8 Adam steps of learning rate 1e-3: a step moves a weight by at most
+        # Same start, 4 Adam steps of learning rate 1e-3: a step moves a weight by at most
         # lr (1 - beta_1) / sqrt(1 - beta_2) < 3.2 lr, whatever the gradient's rounding,
-        # so the two fits cannot drift further apart than 2 x 8 x 3.2e-3.
-        np.testing.assert_allclose(a, c, rtol=0, atol=2 * 8 * 3.2e-3)
+        # so the two fits cannot drift further apart than 2 x 4 x 3.2e-3.
+        np.testing.assert_allclose(a, c, rtol=0, atol=2 * 4 * 3.2e-3)

@@ -220,6 +220,21 @@ cdef void _input_product(const Spec* sp, const Input* inp, const Py_ssize_t* row
              A0, <int> lda0, W, <int> sp.sizes[1], <floating> 0.0, Z, <int> sp.sizes[1])
 
 
+cdef void _gather_rows(const Input* inp, const Py_ssize_t* rows, Py_ssize_t start,
+                       Py_ssize_t n, Py_ssize_t s0, floating* Xg) noexcept nogil:
+    """Xg (n, s0) <- the dense input rows rows[start], ..., rows[start + n - 1], from a
+    C- or F-ordered X."""
+    cdef const floating* X = <const floating*> inp.X
+    cdef Py_ssize_t i, j, r
+    for i in range(n):
+        r = rows[start + i]
+        if inp.x_fortran:
+            for j in range(s0):
+                Xg[i * s0 + j] = X[j * inp.ldx + r]
+        else:
+            memcpy(Xg + i * s0, X + r * inp.ldx, s0 * sizeof(floating))
+
+
 # ---------------------------------------------------------------------------------------
 # One block: forward, and optionally loss + backward.
 
@@ -263,13 +278,7 @@ cdef double block_pass(const Spec* sp, const Input* inp, const Py_ssize_t* rows,
                 A0 = X + start * inp.ldx
                 lda0 = inp.ldx
         else:
-            for i in range(n):
-                r = rows[start + i]
-                if inp.x_fortran:
-                    for j in range(s0):
-                        Xg[i * s0 + j] = X[j * inp.ldx + r]
-                else:
-                    memcpy(Xg + i * s0, X + r * inp.ldx, s0 * sizeof(floating))
+            _gather_rows(inp, rows, start, n, s0, Xg)
             A0 = Xg
             lda0 = s0
 

@@ -172,6 +172,43 @@ cdef double reduce_and_step(const Spec* sp, floating* theta, floating* grads,
     return sq
 
 
+cdef double units_step(const Spec* sp, floating* theta, floating* grads, const double* dacc,
+                       floating* row, int c, int parts, double scale, double alpha,
+                       int solver, double lr, double momentum, bint nesterov, double beta_1,
+                       double beta_2, double epsilon, floating* state_1, floating* state_2
+                       ) noexcept nogil:
+    """Step the parameters that part c of the 'units' split owns (unit_split.pxi) from
+    its complete gradient: its block of W_1 with its gradient and state in its
+    workspace ``row``; the rows u0:u1 of W_2 from grads (theta's layout); b_1[u0:u1] and,
+    for part 0, b_2 from dacc (its intercept sums). Returns the sum of squares of its
+    coefficients before the step."""
+    cdef Py_ssize_t h = sp.sizes[1], k = sp.sizes[2], s0 = sp.sizes[0]
+    cdef Py_ssize_t p = _part_width(h, parts, sizeof(floating))
+    cdef Py_ssize_t u0 = min(h, c * p), u1 = min(h, u0 + p)
+    cdef floating* block = _units_block(sp, row, p)
+    cdef double sq = 0.0
+    cdef Py_ssize_t[3] lo
+    cdef Py_ssize_t[3] hi
+    cdef int j, ranges = 3
+    lo[0] = sp.w_off[1] + u0 * k
+    hi[0] = sp.w_off[1] + u1 * k
+    lo[1] = sp.b_off[0] + u0
+    hi[1] = sp.b_off[0] + u1
+    lo[2] = sp.b_off[1]
+    hi[2] = sp.b_off[1] + (k if c == 0 else 0)
+    # The block is all coefficients: as the range [0, s0 * w) of a vector, for
+    # reduce_and_step, of which W_1 comes first.
+    sq += reduce_and_step(sp, block, block + s0 * p, dacc, 1, 0, s0 * (u1 - u0), scale,
+                          alpha, solver, lr, momentum, nesterov, beta_1, beta_2, epsilon,
+                          block + 2 * s0 * p, block + 3 * s0 * p)
+    for j in range(ranges):
+        if hi[j] > lo[j]:
+            sq += reduce_and_step(sp, theta, grads, dacc, 1, lo[j], hi[j], scale, alpha,
+                                  solver, lr, momentum, nesterov, beta_1, beta_2, epsilon,
+                                  state_1, state_2)
+    return sq
+
+
 def run_epoch(floating[::1] theta, floating[:, ::1] grads, const floating[:, :] X,
               const floating[::1] data, const int[::1] indices,
               const Py_ssize_t[::1] indptr, const floating[:, ::1] Y,
@@ -187,7 +224,7 @@ def run_epoch(floating[::1] theta, floating[:, ::1] grads, const floating[:, :] 
               const double[::1] drop=None, unsigned long long drop_seed=0,
               const uint64_t[::1] row_keys=None,
               const floating[::1] y_data=None, const int[::1] y_indices=None,
-              const Py_ssize_t[::1] y_indptr=None):
+              const Py_ssize_t[::1] y_indptr=None, bint units=False):
     """One epoch of minibatch SGD or Adam, entirely without the GIL.
 
     ``order`` (n_samples,) holds the row order and is shuffled in place first when
@@ -224,6 +261,13 @@ def run_epoch(floating[::1] theta, floating[:, ::1] grads, const floating[:, :] 
     Targets are ``Y`` (dense), or, with Y None, CSR arrays ``y_data``, ``y_indices``,
     ``y_indptr`` (an autoencoder's sparse X), read one row at a time.
 
+    With ``units`` true (a network with one hidden layer, dense X, no dropout), every
+    minibatch is split by hidden units instead of rows: its ``n_chunks`` parts each own
+    a range of the hidden units and the parameters that go with them (see
+    unit_split.pxi). ``grads`` then needs one row, ``work`` one row per part of
+    ``units_workspace_size(sizes, acts, batch_size, n_chunks)`` elements, ``dacc`` one
+    row per part; the result again depends on n_chunks only.
+
     Returns (sum over batches of batch loss x batch rows, number of batches run); the
     epoch stops at the first non-finite batch loss, which the caller detects from the sum.
     """
@@ -234,6 +278,7 @@ def run_epoch(floating[::1] theta, floating[:, ::1] grads, const floating[:, :] 
     cdef Py_ssize_t per_chunk = (batch_size + C - 1) // C if C > 0 else 0
     cdef Py_ssize_t n_int = dacc.shape[1], ws = work.shape[1]
     cdef Py_ssize_t p_per = (n_params + C - 1) // C if C > 0 else 0
+    cdef Py_ssize_t z_at = 0, x_at = 0
     cdef const double* sw = NULL
     cdef floating* theta_p = &theta[0]
     cdef floating* grads_p = &grads[0, 0]
@@ -252,6 +297,7 @@ def run_epoch(floating[::1] theta, floating[:, ::1] grads, const floating[:, :] 
     cdef barrier_t* bar_p = &bar
     # Thread-private (assigned inside the parallel block):
     cdef int tid, team, k, par, budget, c
+    cdef floating* own
     cdef Py_ssize_t start, nb, lo, hi, i, rows_per
     cdef double total, wsum, scale, loss, sq, lr_t, lr_b, n_batches
     cdef long long t, s_cos
@@ -262,16 +308,35 @@ def run_epoch(floating[::1] theta, floating[:, ::1] grads, const floating[:, :] 
         raise ValueError("cosine_steps and cosine_start must be non-negative")
     if n_chunks < 1 or n_threads > n_chunks:
         raise ValueError("need 1 <= n_threads <= n_chunks")
-    if grads.shape[0] < n_chunks or dacc.shape[0] < n_chunks or work.shape[0] < n_threads:
+    if units:
+        if sizes.shape[0] != 3 or X is None or (drop is not None and max(drop) > 0):
+            raise ValueError("the 'units' split needs one hidden layer, dense X and no "
+                             "dropout")
+        if dacc.shape[0] < n_chunks or work.shape[0] < n_chunks or grads.shape[0] < 1:
+            raise ValueError("the 'units' split needs one work and dacc row per part")
+        if ws < units_workspace_size(sizes, acts, batch_size, n_chunks):
+            raise ValueError("the workspace is too small for the 'units' split")
+        if dacc.shape[1] < n_params - b_off[0]:
+            raise ValueError("dacc needs at least one column per intercept")
+        per_chunk = batch_size
+    elif (grads.shape[0] < n_chunks or dacc.shape[0] < n_chunks
+          or work.shape[0] < n_threads):
         raise ValueError("grads and dacc need one row per chunk, work one per thread")
+    elif dacc.shape[1] != n_params - b_off[0]:
+        raise ValueError("dacc needs one column per intercept")
     if grads.shape[1] != n_params or state_1.shape[0] != n_params:
         raise ValueError("grads and state_1 must match theta's length")
     if solver == SOLVER_ADAM_ and state_2.shape[0] != n_params:
         raise ValueError("state_2 must match theta's length for Adam")
-    if ws < workspace_size(sizes, acts, per_chunk, X is not None, drop):
+    if not units and ws < workspace_size(sizes, acts, per_chunk, X is not None, drop):
         raise ValueError("the workspace is too small for ceil(batch_size / n_chunks) rows")
     _fill(&sp, &inp, sizes, w_off, b_off, acts, out, per_chunk, X, data, indices, indptr,
           theta)
+    if units:  # offsets of Z (then Delta) and of the gathered rows in a thread's row
+        z_at = _units_p_off(batch_size, _part_width(sizes[1], C, sizeof(floating)),
+                            _keeps_z(&sp, 1)) + batch_size * sizes[2]
+        x_at = _units_x_off(batch_size, _part_width(sizes[1], C, sizeof(floating)),
+                            sizes[2], _keeps_z(&sp, 1))
     _fill_targets(&sp, Y, y_data, y_indices, y_indptr, &Y_p)
     n_rows = _n_rows(Y, y_indptr)
     for i in range(n):  # every row index the epoch will follow must exist
@@ -300,6 +365,15 @@ def run_epoch(floating[::1] theta, floating[:, ::1] grads, const floating[:, :] 
         tid = threadid()
         team = omp_get_num_threads()   # OpenMP may give fewer threads than asked
         budget = SPIN_MAX if spin else 0
+        own = work_p + tid * ws   # this thread's first chunk or part
+        if units:  # the zero bias of units_output; the parts' blocks of W_1 and state
+            memset(own + z_at + batch_size * sizes[2], 0,
+                   _yrow_len(sizes[2]) * sizeof(floating))
+            c = tid
+            while c < C:
+                units_move(&sp, theta_p, s1, s2, work_p + c * ws, c, C, True,
+                           solver == SOLVER_ADAM_)
+                c = c + team
         total = 0.0
         n_batches = 0
         t = t0
@@ -315,10 +389,17 @@ def run_epoch(floating[::1] theta, floating[:, ::1] grads, const floating[:, :] 
             else:
                 wsum = nb
             scale = 1.0 / wsum if wsum > 0 else 0.0
-            # Phase 1: this thread's chunks of the batch, each into its own buffers.
+            # Phase 1: this thread's chunks of the batch, each into its own buffers (or,
+            # split by units, its parts' forward passes up to P_c).
             rows_per = (nb + C - 1) // C
             c = tid
-            while c < C:
+            if units:
+                _gather_rows(&inp, order_p, start, nb, sizes[0], own + x_at)
+            while units and c < C:
+                memset(dacc_p + c * n_int, 0, n_int * sizeof(double))
+                units_forward(&sp, theta_p, own + x_at, nb, work_p + c * ws, c, C)
+                c = c + team
+            while not units and c < C:
                 lo = min(nb, c * rows_per)
                 hi = min(nb, lo + rows_per)
                 memset(dacc_p + c * n_int, 0, n_int * sizeof(double))
@@ -344,7 +425,19 @@ def run_epoch(floating[::1] theta, floating[:, ::1] grads, const floating[:, :] 
             else:
                 lr_t = lr_b
             c = tid
-            while c < C:
+            if units:
+                loss = units_output(&sp, work_p, ws, C, own, order_p, start, nb, Y_p, sw,
+                                    scale, dacc_p + tid * n_int)
+            while units and c < C:
+                units_backward(&sp, theta_p, grads_p, dacc_p + c * n_int, own + x_at,
+                               own + z_at, nb, work_p + c * ws, c, C)
+                sq = units_step(&sp, theta_p, grads_p, dacc_p + c * n_int, work_p + c * ws,
+                                c, C, scale, alpha, solver, lr_t, momentum, nesterov,
+                                beta_1, beta_2, epsilon, s1, s2)
+                parts_p[par * 2 * C + c] = loss if c == 0 else 0.0
+                parts_p[par * 2 * C + C + c] = sq
+                c = c + team
+            while not units and c < C:
                 lo = min(n_params, c * p_per)
                 hi = min(n_params, lo + p_per)
                 sq = reduce_and_step(&sp, theta_p, grads_p, dacc_p, C, lo, hi, scale,
@@ -366,6 +459,11 @@ def run_epoch(floating[::1] theta, floating[:, ::1] grads, const floating[:, :] 
                 break
             start = start + nb
             par = 1 - par
+        c = tid
+        while units and c < C:
+            units_move(&sp, theta_p, s1, s2, work_p + c * ws, c, C, False,
+                       solver == SOLVER_ADAM_)
+            c = c + team
         if tid == 0:
             result_p[0] = total
             result_p[1] = n_batches

@@ -1,0 +1,170 @@
+# Minibatch steps split by hidden units: run_epoch's 'units' mode (epoch.pxi), for a
+# network with one hidden layer of h units, k outputs and dense inputs.
+#
+# The hidden units are cut into `parts` consecutive ranges [u0, u1). Part c owns the
+# columns u0:u1 of W_1, the units u0:u1 of b_1 and the rows u0:u1 of W_2 (one contiguous
+# block of theta); part 0 also owns b_2. For a minibatch of n rows (X_b, gathered once
+# per thread):
+#
+#   forward   A_c = f(X_b W_1[:, u0:u1] + b_1[u0:u1])                (n, u1 - u0)
+#             P_c = A_c W_2[u0:u1, :]  (+ b_2 for part 0)            (n, k)
+#   -- barrier: every part's P_c is written --
+#   output    Z = P_0 + P_1 + ... (in part order), loss and Delta = dloss/dZ, the same
+#             in every thread (each forms its own copy: k outputs are few)
+#   backward  dW_2[u0:u1, :] = A_c^T Delta;  D_c = (Delta W_2[u0:u1, :]^T) .* f'(A_c)
+#             dW_1[:, u0:u1] = X_b^T D_c;     db_1[u0:u1] = colsum(D_c)
+#   update    part c steps the parameters it owns (reduce_and_step, one chunk)
+#
+# A part reads and writes only the parameters it owns, and the gradient it writes is
+# complete (no per-thread copies, no reduction), so the threads exchange only the P_c
+# (n x k values) per minibatch. Its columns of W_1 are interleaved with the other parts'
+# in theta (every row of W_1 holds a piece of each part), close enough for the hardware
+# prefetchers to pull the other parts' lines into a core that then has to give them
+# back on every step: each part therefore keeps its block of W_1, with its gradient and
+# its Adam moments or SGD velocity, in its own workspace row, contiguous, for the whole
+# epoch (units_move loads it at the start and stores it back at the end). b_2 enters through P_0, so that no thread reads b_2
+# after the barrier, when part 0's thread may be stepping it. As with the row chunks,
+# threads take parts round-robin and the result depends on `parts` only.
+
+# Offsets in one part's row of the workspace, for a block of B rows, parts of at most p
+# units (_part_width: at most the float32 width, which the workspace is sized for), k outputs and s0 inputs:
+#   A (B, p) | K (B, p), when the activation keeps its derivative | D (B, p) | P (B, k) |
+#   Z (B, k) | zeros (k, rounded up) | y (k, rounded up) | Xg (B, s0) |
+#   W (s0, w) | dW (s0, w) | M1 (s0, w) | M2 (s0, w)
+# where w <= p is the part's width. Z, zeros, y and Xg are used in the row of a
+# thread's first part only; W, dW, M1 and M2 hold the part's block of W_1, its
+# gradient and its optimizer state (each s0 x p long).
+
+cdef inline Py_ssize_t _part_width(Py_ssize_t h, Py_ssize_t parts,
+                                   Py_ssize_t itemsize) noexcept nogil:
+    """Units per part: h / parts rounded up to whole cache lines (64 bytes) of a row of
+    W_1, so that parts of a line-aligned theta whose rows are whole lines share none."""
+    cdef Py_ssize_t q = 64 // itemsize
+    return ((h + parts - 1) // parts + q - 1) // q * q
+
+
+cdef inline Py_ssize_t _units_p_off(Py_ssize_t B, Py_ssize_t p, bint keeps) noexcept nogil:
+    return B * p * (3 if keeps else 2)
+
+
+cdef inline Py_ssize_t _units_x_off(Py_ssize_t B, Py_ssize_t p, Py_ssize_t k,
+                                    bint keeps) noexcept nogil:
+    return _units_p_off(B, p, keeps) + 2 * B * k + 2 * _yrow_len(k)
+
+
+cdef inline floating* _units_block(const Spec* sp, floating* row, Py_ssize_t p
+                                   ) noexcept nogil:
+    """The part's block of W_1 (then its gradient and state, s0 * p apart) in its row."""
+    return row + _units_x_off(sp.block, p, sp.sizes[2], _keeps_z(sp, 1)) \
+        + sp.block * sp.sizes[0]
+
+
+def units_workspace_size(const Py_ssize_t[::1] sizes, const int[::1] acts,
+                         Py_ssize_t block, Py_ssize_t parts):
+    """Elements of one part's workspace row for run_epoch's 'units' mode: ``sizes`` of
+    a network with one hidden layer, its activation code in ``acts``, ``block`` rows
+    (the whole minibatch) and the hidden units cut into ``parts``."""
+    if sizes.shape[0] != 3 or acts is None or acts.shape[0] != 1:
+        raise ValueError("the 'units' split needs a network with one hidden layer")
+    if parts < 1 or block < 0:
+        raise ValueError("need parts >= 1 and block >= 0")
+    cdef Py_ssize_t p = _part_width(sizes[1], parts, 4)
+    return _units_x_off(block, p, sizes[2], _z_code(acts[0])) + block * sizes[0] \
+        + 4 * sizes[0] * p
+
+
+cdef void units_move(const Spec* sp, floating* theta, floating* state_1,
+                     floating* state_2, floating* row, int c, int parts, bint load,
+                     bint two_states) noexcept nogil:
+    """Copy part c's columns of W_1 and of the optimizer state (state_2 too when
+    ``two_states``: Adam) from the flat vectors into the part's row (``load``), or
+    back."""
+    cdef Py_ssize_t h = sp.sizes[1], s0 = sp.sizes[0], r
+    cdef Py_ssize_t p = _part_width(h, parts, sizeof(floating))
+    cdef Py_ssize_t u0 = min(h, c * p), w = min(h, u0 + p) - u0, at
+    cdef floating* block = _units_block(sp, row, p)
+    cdef floating* flat[3]
+    cdef floating* mine[3]
+    cdef int j, n_arrays = 3 if two_states else 2
+    flat[0] = theta
+    flat[1] = state_1
+    flat[2] = state_2
+    mine[0] = block
+    mine[1] = block + 2 * s0 * p
+    mine[2] = block + 3 * s0 * p
+    for j in range(n_arrays):
+        for r in range(s0):
+            at = sp.w_off[0] + r * h + u0
+            if load:
+                memcpy(mine[j] + r * w, flat[j] + at, w * sizeof(floating))
+            else:
+                memcpy(flat[j] + at, mine[j] + r * w, w * sizeof(floating))
+
+
+cdef void units_forward(const Spec* sp, const floating* theta, const floating* Xg,
+                        Py_ssize_t n, floating* row, int c, int parts) noexcept nogil:
+    """Part c's forward pass for n gathered rows Xg (n, s0): A_c, its K when kept, and
+    P_c into the part's workspace row."""
+    cdef Py_ssize_t h = sp.sizes[1], k = sp.sizes[2], s0 = sp.sizes[0]
+    cdef Py_ssize_t p = _part_width(h, parts, sizeof(floating))
+    cdef Py_ssize_t u0 = min(h, c * p), u1 = min(h, u0 + p), w = u1 - u0
+    cdef bint keeps = _keeps_z(sp, 1)
+    cdef floating* A = row
+    cdef floating* P = row + _units_p_off(sp.block, p, keeps)
+    if w > 0:
+        gemm(False, False, <int> n, <int> w, <int> s0, <floating> 1.0, Xg, <int> s0,
+             _units_block(sp, row, p), <int> w, <floating> 0.0, A, <int> w)
+        bias_activate(A, theta + sp.b_off[0] + u0, row + sp.block * p if keeps else NULL,
+                      n, w, _act(sp, 1), True)
+        gemm(False, False, <int> n, <int> k, <int> w, <floating> 1.0, A, <int> w,
+             theta + sp.w_off[1] + u0 * k, <int> k, <floating> 0.0, P, <int> k)
+    else:
+        memset(P, 0, n * k * sizeof(floating))
+    if c == 0:
+        bias_activate(P, theta + sp.b_off[1], NULL, n, k, ACT_IDENTITY, True)
+
+
+cdef double units_output(const Spec* sp, const floating* work, Py_ssize_t ws, int parts,
+                         floating* row, const Py_ssize_t* rows, Py_ssize_t start,
+                         Py_ssize_t n, const floating* Y, const double* sw, double scale,
+                         double* dacc) noexcept nogil:
+    """Z = P_0 + ... + P_{parts-1} (in part order) into this thread's Z (in ``row``, its
+    first part's row), then the output layer: the loss (returned, sum_i w_i loss_i) and
+    Delta in Z, and colsum(Delta) added to dacc's b_2 part."""
+    cdef Py_ssize_t h = sp.sizes[1], k = sp.sizes[2], i, c
+    cdef Py_ssize_t p = _part_width(h, parts, sizeof(floating)), nk = n * k
+    cdef Py_ssize_t p_off = _units_p_off(sp.block, p, _keeps_z(sp, 1))
+    cdef floating* Z = row + p_off + sp.block * k
+    cdef floating* zeros = Z + sp.block * k
+    cdef const floating* P
+    memcpy(Z, work + p_off, nk * sizeof(floating))
+    for c in range(1, parts):
+        P = work + c * ws + p_off
+        for i in range(nk):
+            Z[i] = Z[i] + P[i]
+    return output_loss_backward(Z, zeros, Y, sp, zeros + _yrow_len(k), sw, rows, start, n,
+                                k, sp.out, scale, dacc + h)
+
+
+cdef void units_backward(const Spec* sp, const floating* theta, floating* grad,
+                         double* dacc, const floating* Xg, const floating* Delta,
+                         Py_ssize_t n, floating* row, int c, int parts) noexcept nogil:
+    """Part c's gradient: dW_2[u0:u1, :] into grad (theta's layout), dW_1[:, u0:u1] into
+    the part's row, and db_1[u0:u1] added to dacc (the intercepts' layout), from Delta
+    (n, k) and the part's A_c (and K) left by units_forward."""
+    cdef Py_ssize_t h = sp.sizes[1], k = sp.sizes[2], s0 = sp.sizes[0]
+    cdef Py_ssize_t p = _part_width(h, parts, sizeof(floating))
+    cdef Py_ssize_t u0 = min(h, c * p), u1 = min(h, u0 + p), w = u1 - u0
+    cdef bint keeps = _keeps_z(sp, 1)
+    cdef floating* A = row
+    cdef floating* D = row + sp.block * p * (2 if keeps else 1)
+    if w == 0:
+        return
+    gemm(True, False, <int> w, <int> k, <int> n, <floating> 1.0, A, <int> w, Delta,
+         <int> k, <floating> 0.0, grad + sp.w_off[1] + u0 * k, <int> k)
+    gemm(False, True, <int> n, <int> w, <int> k, <floating> 1.0, Delta, <int> k,
+         theta + sp.w_off[1] + u0 * k, <int> k, <floating> 0.0, D, <int> w)
+    activation_backward(D, A, row + sp.block * p if keeps else NULL, n, w, _act(sp, 1),
+                        True, dacc + u0)
+    gemm(True, False, <int> s0, <int> w, <int> n, <floating> 1.0, Xg, <int> s0, D,
+         <int> w, <floating> 0.0, _units_block(sp, row, p) + s0 * p, <int> w)

@@ -1,0 +1,173 @@
+"""The 'units' split of a minibatch (one hidden layer, its units cut into parts that
+threads own): the same model whatever the number of threads, the serial model up to
+summation order, every output and activation, empty parts, partial_fit, and clear
+errors where the split cannot run."""
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from fastbp import MLPClassifier, MLPRegressor, Network, _core
+from fastbp._network import aligned_empty, aligned_zeros
+
+pytestmark = pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+
+
+def _data(n=300, d=12, k=3, seed=0, dtype=np.float64):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, k, n)
+    X = (rng.normal(size=(k, d))[y] + rng.normal(size=(n, d))).astype(dtype)
+    return X, y
+
+
+def _fit(monkeypatch, plan, threads, est, X, y, sample_weight=None, **kw):
+    """Fit with the minibatch plan ``plan`` forced, on at most ``threads`` threads."""
+    monkeypatch.setattr("fastbp._estimators.minibatch_plan", lambda *a, **k: plan)
+    monkeypatch.setattr("fastbp._stochastic.team_for_now",
+                        lambda chunks: (min(threads, chunks), True))
+    kw = dict(dict(batch_size=32, max_iter=2, random_state=0, tol=0.0), **kw)
+    return est(**kw).fit(X, y, sample_weight=sample_weight)
+
+
+def _params(model):
+    return model.coefs_ + model.intercepts_
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("activation", ["relu", "tanh", "logistic", "gelu"])
+@pytest.mark.parametrize("solver", ["adam", "sgd"])
+@pytest.mark.parametrize("parts", [2, 3])
+def test_the_model_does_not_depend_on_the_threads(monkeypatch, dtype, activation, solver,
+                                                  parts):
+    # 40 units: float32 parts are whole cache lines of 16 units (32 + 8, or 16 + 16 + 8),
+    # float64 ones of 8 (24 + 16, or 16 + 16 + 8). gelu keeps its derivative beside A.
+    X, y = _data(dtype=dtype)
+    kw = dict(hidden_layer_sizes=(40,), activation=activation, solver=solver)
+    one = _fit(monkeypatch, ("units", parts), 1, MLPClassifier, X, y, **kw)
+    two = _fit(monkeypatch, ("units", parts), 2, MLPClassifier, X, y, **kw)
+    assert one.parallelism_ == two.parallelism_ == {"mode": "units", "threads": parts}
+    for a, b in zip(_params(one), _params(two)):
+        assert a.dtype == dtype
+        np.testing.assert_array_equal(a, b)
+    assert one.loss_curve_ == two.loss_curve_
+
+
+# SGD in float64: the units split sums each output over the parts in turn and each
+# coefficient's square in another order than one GEMM and one pass do, a difference of a
+# few units in the last place (2^-52, 2e-16) of each sum. SGD's step is linear in the
+# gradient, and 2 epochs of 10 small steps (lr 1e-3) cannot grow those differences past
+# 1e-12 relative; 1e-9 leaves three orders of magnitude for other CPUs' BLAS kernels.
+SGD = dict(solver="sgd", learning_rate_init=1e-3, momentum=0.9)
+
+
+@pytest.mark.parametrize("activation", ["relu", "tanh", "logistic", "gelu", "softplus"])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_the_classifier_agrees_with_the_serial_fit(monkeypatch, activation, weighted):
+    X, y = _data()
+    sw = np.random.default_rng(1).uniform(0.5, 2.0, len(y)) if weighted else None
+    kw = dict(hidden_layer_sizes=(48,), activation=activation, **SGD)
+    serial = _fit(monkeypatch, ("serial", 1), 1, MLPClassifier, X, y, sw, **kw)
+    units = _fit(monkeypatch, ("units", 2), 2, MLPClassifier, X, y, sw, **kw)
+    for a, b in zip(_params(serial), _params(units)):
+        np.testing.assert_allclose(b, a, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(units.loss_curve_, serial.loss_curve_, rtol=1e-9)
+    assert not np.allclose(_params(units)[0], _params(MLPClassifier(
+        **kw, max_iter=1, batch_size=32, random_state=0).fit(X, y))[0], rtol=1e-6)
+
+
+@pytest.mark.parametrize("target", ["multilabel", "regression", "poisson"])
+def test_every_output_agrees_with_the_serial_fit(monkeypatch, target):
+    # Logistic outputs per column, squared error, Poisson deviance: each output layer's
+    # loss and delta run on the summed parts.
+    X, y = _data(k=4)
+    if target == "multilabel":
+        est, Y, kw = MLPClassifier, np.eye(4)[y] + np.eye(4)[(y + 1) % 4], {}
+    elif target == "regression":
+        est, Y, kw = MLPRegressor, np.c_[X[:, 0] + X[:, 1] ** 2, X[:, 2]], {}
+    else:
+        est, Y, kw = MLPRegressor, np.exp(0.3 * X[:, :2]), {"loss": "poisson"}
+    serial = _fit(monkeypatch, ("serial", 1), 1, est, X, Y, hidden_layer_sizes=(40,),
+                  **SGD, **kw)
+    units = _fit(monkeypatch, ("units", 2), 2, est, X, Y, hidden_layer_sizes=(40,),
+                 **SGD, **kw)
+    for a, b in zip(_params(serial), _params(units)):
+        np.testing.assert_allclose(b, a, rtol=1e-9, atol=1e-12)
+
+
+def test_adam_in_float32_agrees_with_the_serial_fit(monkeypatch):
+    # Adam divides by the gradient's scale, so a rounding difference in a tiny gradient
+    # can change its step by up to the largest step an Adam update takes,
+    # lr (1 - beta_1) / sqrt(1 - beta_2) < 3.2 lr per step: 20 steps of lr 1e-3 keep the
+    # two fits within 2 x 20 x 3.2e-3 of each other whatever the rounding.
+    X, y = _data(dtype=np.float32)
+    kw = dict(hidden_layer_sizes=(64,), solver="adam")
+    serial = _fit(monkeypatch, ("serial", 1), 1, MLPClassifier, X, y, **kw)
+    units = _fit(monkeypatch, ("units", 2), 2, MLPClassifier, X, y, **kw)
+    assert serial.t_ == units.t_ == 2 * 300
+    for a, b in zip(_params(serial), _params(units)):
+        np.testing.assert_allclose(b, a, rtol=0, atol=2 * 20 * 3.2e-3)
+    assert abs(units.loss_curve_[-1] - serial.loss_curve_[-1]) < 1e-4
+
+
+def test_an_empty_part_is_harmless(monkeypatch):
+    # 8 units in parts of whole float64 lines (8 units): the second part is empty.
+    X, y = _data()
+    serial = _fit(monkeypatch, ("serial", 1), 1, MLPClassifier, X, y,
+                  hidden_layer_sizes=(8,), **SGD)
+    units = _fit(monkeypatch, ("units", 2), 2, MLPClassifier, X, y,
+                 hidden_layer_sizes=(8,), **SGD)
+    for a, b in zip(_params(serial), _params(units)):
+        np.testing.assert_allclose(b, a, rtol=1e-9, atol=1e-12)
+
+
+def test_partial_fit_keeps_going(monkeypatch):
+    X, y = _data()
+    monkeypatch.setattr("fastbp._stochastic.team_for_now", lambda chunks: (chunks, True))
+    models = []
+    for plan in [("serial", 1), ("units", 2)]:
+        monkeypatch.setattr("fastbp._estimators.minibatch_plan", lambda *a, **k: plan)
+        clf = MLPClassifier((40,), batch_size=32, random_state=0, **SGD)
+        for _ in range(3):
+            clf.partial_fit(X, y, classes=[0, 1, 2])
+        models.append(clf)
+    assert models[1].parallelism_["mode"] == "units"
+    for a, b in zip(_params(models[0]), _params(models[1])):
+        np.testing.assert_allclose(b, a, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", ["sparse", "two hidden layers", "dropout"])
+def test_the_kernel_refuses_what_it_cannot_split(monkeypatch, case):
+    # The plan never asks for these; the kernel says so if a caller does.
+    X, y = _data()
+    kw = dict(hidden_layer_sizes=(40,))
+    if case == "sparse":
+        X = sp.csr_matrix(X)
+    elif case == "two hidden layers":
+        kw["hidden_layer_sizes"] = (40, 40)
+    else:
+        kw["dropout"] = 0.2
+    with pytest.raises(ValueError, match="'units' split needs (a network with )?one hidden"):
+        _fit(monkeypatch, ("units", 2), 2, MLPClassifier, X, y, **kw)
+
+
+def test_workspace_size_needs_one_hidden_layer():
+    sizes = np.array([12, 40, 40, 3], dtype=np.intp)
+    with pytest.raises(ValueError, match="one hidden layer"):
+        _core.units_workspace_size(sizes, np.array([3, 3], dtype=np.intc), 32, 2)
+    sizes = np.array([12, 40, 3], dtype=np.intp)
+    with pytest.raises(ValueError, match="parts >= 1"):
+        _core.units_workspace_size(sizes, np.array([3], dtype=np.intc), 32, 0)
+    one, two = (_core.units_workspace_size(sizes, np.array([3], dtype=np.intc), 32, p)
+                for p in (1, 2))
+    assert two < one  # half the units per part (40 -> parts of 32 float32 units)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_parameter_arrays_start_on_a_cache_line(dtype):
+    for shape in [(5,), (3, 7), (1,), (2, 0)]:
+        a = aligned_empty(shape, dtype)
+        assert a.shape == shape and a.dtype == dtype and a.flags.c_contiguous
+        assert a.size == 0 or a.ctypes.data % 64 == 0
+    z = aligned_zeros((4, 5), dtype)
+    assert z.ctypes.data % 64 == 0 and not z.any()
+    theta = Network([12, 40, 3], dtype=dtype).init_params(random_state=0)
+    assert theta.ctypes.data % 64 == 0
