@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from fastbp import MLPClassifier, MLPRegressor, Network, _core
+from fastbp import DivergenceError, MLPClassifier, MLPRegressor, Network, _core
 from fastbp._network import aligned_empty, aligned_zeros
 
 pytestmark = pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
@@ -171,3 +171,23 @@ def test_parameter_arrays_start_on_a_cache_line(dtype):
     assert z.ctypes.data % 64 == 0 and not z.any()
     theta = Network([12, 40, 3], dtype=dtype).init_params(random_state=0)
     assert theta.ctypes.data % 64 == 0
+
+
+@pytest.mark.parametrize("solver", ["sgd", "adam"])
+def test_divergence_stops_at_the_same_minibatch(monkeypatch, solver):
+    # A huge rate makes the loss non-finite within the first epoch. Every thread forms
+    # the same loss and stops at the same minibatch, and the fit keeps the last finite
+    # parameters, as the serial fit does.
+    X, y = _data()
+    Y = np.c_[X[:, 0], X[:, 1]] * 1e6
+    models = []
+    for plan in [("serial", 1), ("units", 2)]:
+        monkeypatch.setattr("fastbp._estimators.minibatch_plan", lambda *a, **k: plan)
+        monkeypatch.setattr("fastbp._stochastic.team_for_now", lambda c: (c, True))
+        reg = MLPRegressor(hidden_layer_sizes=(40,), solver=solver, learning_rate_init=1e12, batch_size=32,
+                           max_iter=5, random_state=0)
+        with pytest.raises(DivergenceError, match="non-finite"):
+            reg.fit(X, Y)
+        assert np.isfinite(reg._theta).all()
+        models.append(reg)
+    np.testing.assert_allclose(models[1]._theta, models[0]._theta, rtol=1e-6)

@@ -127,14 +127,15 @@ cdef double reduce_and_step(const Spec* sp, floating* theta, floating* grads,
                             const double* daccs, int chunks, Py_ssize_t lo, Py_ssize_t hi,
                             double scale, double alpha, int solver, double lr,
                             double momentum, bint nesterov, double beta_1, double beta_2,
-                            double epsilon, floating* state_1, floating* state_2
-                            ) noexcept nogil:
+                            double epsilon, floating* state_1, floating* state_2,
+                            bint sq_after=False) noexcept nogil:
     """Sum the chunks' gradients for parameters [lo, hi), add the L2 term, and step.
 
     grads is (chunks, n_params) and daccs (chunks, n_intercepts), one row per chunk; the
     reduced gradient is written to grads[0, lo:hi], summed in chunk order. lr is the step
     size (Adam's bias-corrected lr_t). Returns sum(theta[i]^2) over the coefficients in
-    [lo, hi), taken before the step, for the penalty term of the loss.
+    [lo, hi), taken before the step (after it with ``sq_after``), for the penalty term
+    of the loss.
     """
     cdef Py_ssize_t i, k, n_params = sp.b_off[sp.n_layers - 1] + sp.sizes[sp.n_layers]
     cdef Py_ssize_t n_coef = sp.b_off[0], n_int = n_params - n_coef
@@ -162,10 +163,11 @@ cdef double reduce_and_step(const Spec* sp, floating* theta, floating* grads,
         chunk_sq = 0.0
         if solver == SOLVER_ADAM_:
             adam_step(theta + c0, grads + c0, state_1 + c0, state_2 + c0, c1 - c0, lr,
-                      beta_1, beta_2, epsilon, n_l2, a, &chunk_sq if n_l2 > 0 else NULL)
+                      beta_1, beta_2, epsilon, n_l2, a, &chunk_sq if n_l2 > 0 else NULL,
+                      sq_after)
         else:
             sgd_step(theta + c0, grads + c0, state_1 + c0, c1 - c0, lr, momentum, nesterov,
-                     n_l2, a, &chunk_sq if n_l2 > 0 else NULL)
+                     n_l2, a, &chunk_sq if n_l2 > 0 else NULL, sq_after)
         if n_l2 > 0:
             sq += chunk_sq
         c0 = c1
@@ -181,31 +183,29 @@ cdef double units_step(const Spec* sp, floating* theta, floating* grads, const d
     its complete gradient: its block of W_1 with its gradient and state in its
     workspace ``row``; the rows u0:u1 of W_2 from grads (theta's layout); b_1[u0:u1] and,
     for part 0, b_2 from dacc (its intercept sums). Returns the sum of squares of its
-    coefficients before the step."""
+    coefficients after the step: the next minibatch's penalty, known before its
+    barrier."""
     cdef Py_ssize_t h = sp.sizes[1], k = sp.sizes[2], s0 = sp.sizes[0]
     cdef Py_ssize_t p = _part_width(h, parts, sizeof(floating))
     cdef Py_ssize_t u0 = min(h, c * p), u1 = min(h, u0 + p)
     cdef floating* block = _units_block(sp, row, p)
-    cdef double sq = 0.0
-    cdef Py_ssize_t[3] lo
-    cdef Py_ssize_t[3] hi
-    cdef int j, ranges = 3
-    lo[0] = sp.w_off[1] + u0 * k
-    hi[0] = sp.w_off[1] + u1 * k
-    lo[1] = sp.b_off[0] + u0
-    hi[1] = sp.b_off[0] + u1
-    lo[2] = sp.b_off[1]
-    hi[2] = sp.b_off[1] + (k if c == 0 else 0)
+    cdef double sq
     # The block is all coefficients: as the range [0, s0 * w) of a vector, for
-    # reduce_and_step, of which W_1 comes first.
-    sq += reduce_and_step(sp, block, block + s0 * p, dacc, 1, 0, s0 * (u1 - u0), scale,
-                          alpha, solver, lr, momentum, nesterov, beta_1, beta_2, epsilon,
-                          block + 2 * s0 * p, block + 3 * s0 * p)
-    for j in range(ranges):
-        if hi[j] > lo[j]:
-            sq += reduce_and_step(sp, theta, grads, dacc, 1, lo[j], hi[j], scale, alpha,
-                                  solver, lr, momentum, nesterov, beta_1, beta_2, epsilon,
-                                  state_1, state_2)
+    # reduce_and_step, of which W_1 comes first. Then the rows of W_2, then b_1[u0:u1]
+    # and b_2 (part 0), contiguous in theta.
+    sq = reduce_and_step(sp, block, block + s0 * p, dacc, 1, 0, s0 * (u1 - u0), scale,
+                         alpha, solver, lr, momentum, nesterov, beta_1, beta_2, epsilon,
+                         block + 2 * s0 * p, block + 3 * s0 * p, True)
+    sq += reduce_and_step(sp, theta, grads, dacc, 1, sp.w_off[1] + u0 * k,
+                          sp.w_off[1] + u1 * k, scale, alpha, solver, lr, momentum,
+                          nesterov, beta_1, beta_2, epsilon, state_1, state_2, True)
+    reduce_and_step(sp, theta, grads, dacc, 1, sp.b_off[0] + u0, sp.b_off[0] + u1, scale,
+                    alpha, solver, lr, momentum, nesterov, beta_1, beta_2, epsilon,
+                    state_1, state_2)
+    if c == 0:
+        reduce_and_step(sp, theta, grads, dacc, 1, sp.b_off[1], sp.b_off[1] + k, scale,
+                        alpha, solver, lr, momentum, nesterov, beta_1, beta_2, epsilon,
+                        state_1, state_2)
     return sq
 
 
@@ -333,8 +333,8 @@ def run_epoch(floating[::1] theta, floating[:, ::1] grads, const floating[:, :] 
     _fill(&sp, &inp, sizes, w_off, b_off, acts, out, per_chunk, X, data, indices, indptr,
           theta)
     if units:  # offsets of Z (then Delta) and of the gathered rows in a thread's row
-        z_at = _units_p_off(batch_size, _part_width(sizes[1], C, sizeof(floating)),
-                            _keeps_z(&sp, 1)) + batch_size * sizes[2]
+        z_at = _units_z_off(batch_size, _part_width(sizes[1], C, sizeof(floating)),
+                            sizes[2], _keeps_z(&sp, 1))
         x_at = _units_x_off(batch_size, _part_width(sizes[1], C, sizeof(floating)),
                             sizes[2], _keeps_z(&sp, 1))
     _fill_targets(&sp, Y, y_data, y_indices, y_indptr, &Y_p)
@@ -366,13 +366,16 @@ def run_epoch(floating[::1] theta, floating[:, ::1] grads, const floating[:, :] 
         team = omp_get_num_threads()   # OpenMP may give fewer threads than asked
         budget = SPIN_MAX if spin else 0
         own = work_p + tid * ws   # this thread's first chunk or part
-        if units:  # the zero bias of units_output; the parts' blocks of W_1 and state
+        if units:  # the zero bias of units_output; the parts' blocks of W_1 and state,
+            # and the first minibatch's penalty
             memset(own + z_at + batch_size * sizes[2], 0,
                    _yrow_len(sizes[2]) * sizeof(floating))
             c = tid
             while c < C:
                 units_move(&sp, theta_p, s1, s2, work_p + c * ws, c, C, True,
                            solver == SOLVER_ADAM_)
+                parts_p[C + c] = units_sq(&sp, theta_p, work_p + c * ws, c, C) \
+                    if alpha != 0.0 else 0.0
                 c = c + team
         total = 0.0
         n_batches = 0
@@ -389,31 +392,6 @@ def run_epoch(floating[::1] theta, floating[:, ::1] grads, const floating[:, :] 
             else:
                 wsum = nb
             scale = 1.0 / wsum if wsum > 0 else 0.0
-            # Phase 1: this thread's chunks of the batch, each into its own buffers (or,
-            # split by units, its parts' forward passes up to P_c).
-            rows_per = (nb + C - 1) // C
-            c = tid
-            if units:
-                _gather_rows(&inp, order_p, start, nb, sizes[0], own + x_at)
-            while units and c < C:
-                memset(dacc_p + c * n_int, 0, n_int * sizeof(double))
-                units_forward(&sp, theta_p, own + x_at, nb, work_p + c * ws, c, C)
-                c = c + team
-            while not units and c < C:
-                lo = min(nb, c * rows_per)
-                hi = min(nb, lo + rows_per)
-                memset(dacc_p + c * n_int, 0, n_int * sizeof(double))
-                loss = 0.0
-                if hi > lo:
-                    loss = block_pass(&sp, &inp, order_p, start + lo, hi - lo, Y_p, sw,
-                                      scale, theta_p, grads_p + c * n_params,
-                                      dacc_p + c * n_int, work_p + tid * ws, False, NULL)
-                else:
-                    memset(grads_p + c * n_params, 0, b_off[0] * sizeof(floating))
-                parts_p[par * 2 * C + c] = loss
-                c = c + team
-            barrier_wait(bar_p, team, &budget)
-            # Phase 2: this thread's slices of the parameters: reduce, then step.
             lr_b = learning_rate
             if cosine_steps > 0:
                 lr_b = learning_rate * 0.5 * (
@@ -426,32 +404,64 @@ def run_epoch(floating[::1] theta, floating[:, ::1] grads, const floating[:, :] 
                 lr_t = lr_b
             c = tid
             if units:
-                loss = units_output(&sp, work_p, ws, C, own, order_p, start, nb, Y_p, sw,
-                                    scale, dacc_p + tid * n_int)
-            while units and c < C:
-                units_backward(&sp, theta_p, grads_p, dacc_p + c * n_int, own + x_at,
-                               own + z_at, nb, work_p + c * ws, c, C)
-                sq = units_step(&sp, theta_p, grads_p, dacc_p + c * n_int, work_p + c * ws,
-                                c, C, scale, alpha, solver, lr_t, momentum, nesterov,
-                                beta_1, beta_2, epsilon, s1, s2)
-                parts_p[par * 2 * C + c] = loss if c == 0 else 0.0
-                parts_p[par * 2 * C + C + c] = sq
-                c = c + team
-            while not units and c < C:
-                lo = min(n_params, c * p_per)
-                hi = min(n_params, lo + p_per)
-                sq = reduce_and_step(&sp, theta_p, grads_p, dacc_p, C, lo, hi, scale,
-                                     alpha, solver, lr_t, momentum, nesterov, beta_1,
-                                     beta_2, epsilon, s1, s2)
-                parts_p[par * 2 * C + C + c] = sq
-                c = c + team
-            barrier_wait(bar_p, team, &budget)
-            # Every thread forms the same batch loss from the parts, in chunk order.
-            loss = 0.0
-            sq = 0.0
-            for k in range(C):
-                loss = loss + parts_p[par * 2 * C + k]
-                sq = sq + parts_p[par * 2 * C + C + k]
+                # The units split (unit_split.pxi): the parts' forward passes, one
+                # barrier, then the output, the parts' gradients and steps.
+                _gather_rows(&inp, order_p, start, nb, sizes[0], own + x_at)
+                while c < C:
+                    memset(dacc_p + c * n_int, 0, n_int * sizeof(double))
+                    units_forward(&sp, theta_p, own + x_at, nb, work_p + c * ws, c, C, par)
+                    c = c + team
+                barrier_wait(bar_p, team, &budget)
+                loss = units_output(&sp, work_p, ws, C, par, own, order_p, start, nb, Y_p,
+                                    sw, scale, dacc_p + tid * n_int)
+                sq = 0.0
+                for k in range(C):
+                    sq = sq + parts_p[par * 2 * C + C + k]
+                c = tid
+                while c < C:
+                    units_backward(&sp, theta_p, grads_p, dacc_p + c * n_int, own + x_at,
+                                   own + z_at, nb, work_p + c * ws, c, C)
+                    # (0 without a penalty: reduce_and_step sums no squares then)
+                    parts_p[(1 - par) * 2 * C + C + c] = units_step(
+                        &sp, theta_p, grads_p, dacc_p + c * n_int, work_p + c * ws, c, C,
+                        scale, alpha, solver, lr_t, momentum, nesterov, beta_1, beta_2,
+                        epsilon, s1, s2)
+                    c = c + team
+            else:
+                # Phase 1: this thread's chunks of the batch, each into its own buffers.
+                rows_per = (nb + C - 1) // C
+                while c < C:
+                    lo = min(nb, c * rows_per)
+                    hi = min(nb, lo + rows_per)
+                    memset(dacc_p + c * n_int, 0, n_int * sizeof(double))
+                    loss = 0.0
+                    if hi > lo:
+                        loss = block_pass(&sp, &inp, order_p, start + lo, hi - lo, Y_p,
+                                          sw, scale, theta_p, grads_p + c * n_params,
+                                          dacc_p + c * n_int, work_p + tid * ws, False,
+                                          NULL)
+                    else:
+                        memset(grads_p + c * n_params, 0, b_off[0] * sizeof(floating))
+                    parts_p[par * 2 * C + c] = loss
+                    c = c + team
+                barrier_wait(bar_p, team, &budget)
+                # Phase 2: this thread's slices of the parameters: reduce, then step.
+                c = tid
+                while c < C:
+                    lo = min(n_params, c * p_per)
+                    hi = min(n_params, lo + p_per)
+                    sq = reduce_and_step(&sp, theta_p, grads_p, dacc_p, C, lo, hi, scale,
+                                         alpha, solver, lr_t, momentum, nesterov, beta_1,
+                                         beta_2, epsilon, s1, s2)
+                    parts_p[par * 2 * C + C + c] = sq
+                    c = c + team
+                barrier_wait(bar_p, team, &budget)
+                # Every thread forms the same batch loss from the parts, in chunk order.
+                loss = 0.0
+                sq = 0.0
+                for k in range(C):
+                    loss = loss + parts_p[par * 2 * C + k]
+                    sq = sq + parts_p[par * 2 * C + C + k]
             loss = loss * scale + 0.5 * alpha * scale * sq
             total = total + loss * nb
             n_batches = n_batches + 1

@@ -13,7 +13,14 @@
 #             in every thread (each forms its own copy: k outputs are few)
 #   backward  dW_2[u0:u1, :] = A_c^T Delta;  D_c = (Delta W_2[u0:u1, :]^T) .* f'(A_c)
 #             dW_1[:, u0:u1] = X_b^T D_c;     db_1[u0:u1] = colsum(D_c)
-#   update    part c steps the parameters it owns (reduce_and_step, one chunk)
+#   update    part c steps the parameters it owns (reduce_and_step, one chunk), and
+#             sums the squares of its coefficients after the step
+#
+# One barrier per minibatch: the P_c are kept twice, by the minibatch's parity, so that a
+# thread that has reached the next minibatch never overwrites what a slower one still
+# reads; the squares summed after a step are the next minibatch's penalty, written
+# before its barrier (the first minibatch's by units_sq). Every thread then forms the
+# same loss, in the same order, and stops at the same minibatch.
 #
 # A part reads and writes only the parameters it owns, and the gradient it writes is
 # complete (no per-thread copies, no reduction), so the threads exchange only the P_c
@@ -28,8 +35,8 @@
 
 # Offsets in one part's row of the workspace, for a block of B rows, parts of at most p
 # units (_part_width: at most the float32 width, which the workspace is sized for), k outputs and s0 inputs:
-#   A (B, p) | K (B, p), when the activation keeps its derivative | D (B, p) | P (B, k) |
-#   Z (B, k) | zeros (k, rounded up) | y (k, rounded up) | Xg (B, s0) |
+#   A (B, p) | K (B, p), when the activation keeps its derivative | D (B, p) |
+#   P (2, B, k) | Z (B, k) | zeros (k, rounded up) | y (k, rounded up) | Xg (B, s0) |
 #   W (s0, w) | dW (s0, w) | M1 (s0, w) | M2 (s0, w)
 # where w <= p is the part's width. Z, zeros, y and Xg are used in the row of a
 # thread's first part only; W, dW, M1 and M2 hold the part's block of W_1, its
@@ -49,7 +56,7 @@ cdef inline Py_ssize_t _units_p_off(Py_ssize_t B, Py_ssize_t p, bint keeps) noex
 
 cdef inline Py_ssize_t _units_x_off(Py_ssize_t B, Py_ssize_t p, Py_ssize_t k,
                                     bint keeps) noexcept nogil:
-    return _units_p_off(B, p, keeps) + 2 * B * k + 2 * _yrow_len(k)
+    return _units_p_off(B, p, keeps) + 3 * B * k + 2 * _yrow_len(k)
 
 
 cdef inline floating* _units_block(const Spec* sp, floating* row, Py_ssize_t p
@@ -101,16 +108,22 @@ cdef void units_move(const Spec* sp, floating* theta, floating* state_1,
                 memcpy(flat[j] + at, mine[j] + r * w, w * sizeof(floating))
 
 
+cdef inline Py_ssize_t _units_z_off(Py_ssize_t B, Py_ssize_t p, Py_ssize_t k,
+                                    bint keeps) noexcept nogil:
+    return _units_p_off(B, p, keeps) + 2 * B * k
+
+
 cdef void units_forward(const Spec* sp, const floating* theta, const floating* Xg,
-                        Py_ssize_t n, floating* row, int c, int parts) noexcept nogil:
+                        Py_ssize_t n, floating* row, int c, int parts, int par
+                        ) noexcept nogil:
     """Part c's forward pass for n gathered rows Xg (n, s0): A_c, its K when kept, and
-    P_c into the part's workspace row."""
+    P_c into the part's workspace row (the copy of parity ``par``)."""
     cdef Py_ssize_t h = sp.sizes[1], k = sp.sizes[2], s0 = sp.sizes[0]
     cdef Py_ssize_t p = _part_width(h, parts, sizeof(floating))
     cdef Py_ssize_t u0 = min(h, c * p), u1 = min(h, u0 + p), w = u1 - u0
     cdef bint keeps = _keeps_z(sp, 1)
     cdef floating* A = row
-    cdef floating* P = row + _units_p_off(sp.block, p, keeps)
+    cdef floating* P = row + _units_p_off(sp.block, p, keeps) + par * sp.block * k
     if w > 0:
         gemm(False, False, <int> n, <int> w, <int> s0, <floating> 1.0, Xg, <int> s0,
              _units_block(sp, row, p), <int> w, <floating> 0.0, A, <int> w)
@@ -125,16 +138,17 @@ cdef void units_forward(const Spec* sp, const floating* theta, const floating* X
 
 
 cdef double units_output(const Spec* sp, const floating* work, Py_ssize_t ws, int parts,
-                         floating* row, const Py_ssize_t* rows, Py_ssize_t start,
+                         int par, floating* row, const Py_ssize_t* rows, Py_ssize_t start,
                          Py_ssize_t n, const floating* Y, const double* sw, double scale,
                          double* dacc) noexcept nogil:
-    """Z = P_0 + ... + P_{parts-1} (in part order) into this thread's Z (in ``row``, its
-    first part's row), then the output layer: the loss (returned, sum_i w_i loss_i) and
-    Delta in Z, and colsum(Delta) added to dacc's b_2 part."""
+    """Z = P_0 + ... + P_{parts-1} (in part order, their copies of parity ``par``) into
+    this thread's Z (in ``row``, its first part's row), then the output layer: the loss
+    (returned, sum_i w_i loss_i) and Delta in Z, and colsum(Delta) added to dacc's b_2
+    part."""
     cdef Py_ssize_t h = sp.sizes[1], k = sp.sizes[2], i, c
     cdef Py_ssize_t p = _part_width(h, parts, sizeof(floating)), nk = n * k
-    cdef Py_ssize_t p_off = _units_p_off(sp.block, p, _keeps_z(sp, 1))
-    cdef floating* Z = row + p_off + sp.block * k
+    cdef Py_ssize_t p_off = _units_p_off(sp.block, p, _keeps_z(sp, 1)) + par * sp.block * k
+    cdef floating* Z = row + _units_z_off(sp.block, p, k, _keeps_z(sp, 1))
     cdef floating* zeros = Z + sp.block * k
     cdef const floating* P
     memcpy(Z, work + p_off, nk * sizeof(floating))
@@ -144,6 +158,17 @@ cdef double units_output(const Spec* sp, const floating* work, Py_ssize_t ws, in
             Z[i] = Z[i] + P[i]
     return output_loss_backward(Z, zeros, Y, sp, zeros + _yrow_len(k), sw, rows, start, n,
                                 k, sp.out, scale, dacc + h)
+
+
+cdef double units_sq(const Spec* sp, const floating* theta, floating* row, int c,
+                     int parts) noexcept nogil:
+    """Sum of squares of part c's coefficients (its block of W_1 in its row, then its
+    rows of W_2), for the first minibatch's penalty."""
+    cdef Py_ssize_t h = sp.sizes[1], k = sp.sizes[2]
+    cdef Py_ssize_t p = _part_width(h, parts, sizeof(floating))
+    cdef Py_ssize_t u0 = min(h, c * p), w = min(h, u0 + p) - u0
+    return _sum_squares(_units_block(sp, row, p), sp.sizes[0] * w) + \
+        _sum_squares(theta + sp.w_off[1] + u0 * k, w * k)
 
 
 cdef void units_backward(const Spec* sp, const floating* theta, floating* grad,

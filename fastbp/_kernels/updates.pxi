@@ -12,13 +12,14 @@
 
 cdef void sgd_step(floating* theta, floating* grad, floating* velocity, Py_ssize_t n,
                    double lr, double momentum, bint nesterov, Py_ssize_t n_l2=0,
-                   floating a=0, double* sq=NULL) noexcept nogil:
+                   floating a=0, double* sq=NULL, bint sq_after=False) noexcept nogil:
     """velocity = momentum * velocity - lr * grad; theta += velocity, or with Nesterov
     theta += momentum * velocity - lr * grad. The first n_l2 entries first get the L2
     term, grad += a * theta (written back to grad), in the same pass; with ``sq`` not
-    NULL, ``sq[0]`` gets their sum of squares before the step, as _sum_squares sums."""
+    NULL, ``sq[0]`` gets their sum of squares before the step (after it with
+    ``sq_after``), as _sum_squares sums."""
     cdef Py_ssize_t i, i0, k, n32 = n_l2 - n_l2 % 32 if sq != NULL else 0
-    cdef floating mu = <floating> momentum, eta = <floating> lr, t
+    cdef floating mu = <floating> momentum, eta = <floating> lr, t, v
     cdef double acc[32]
     cdef double tail = 0.0
     if sq != NULL:
@@ -27,14 +28,16 @@ cdef void sgd_step(floating* theta, floating* grad, floating* velocity, Py_ssize
         for i0 in range(0, n32, 32):
             for k in range(32):
                 t = theta[i0 + k]
-                acc[k] += (<double> t) * t
                 grad[i0 + k] = grad[i0 + k] + a * t
                 _sgd_one(theta, grad, velocity, i0 + k, mu, eta, nesterov)
+                v = theta[i0 + k] if sq_after else t
+                acc[k] += (<double> v) * v
     for i in range(n32, n_l2):
         t = theta[i]
-        tail += (<double> t) * t
         grad[i] = grad[i] + a * t
         _sgd_one(theta, grad, velocity, i, mu, eta, nesterov)
+        v = theta[i] if sq_after else t
+        tail += (<double> v) * v
     for i in range(n_l2, n):
         _sgd_one(theta, grad, velocity, i, mu, eta, nesterov)
     if sq != NULL:
@@ -56,16 +59,17 @@ cdef inline void _sgd_one(floating* theta, const floating* grad, floating* veloc
 cdef void adam_step(floating* theta, floating* grad, floating* m1, floating* m2,
                     Py_ssize_t n, double lr_t, double beta_1, double beta_2,
                     double epsilon, Py_ssize_t n_l2=0, floating a=0,
-                    double* sq=NULL) noexcept nogil:
+                    double* sq=NULL, bint sq_after=False) noexcept nogil:
     """m1 = b1 m1 + (1-b1) g; m2 = b2 m2 + (1-b2) g^2; theta -= lr_t m1 / (sqrt(m2) + eps),
     where lr_t = lr * sqrt(1 - b2^t) / (1 - b1^t) is computed by the caller. The first
     n_l2 entries first get the L2 term, g = grad + a * theta (written back to grad), in
     the same pass: one pass over the parameters instead of two. With ``sq`` not NULL,
-    ``sq[0]`` gets the sum of squares of those n_l2 entries before the step, in
-    _sum_squares' order (bitwise its result), also in the same pass: the step is bound
-    by its division and square root, which leave the multiply-adds of the sum free."""
+    ``sq[0]`` gets the sum of squares of those n_l2 entries before the step (after it
+    with ``sq_after``), in _sum_squares' order (bitwise its result), also in the same
+    pass: the step is bound by its division and square root, which leave the
+    multiply-adds of the sum free."""
     cdef Py_ssize_t i, i0, k, n32 = n_l2 - n_l2 % 32 if sq != NULL else 0
-    cdef floating g, t, b1 = <floating> beta_1, b2 = <floating> beta_2
+    cdef floating g, t, u, v, b1 = <floating> beta_1, b2 = <floating> beta_2
     cdef floating c1 = <floating> (1 - beta_1), c2 = <floating> (1 - beta_2)
     cdef floating eta = <floating> lr_t, eps = <floating> epsilon
     cdef double acc[32]
@@ -77,20 +81,24 @@ cdef void adam_step(floating* theta, floating* grad, floating* m1, floating* m2,
             for k in range(32):
                 i = i0 + k
                 t = theta[i]
-                acc[k] += (<double> t) * t
                 g = grad[i] + a * t
                 grad[i] = g
                 m1[i] = b1 * m1[i] + c1 * g
                 m2[i] = b2 * m2[i] + c2 * g * g
-                theta[i] = t - eta * m1[i] / (_sqrt(m2[i]) + eps)
+                u = t - eta * m1[i] / (_sqrt(m2[i]) + eps)
+                theta[i] = u
+                v = u if sq_after else t
+                acc[k] += (<double> v) * v
     for i in range(n32, n_l2):
         t = theta[i]
-        tail += (<double> t) * t
         g = grad[i] + a * t
         grad[i] = g
         m1[i] = b1 * m1[i] + c1 * g
         m2[i] = b2 * m2[i] + c2 * g * g
-        theta[i] = t - eta * m1[i] / (_sqrt(m2[i]) + eps)
+        u = t - eta * m1[i] / (_sqrt(m2[i]) + eps)
+        theta[i] = u
+        v = u if sq_after else t
+        tail += (<double> v) * v
     for i in range(n_l2, n):
         g = grad[i]
         m1[i] = b1 * m1[i] + c1 * g
