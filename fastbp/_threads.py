@@ -140,10 +140,10 @@ def team_for_now(chunks):
 # whole gradients, h (d + k) values for h hidden units, d inputs and k outputs), the
 # units split's with the minibatch (each thread gathers it and forms the outputs,
 # about batch (d + k) values): the units split is chosen when the hidden layer is at
-# least as wide as the minibatch is long. Measured on 2 cores, the units split took
-# 0.73-0.87x the team's time for h / batch from 2 to 4, and 1.06-1.19x for h / batch
-# from 0.16 to 0.64 (benchmarks/bench_units.py). 'serial' is one thread and one BLAS
-# thread.
+# least as wide as the minibatch is long. Measured on 2 cores (benchmarks/bench_units.py,
+# 2026-12-03), the units split took 0.68-0.81x the team's time for h / batch from 2 to 4
+# (1.17x once, in a noisy round, for 512 units and 256 rows), and 1.04-1.26x for h / batch
+# from 0.16 to 0.64. 'serial' is one thread and one BLAS thread.
 
 _DEFAULT_LLC = 8 * 2**20   # when the OS does not say: a conservative last-level cache
 
@@ -206,10 +206,11 @@ def minibatch_plan(n_jobs, batch_size, layer_sizes, itemsize, units_ok=False):
         return "serial", 1
     work = flops_per_sample(layer_sizes) * itemsize / 4 * batch_size
     if units_ok and len(layer_sizes) == 3 and layer_sizes[1] >= batch_size:
-        # Parts of at least one cache line of units, a quarter of a team's minimum work
-        # each (one barrier crossing, no reduction).
+        # Parts of at least one cache line of units and an eighth of a team's minimum
+        # work each: one barrier crossing and no reduction per minibatch (20->64->2 with
+        # 32-row float64 minibatches, 3 eighths in all, took 0.78x one thread's time).
         parts = min(threads, layer_sizes[1] * itemsize // _CACHE_LINE,
-                    int(work * 4 // MIN_TEAM_WORK))
+                    int(work * 8 // MIN_TEAM_WORK))
         if parts > 1:
             return "units", parts
     n_params = sum(a * b + b for a, b in zip(layer_sizes[:-1], layer_sizes[1:]))

@@ -95,7 +95,7 @@ def test_plan_team_for_small_networks_blas_for_large_ones(monkeypatch):
     assert _threads.flops_per_sample([64, 128, 10]) * 32 < 2 * _threads.MIN_TEAM_WORK
     assert _threads.minibatch_plan(None, 32, [64, 128, 10], 4) == ("serial", 1)
     # ... but a units split, when the data allow it: 128 units for 32 rows, two parts of
-    # 64 (whole cache lines), a quarter of a team's work each.
+    # 64 (whole cache lines), more than an eighth of a team's work each.
     assert _threads.minibatch_plan(None, 32, [64, 128, 10], 4, units_ok=True) == \
         ("units", 2)
     # Not with fewer units than rows, nor with more than one hidden layer; nor parts
@@ -106,9 +106,12 @@ def test_plan_team_for_small_networks_blas_for_large_ones(monkeypatch):
     assert _threads.minibatch_plan(None, 16, [4096, 16, 10], 4, units_ok=True)[0] != \
         "units"
     assert _threads.minibatch_plan(None, 4, [4, 64, 2], 4, units_ok=True) == ("serial", 1)
+    work = _threads.flops_per_sample([20, 64, 2]) * 2 * 32   # float64 counts twice
+    assert 2 * _threads.MIN_TEAM_WORK / 8 <= work < 3 * _threads.MIN_TEAM_WORK / 8
+    assert _threads.minibatch_plan(None, 32, [20, 64, 2], 8, units_ok=True) == ("units", 2)
     monkeypatch.setattr(_threads, "effective_n_jobs", lambda n_jobs: 4)
     assert _threads.minibatch_plan(None, 32, [64, 128, 10], 4, units_ok=True) == \
-        ("units", 4)   # 4 parts of 32 units, the work allows 4
+        ("units", 4)   # 4 parts of 32 units, the work allows 9
     assert _threads.minibatch_plan(None, 32, [64, 128, 10], 8, units_ok=True) == \
         ("units", 4)   # 4 parts of 32 float64 units (4 lines each)
     monkeypatch.setattr(_threads, "effective_n_jobs", lambda n_jobs: 2)
