@@ -141,9 +141,9 @@ def team_for_now(chunks):
 # units split's with the minibatch (each thread gathers it and forms the outputs,
 # about batch (d + k) values): the units split is chosen when the hidden layer is at
 # least as wide as the minibatch is long. Measured on 2 cores (benchmarks/bench_units.py,
-# 2026-12-03), the units split took 0.68-0.81x the team's time for h / batch from 2 to 4
-# (1.17x once, in a noisy round, for 512 units and 256 rows), and 1.04-1.26x for h / batch
-# from 0.16 to 0.64. 'serial' is one thread and one BLAS thread.
+# 2026-12-03), the units split took 0.65-0.86x the team's time for h / batch from 2 to 4,
+# and 1.04-1.14x for h / batch from 0.16 to 0.64. 'serial' is one thread and one BLAS
+# thread.
 
 _DEFAULT_LLC = 8 * 2**20   # when the OS does not say: a conservative last-level cache
 
