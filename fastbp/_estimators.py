@@ -541,8 +541,8 @@ _COMMON_PARAMS_DOC = """
         the threads and sums them exactly: bitwise the same result for any ``n_jobs``.
         'sgd'/'adam' use the threads one of three ways, chosen from the shapes
         (``parallelism_`` says which): with one hidden layer at least as wide as the
-        minibatch is long (dense X, no dropout), each thread owns a part of the hidden
-        units and their weights ('units'); other small networks cut each minibatch into
+        minibatch is long (at most 256 rows, dense X, no dropout), each thread owns a
+        part of the hidden units and their weights ('units'); other small networks cut each minibatch into
         one chunk of rows per thread (at least 16 rows and 2^20 float32-equivalent flops
         each, else the minibatch runs on one thread) with single-threaded BLAS
         ('team'); networks whose weights and per-thread gradients would not fit the

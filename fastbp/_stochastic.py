@@ -84,7 +84,8 @@ class StochasticOptimizer:
         """Per-chunk gradient and intercept-sum rows and per-thread workspaces (at most
         one thread per chunk), reused across epochs; split by ``units``, one gradient
         row and a workspace and intercept-sum row per part."""
-        per_chunk = -(-batch_size // n_chunks)
+        # Rows per chunk (a units part takes the whole minibatch): what the sizes depend on.
+        per_chunk = batch_size if units else -(-batch_size // n_chunks)
         key = (n_chunks, per_chunk, net.layer_sizes, tuple(net._acts), sparse,
                None if drop is None else tuple(drop), units)
         if getattr(self, "_buf_key", None) != key:

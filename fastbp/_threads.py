@@ -140,10 +140,17 @@ def team_for_now(chunks):
 # whole gradients, h (d + k) values for h hidden units, d inputs and k outputs), the
 # units split's with the minibatch (each thread gathers it and forms the outputs,
 # about batch (d + k) values): the units split is chosen when the hidden layer is at
-# least as wide as the minibatch is long. Measured on 2 cores (benchmarks/bench_units.py,
-# 2026-12-03), the units split took 0.65-0.86x the team's time for h / batch from 2 to 4,
-# and 1.04-1.14x for h / batch from 0.16 to 0.64. 'serial' is one thread and one BLAS
+# least as wide as the minibatch is long, for minibatches of at most MAX_UNITS_BATCH rows.
+# Measured on 2 cores (benchmarks/bench_units.py, 2026-12-03), the units split took
+# 0.65-0.86x the team's time for h / batch from 2 to 4 with up to 256 rows, and 1.04-1.14x
+# for h / batch from 0.16 to 0.64. With long minibatches both overheads are small next to
+# the products, and the team's products over all the units were faster: 256-2048-10 with
+# 512 rows took 143 ms split by units against 89 ms for the team, 1024-1024-10 with 1024
+# rows 204 ms against 159 ms (and 175 ms with multi-threaded BLAS); 784-4096-10 with 200
+# rows 323 ms against 360 ms (336 ms with BLAS). 'serial' is one thread and one BLAS
 # thread.
+
+MAX_UNITS_BATCH = 256
 
 _DEFAULT_LLC = 8 * 2**20   # when the OS does not say: a conservative last-level cache
 
@@ -205,14 +212,18 @@ def minibatch_plan(n_jobs, batch_size, layer_sizes, itemsize, units_ok=False):
     if threads == 1:
         return "serial", 1
     work = flops_per_sample(layer_sizes) * itemsize / 4 * batch_size
-    if units_ok and len(layer_sizes) == 3 and layer_sizes[1] >= batch_size:
+    if (units_ok and len(layer_sizes) == 3 and layer_sizes[1] >= batch_size
+            and batch_size <= MAX_UNITS_BATCH):
         # Parts of at least one cache line of units and an eighth of a team's minimum
         # work each: one barrier crossing and no reduction per minibatch (20->64->2 with
         # 32-row float64 minibatches, 3 eighths in all, took 0.78x one thread's time).
-        parts = min(threads, layer_sizes[1] * itemsize // _CACHE_LINE,
-                    int(work * 8 // MIN_TEAM_WORK))
+        h, line = layer_sizes[1], _CACHE_LINE // itemsize
+        parts = min(threads, h // line, int(work * 8 // MIN_TEAM_WORK))
         if parts > 1:
-            return "units", parts
+            # The kernel rounds each part up to whole lines (see _part_width): as many
+            # parts as that width needs, so that none is left empty.
+            width = -(-(-(-h // parts)) // line) * line
+            return "units", -(-h // width)
     n_params = sum(a * b + b for a, b in zip(layer_sizes[:-1], layer_sizes[1:]))
     team = max(1, min(threads, batch_size // MIN_ROWS_PER_THREAD))
     if (max(team, 2) + 1) * n_params * itemsize > last_level_cache_bytes():

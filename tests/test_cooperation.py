@@ -106,6 +106,11 @@ def test_plan_team_for_small_networks_blas_for_large_ones(monkeypatch):
     assert _threads.minibatch_plan(None, 16, [4096, 16, 10], 4, units_ok=True)[0] != \
         "units"
     assert _threads.minibatch_plan(None, 4, [4, 64, 2], 4, units_ok=True) == ("serial", 1)
+    # Long minibatches keep the team (or BLAS), however wide the layer.
+    assert _threads.minibatch_plan(None, 512, [256, 2048, 10], 4, units_ok=True)[0] == \
+        "team"
+    assert _threads.minibatch_plan(None, 256, [100, 512, 10], 4, units_ok=True) == \
+        ("units", 2)
     work = _threads.flops_per_sample([20, 64, 2]) * 2 * 32   # float64 counts twice
     assert 2 * _threads.MIN_TEAM_WORK / 8 <= work < 3 * _threads.MIN_TEAM_WORK / 8
     assert _threads.minibatch_plan(None, 32, [20, 64, 2], 8, units_ok=True) == ("units", 2)
@@ -114,6 +119,14 @@ def test_plan_team_for_small_networks_blas_for_large_ones(monkeypatch):
         ("units", 4)   # 4 parts of 32 units, the work allows 9
     assert _threads.minibatch_plan(None, 32, [64, 128, 10], 8, units_ok=True) == \
         ("units", 4)   # 4 parts of 32 float64 units (4 lines each)
+    # No part left empty: 100 float32 units in parts of whole lines (16 units) for 6
+    # threads are 4 parts of 32, 32, 32 and 4 units, not 6 parts of which 2 are empty;
+    # 72 float64 units (lines of 8) are 5 parts of 16, 16, 16, 16 and 8.
+    monkeypatch.setattr(_threads, "effective_n_jobs", lambda n_jobs: 6)
+    assert _threads.minibatch_plan(None, 64, [200, 100, 10], 4, units_ok=True) == \
+        ("units", 4)
+    assert _threads.minibatch_plan(None, 64, [784, 72, 10], 8, units_ok=True) == \
+        ("units", 5)
     monkeypatch.setattr(_threads, "effective_n_jobs", lambda n_jobs: 2)
     # The weights and per-thread gradients would not fit the cache: one thread, BLAS on
     # both cores.
