@@ -450,9 +450,9 @@ yf = rng.integers(0, 3, 60)
 for solver in ("adam", "sgd", "lbfgs", "hessian-free"):
     fastbp.MLPClassifier((6,), solver=solver, max_iter=2, batch_size=8,
                          n_jobs=2).fit(Xf, yf)
-# The units split of a minibatch (forced: the plan keeps it for wider layers), with an
-# empty part (20 units in lines of 16 float32 or 8 float64), a short last minibatch,
-# gelu's kept derivative and sample weights.
+# The units split of a minibatch (forced: the plan keeps it for wider layers): 3 parts
+# of 20 units (16, 4 and an empty one in float32 lines of 16; 8, 8 and 4 in float64
+# lines of 8), a short last minibatch, gelu's kept derivative and sample weights.
 import fastbp._estimators
 fastbp._estimators.minibatch_plan = lambda *a, **k: ("units", 3)
 for dtype in (np.float32, np.float64):

@@ -114,6 +114,28 @@ def test_adam_in_float32_agrees_with_the_serial_fit(monkeypatch):
     assert abs(units.loss_curve_[-1] - serial.loss_curve_[-1]) < 1e-4
 
 
+@pytest.mark.parametrize("layout", ["F-ordered", "read-only", "strided"])
+def test_every_input_layout_agrees_with_the_serial_fit(monkeypatch, layout):
+    # The split gathers each minibatch's rows itself: from an F-ordered X (column by
+    # column, in place), a read-only one, or a view that is neither C- nor F-ordered
+    # (which Network.prepare copies first).
+    X, y = _data()
+    if layout == "F-ordered":
+        X = np.asfortranarray(X)
+    elif layout == "read-only":
+        X = X.copy()
+        X.flags.writeable = False
+    else:
+        X = np.repeat(X, 2, axis=1)[:, ::2]
+        assert not X.flags.c_contiguous and not X.flags.f_contiguous
+    serial = _fit(monkeypatch, ("serial", 1), 1, MLPClassifier, X, y,
+                  hidden_layer_sizes=(40,), **SGD)
+    units = _fit(monkeypatch, ("units", 2), 2, MLPClassifier, X, y,
+                 hidden_layer_sizes=(40,), **SGD)
+    for a, b in zip(_params(serial), _params(units)):
+        np.testing.assert_allclose(b, a, rtol=1e-9, atol=1e-12)
+
+
 def test_an_empty_part_is_harmless(monkeypatch):
     # 8 units in parts of whole float64 lines (8 units): the second part is empty.
     X, y = _data()
