@@ -128,21 +128,21 @@ def test_every_input_layout_agrees_with_the_serial_fit(monkeypatch, layout):
     else:
         X = np.repeat(X, 2, axis=1)[:, ::2]
         assert not X.flags.c_contiguous and not X.flags.f_contiguous
-    serial = _fit(monkeypatch, ("serial", 1), 1, MLPClassifier, X, y,
-                  hidden_layer_sizes=(40,), **SGD)
-    units = _fit(monkeypatch, ("units", 2), 2, MLPClassifier, X, y,
-                 hidden_layer_sizes=(40,), **SGD)
-    for a, b in zip(_params(serial), _params(units)):
-        np.testing.assert_allclose(b, a, rtol=1e-9, atol=1e-12)
+    _check_sgd_agrees(monkeypatch, X, y, 40)
 
 
 def test_an_empty_part_is_harmless(monkeypatch):
     # 8 units in parts of whole float64 lines (8 units): the second part is empty.
     X, y = _data()
+    _check_sgd_agrees(monkeypatch, X, y, 8)
+
+
+def _check_sgd_agrees(monkeypatch, X, y, hidden):
+    """A float64 SGD fit split in 2 parts on 2 threads against the serial fit (see SGD)."""
     serial = _fit(monkeypatch, ("serial", 1), 1, MLPClassifier, X, y,
-                  hidden_layer_sizes=(8,), **SGD)
+                  hidden_layer_sizes=(hidden,), **SGD)
     units = _fit(monkeypatch, ("units", 2), 2, MLPClassifier, X, y,
-                 hidden_layer_sizes=(8,), **SGD)
+                 hidden_layer_sizes=(hidden,), **SGD)
     for a, b in zip(_params(serial), _params(units)):
         np.testing.assert_allclose(b, a, rtol=1e-9, atol=1e-12)
 
