@@ -29,12 +29,14 @@
 # prefetchers to pull the other parts' lines into a core that then has to give them
 # back on every step: each part therefore keeps its block of W_1, with its gradient and
 # its Adam moments or SGD velocity, in its own workspace row, contiguous, for the whole
-# epoch (units_move loads it at the start and stores it back at the end). b_2 enters through P_0, so that no thread reads b_2
-# after the barrier, when part 0's thread may be stepping it. As with the row chunks,
-# threads take parts round-robin and the result depends on `parts` only.
+# epoch (units_move loads it at the start and stores it back at the end). b_2 enters
+# through P_0, so that no thread reads b_2 after the barrier, when part 0's thread may
+# be stepping it. As with the row chunks, threads take parts round-robin and the result
+# depends on `parts` only.
 
 # Offsets in one part's row of the workspace, for a block of B rows, parts of at most p
-# units (_part_width: at most the float32 width, which the workspace is sized for), k outputs and s0 inputs:
+# units (_part_width: at most the float32 width, which the workspace is sized for), k
+# outputs and s0 inputs:
 #   A (B, p) | K (B, p), when the activation keeps its derivative | D (B, p) |
 #   P (2, B, k) | Z (B, k) | zeros (k, rounded up) | y (k, rounded up) | Xg (B, s0) |
 #   W (s0, w) | dW (s0, w) | M1 (s0, w) | M2 (s0, w)
