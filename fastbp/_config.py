@@ -7,7 +7,8 @@ import sys
 from threadpoolctl import threadpool_info
 
 from . import _core
-from ._threads import SMALL_PRODUCTS, effective_n_jobs
+from ._threads import (MAX_UNITS_BATCH, MIN_ROWS_PER_THREAD, MIN_TEAM_WORK, SMALL_PRODUCTS,
+                       effective_n_jobs, last_level_cache_bytes)
 from ._version import __version__
 
 __all__ = ["show_config"]
@@ -33,6 +34,12 @@ def _config():
         "threads": {"n_jobs_default": effective_n_jobs(None),
                     "openmp_max_threads": _core.openmp_max_threads(),
                     "cpus_usable": _usable_cpus()},
+        # What minibatch_plan decides from (a fitted estimator's parallelism_ says what
+        # it decided): see fastbp/_threads.py.
+        "minibatch_plan": {"last_level_cache_bytes": last_level_cache_bytes(),
+                           "min_rows_per_thread": MIN_ROWS_PER_THREAD,
+                           "min_team_work_flops": MIN_TEAM_WORK,
+                           "max_units_batch": MAX_UNITS_BATCH},
         "blas": blas,
         "openmp": openmp,
     }
@@ -54,7 +61,7 @@ def _usable_cpus():
 
 
 def _text(cfg):
-    k, t = cfg["kernels"], cfg["threads"]
+    k, t, m = cfg["kernels"], cfg["threads"], cfg["minibatch_plan"]
     lines = [f"fastbp {cfg['fastbp']['version']} on Python {cfg['fastbp']['python']}, "
              f"{cfg['fastbp']['platform']}",
              f"kernels: {k['variant']}" + (" (forced by FASTBP_KERNELS)" if k["forced"]
@@ -68,7 +75,14 @@ def _text(cfg):
                 "kernels" if k["small_products"] == "blas" else ""),
              f"OpenMP: {'version ' + str(k['openmp_version']) if k['openmp_version'] else 'none (one thread)'}",
              f"threads: n_jobs=None uses {t['n_jobs_default']}; OpenMP max "
-             f"{t['openmp_max_threads']}; usable CPUs {t['cpus_usable']}"]
+             f"{t['openmp_max_threads']}; usable CPUs {t['cpus_usable']}",
+             f"minibatches ('sgd'/'adam'; a fit's parallelism_ says which): split by "
+             f"hidden units for one hidden layer at least as wide as a minibatch of at "
+             f"most {m['max_units_batch']} rows; else by rows over a team (at least "
+             f"{m['min_rows_per_thread']} rows and {m['min_team_work_flops']:,} flops per "
+             f"thread) while the weights and per-thread gradients fit the "
+             f"{m['last_level_cache_bytes'] / 2**20:g} MiB last-level cache; else one "
+             f"thread with BLAS threads"]
     for lib in cfg["blas"]:
         lines.append(f"BLAS: {lib['internal_api']} {lib['version']} "
                      f"({lib['architecture'] or lib['threading_layer']}), "
@@ -99,8 +113,12 @@ def show_config(mode="stdout"):
         small products run in fastbp's loops, 'blas' when BLAS computes them, and then
         larger products whose other two sides are small are cut into pieces for its
         small-matrix kernels; ``small_products_reason``), ``threads``
-        (``n_jobs_default``, ``openmp_max_threads``, ``cpus_usable``), ``blas`` and
-        ``openmp`` (threadpoolctl's view of the loaded libraries).
+        (``n_jobs_default``, ``openmp_max_threads``, ``cpus_usable``),
+        ``minibatch_plan`` (what the choice between the units split, a team of rows and
+        BLAS threads for 'sgd'/'adam' depends on: ``last_level_cache_bytes``,
+        ``min_rows_per_thread``, ``min_team_work_flops``, ``max_units_batch``; a fitted
+        estimator's ``parallelism_`` says what was chosen), ``blas`` and ``openmp``
+        (threadpoolctl's view of the loaded libraries).
 
     Examples
     --------

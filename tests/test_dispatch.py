@@ -189,6 +189,12 @@ def test_show_config_reports_the_variant_blas_and_threads(capsys):
     assert info["kernels"]["built"] == list(_core.built_variants())
     assert info["threads"]["openmp_max_threads"] >= 1
     assert info["threads"]["n_jobs_default"] >= 1
+    plan = info["minibatch_plan"]
+    assert plan == {"last_level_cache_bytes": _threads.last_level_cache_bytes(),
+                    "min_rows_per_thread": _threads.MIN_ROWS_PER_THREAD,
+                    "min_team_work_flops": _threads.MIN_TEAM_WORK,
+                    "max_units_batch": _threads.MAX_UNITS_BATCH}
+    assert f"at most {_threads.MAX_UNITS_BATCH} rows" in printed
     assert any(lib["internal_api"] in ("openblas", "mkl", "blis", "flexiblas")
                for lib in info["blas"])
     assert _core.VARIANT in printed and "BLAS" in printed
