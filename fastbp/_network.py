@@ -14,7 +14,7 @@ import scipy.sparse as sp
 from sklearn.utils import check_random_state
 
 from . import _core
-from ._threads import effective_n_jobs, single_threaded_blas
+from ._threads import CACHE_LINE, effective_n_jobs, single_threaded_blas
 
 __all__ = ["Network", "ACTIVATION_NAMES", "check_activation"]
 
@@ -26,9 +26,6 @@ DEFAULT_BLOCK = 2048
 # Small data sets: at most this many blocks, of at least MIN_BLOCK rows.
 MAX_SPLIT = 8
 MIN_BLOCK = 256
-
-
-CACHE_LINE = 64
 
 
 def aligned_empty(shape, dtype):

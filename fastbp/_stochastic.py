@@ -20,8 +20,8 @@ from sklearn.exceptions import ConvergenceWarning
 
 from . import _core
 from ._divergence import DivergenceError, diverged
-from ._network import CACHE_LINE, aligned_empty, aligned_zeros
-from ._threads import blas_threads, team_for_now
+from ._network import aligned_empty, aligned_zeros
+from ._threads import blas_threads, team_for_now, whole_lines
 
 __all__ = ["StochasticOptimizer", "TrainingRecord", "fit_stochastic", "dropout_seed"]
 
@@ -89,19 +89,16 @@ class StochasticOptimizer:
         key = (n_chunks, per_chunk, net.layer_sizes, tuple(net._acts), sparse,
                None if drop is None else tuple(drop), units)
         if getattr(self, "_buf_key", None) != key:
-            if units:
-                ws = _core.units_workspace_size(net._sizes, net._acts, batch_size,
-                                                n_chunks)
+            if units:  # each part's rows start on a cache line of their own
+                ws = whole_lines(_core.units_workspace_size(
+                    net._sizes, net._acts, batch_size, n_chunks), net.dtype.itemsize)
+                n_int = whole_lines(net._n_intercepts, 8)
             else:
                 ws = _core.workspace_size(net._sizes, net._acts, per_chunk, not sparse,
                                           drop)
+                n_int = net._n_intercepts
             self._grads = aligned_empty((1 if units else n_chunks, net.n_params),
                                         net.dtype)
-            n_int = net._n_intercepts
-            if units:  # each part's rows start on a cache line of their own
-                ws = -(-ws * net.dtype.itemsize // CACHE_LINE) * CACHE_LINE \
-                    // net.dtype.itemsize
-                n_int = -(-n_int * 8 // CACHE_LINE) * CACHE_LINE // 8
             self._work = aligned_empty((n_chunks, ws), net.dtype)
             self._dacc = aligned_empty((n_chunks, n_int), np.float64)
             self._buf_key = key

@@ -21,7 +21,13 @@ __all__ = ["cpu_count", "team_for_now", "effective_n_jobs", "minibatch_plan", "b
 
 # Fewer rows than this per thread and splitting a minibatch costs more than it saves.
 MIN_ROWS_PER_THREAD = 16
-_CACHE_LINE = 64   # bytes: the 'units' split gives each thread whole lines of units
+CACHE_LINE = 64   # bytes (the kernels' _part_width assumes the same)
+
+
+def whole_lines(count, itemsize):
+    """``count`` elements of ``itemsize`` bytes, rounded up to whole cache lines."""
+    per_line = CACHE_LINE // itemsize
+    return -(-count // per_line) * per_line
 
 
 def cpu_count():
@@ -217,12 +223,13 @@ def minibatch_plan(n_jobs, batch_size, layer_sizes, itemsize, units_ok=False):
         # Parts of at least one cache line of units and an eighth of a team's minimum
         # work each: one barrier crossing and no reduction per minibatch (20->64->2 with
         # 32-row float64 minibatches, 3 eighths in all, took 0.78x one thread's time).
-        h, line = layer_sizes[1], _CACHE_LINE // itemsize
-        parts = min(threads, h // line, int(work * 8 // MIN_TEAM_WORK))
+        h = layer_sizes[1]
+        parts = min(threads, h * itemsize // CACHE_LINE,
+                    int(work * 8 // MIN_TEAM_WORK))
         if parts > 1:
             # The kernel rounds each part up to whole lines (see _part_width): as many
             # parts as that width needs, so that none is left empty.
-            width = -(-(-(-h // parts)) // line) * line
+            width = whole_lines(-(-h // parts), itemsize)
             return "units", -(-h // width)
     n_params = sum(a * b + b for a, b in zip(layer_sizes[:-1], layer_sizes[1:]))
     team = max(1, min(threads, batch_size // MIN_ROWS_PER_THREAD))

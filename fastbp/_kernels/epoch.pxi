@@ -278,7 +278,7 @@ def run_epoch(floating[::1] theta, floating[:, ::1] grads, const floating[:, :] 
     cdef Py_ssize_t per_chunk = (batch_size + C - 1) // C if C > 0 else 0
     cdef Py_ssize_t n_int = dacc.shape[1], ws = work.shape[1]
     cdef Py_ssize_t p_per = (n_params + C - 1) // C if C > 0 else 0
-    cdef Py_ssize_t z_at = 0, x_at = 0
+    cdef Py_ssize_t z_at = 0, x_at = 0, width
     cdef const double* sw = NULL
     cdef floating* theta_p = &theta[0]
     cdef floating* grads_p = &grads[0, 0]
@@ -333,10 +333,9 @@ def run_epoch(floating[::1] theta, floating[:, ::1] grads, const floating[:, :] 
     _fill(&sp, &inp, sizes, w_off, b_off, acts, out, per_chunk, X, data, indices, indptr,
           theta)
     if units:  # offsets of Z (then Delta) and of the gathered rows in a thread's row
-        z_at = _units_z_off(batch_size, _part_width(sizes[1], C, sizeof(floating)),
-                            sizes[2], _keeps_z(&sp, 1))
-        x_at = _units_x_off(batch_size, _part_width(sizes[1], C, sizeof(floating)),
-                            sizes[2], _keeps_z(&sp, 1))
+        width = _part_width(sizes[1], C, sizeof(floating))
+        z_at = _units_z_off(batch_size, width, sizes[2], _keeps_z(&sp, 1))
+        x_at = _units_x_off(batch_size, width, sizes[2], _keeps_z(&sp, 1))
     _fill_targets(&sp, Y, y_data, y_indices, y_indptr, &Y_p)
     n_rows = _n_rows(Y, y_indptr)
     for i in range(n):  # every row index the epoch will follow must exist
