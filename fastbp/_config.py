@@ -77,8 +77,9 @@ def _text(cfg):
              f"threads: n_jobs=None uses {t['n_jobs_default']}; OpenMP max "
              f"{t['openmp_max_threads']}; usable CPUs {t['cpus_usable']}",
              f"minibatches ('sgd'/'adam'; a fit's parallelism_ says which): split by "
-             f"hidden units for one hidden layer at least as wide as a minibatch of at "
-             f"most {m['max_units_batch']} rows; else by rows over a team (at least "
+             f"the first hidden layer's units when it is at least as wide as a minibatch "
+             f"of at most {m['max_units_batch']} rows (and the layers above the second "
+             f"are small); else by rows over a team (at least "
              f"{m['min_rows_per_thread']} rows and {m['min_team_work_flops']:,} flops per "
              f"thread) while the weights and per-thread gradients fit the "
              f"{m['last_level_cache_bytes'] / 2**20:g} MiB last-level cache; else one "

@@ -540,9 +540,11 @@ _COMMON_PARAMS_DOC = """
         Full-batch work (the full-batch solvers, predict) spreads blocks of rows over
         the threads and sums them exactly: bitwise the same result for any ``n_jobs``.
         'sgd'/'adam' use the threads one of three ways, chosen from the shapes
-        (``parallelism_`` says which): with one hidden layer at least as wide as the
-        minibatch is long (at most 256 rows, dense X, no dropout), each thread owns a
-        part of the hidden units and their weights ('units'); other small networks cut each minibatch into
+        (``parallelism_`` says which): with a first hidden layer at least as wide as the
+        minibatch is long (at most 256 rows, dense X, no dropout, small layers above
+        the second), each thread owns a part of that layer's units and their weights and
+        keeps its own copy of the layers above ('units'); other small networks cut each
+        minibatch into
         one chunk of rows per thread (at least 16 rows and 2^20 float32-equivalent flops
         each, else the minibatch runs on one thread) with single-threaded BLAS
         ('team'); networks whose weights and per-thread gradients would not fit the

@@ -115,9 +115,9 @@ class StochasticOptimizer:
         With ``n_chunks`` > 1 every minibatch is cut into that many chunks of rows, shared
         by a team of up to n_chunks threads (fewer while other work keeps cores busy; the
         result depends on n_chunks only); BLAS should then be limited to one thread (see
-        ``_threads.minibatch_plan``). With ``units`` (one hidden layer, dense X, no
-        dropout) the minibatch is split by hidden units into n_chunks parts instead (see
-        ``_core.run_epoch``).
+        ``_threads.minibatch_plan``). With ``units`` (dense X, no dropout) the minibatch is
+        split by the first hidden layer's units into n_chunks parts instead, the layers
+        above replicated per thread (see ``_core.run_epoch``).
         """
         grads, work, dacc = self._buffers(net, n_chunks, batch_size, data.X is None,
                                           dropout, units)
@@ -283,7 +283,7 @@ def fit_stochastic(objective, optimizer, theta, record, *, max_iter, batch_size,
     plan : (mode, threads)
         From ``_threads.minibatch_plan``: 'team' splits every minibatch over ``threads``
         chunks of rows with single-threaded BLAS, 'units' over ``threads`` parts of the
-        hidden units (one hidden layer, dense X, no dropout), 'blas' gives BLAS the
+        first hidden layer's units (dense X, no dropout), 'blas' gives BLAS the
         threads, 'serial' one.
     early_stopping : bool
         Count improvements of the validation score (``validation`` is then required) and

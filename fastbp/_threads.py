@@ -137,16 +137,20 @@ def team_for_now(chunks):
 # written on every minibatch) stays in the last-level cache: past that, every thread
 # streams its own copy of the weights and of its gradient from memory on every step, and
 # the GEMMs, big by then, are what multi-threaded BLAS does best.
-#   'units' (one hidden layer, dense inputs, no dropout) fastbp's threads split the hidden
+#   'units' (dense inputs, no dropout) fastbp's threads split the first hidden layer's
 #           units: each owns a block of them with their weights, computes its share of
-#           the outputs, and after one exchange of those (minibatch x outputs values) its
-#           complete gradient, and steps its own parameters. No gradient copies, no
-#           reduction; every thread gathers the minibatch and computes the output layer.
+#           the second layer's inputs, and after one exchange of those (minibatch x
+#           second-layer values) its complete gradient, and steps its own parameters. No
+#           gradient copies, no reduction; every thread gathers the minibatch and runs the
+#           layers above the first on its own copy of their parameters (the output layer
+#           alone with one hidden layer).
 # A team's overhead per minibatch grows with the parameters (it reduces and passes around
 # whole gradients, h (d + k) values for h hidden units, d inputs and k outputs), the
 # units split's with the minibatch (each thread gathers it and forms the outputs,
 # about batch (d + k) values): the units split is chosen when the hidden layer is at
-# least as wide as the minibatch is long, for minibatches of at most MAX_UNITS_BATCH rows.
+# least as wide as the minibatch is long, for minibatches of at most MAX_UNITS_BATCH rows,
+# and when what every thread repeats (the products of the layers above the second) is at
+# most an eighth of one part's share of the first two layers' products.
 # Measured on 2 cores (benchmarks/bench_units.py, 2026-12-03), the units split took
 # 0.65-0.86x the team's time for h / batch from 2 to 4 with up to 256 rows, and 1.04-1.14x
 # for h / batch from 0.16 to 0.64. With long minibatches both overheads are small next to
@@ -204,13 +208,21 @@ def flops_per_sample(layer_sizes):
     return 2 * (3 * sum(mm) - mm[0])
 
 
+def _units_flops(layer_sizes):
+    """Flops per sample of the units split: ``(split, repeated)``, those of the first two
+    layers' products, which the parts share, and those of the layers above, which every
+    thread repeats (forward, weight gradient and delta for each)."""
+    mm = [a * b for a, b in zip(layer_sizes[:-1], layer_sizes[1:])]
+    return 2 * (2 * mm[0] + 3 * mm[1]), 2 * 3 * sum(mm[2:])
+
+
 def minibatch_plan(n_jobs, batch_size, layer_sizes, itemsize, units_ok=False):
     """How minibatch training uses the cores: ``(mode, threads)``.
 
     ``mode`` is 'serial', 'team', 'units' or 'blas' (see above); ``threads`` the team
     size (the number of chunks or parts of each minibatch) or the BLAS thread count.
     ``units_ok``: the data and settings allow the units split (dense inputs, no
-    dropout; the network must have one hidden layer too). The choice depends on the
+    dropout). The choice depends on the
     shapes and the thread budget only (never on timings), so a given machine and thread
     count always make the same choice.
     """
@@ -218,7 +230,7 @@ def minibatch_plan(n_jobs, batch_size, layer_sizes, itemsize, units_ok=False):
     if threads == 1:
         return "serial", 1
     work = flops_per_sample(layer_sizes) * itemsize / 4 * batch_size
-    if (units_ok and len(layer_sizes) == 3 and layer_sizes[1] >= batch_size
+    if (units_ok and len(layer_sizes) >= 3 and layer_sizes[1] >= batch_size
             and batch_size <= MAX_UNITS_BATCH):
         # Parts of at least one cache line of units and an eighth of a team's minimum
         # work each: one barrier crossing and no reduction per minibatch (20->64->2 with
@@ -226,6 +238,9 @@ def minibatch_plan(n_jobs, batch_size, layer_sizes, itemsize, units_ok=False):
         h = layer_sizes[1]
         parts = min(threads, h * itemsize // CACHE_LINE,
                     int(work * 8 // MIN_TEAM_WORK))
+        split, repeated = _units_flops(layer_sizes)
+        if repeated * 8 * parts > split:
+            parts = 1
         if parts > 1:
             # The kernel rounds each part up to whole lines (see _part_width): as many
             # parts as that width needs, so that none is left empty.

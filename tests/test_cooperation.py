@@ -98,11 +98,19 @@ def test_plan_team_for_small_networks_blas_for_large_ones(monkeypatch):
     # 64 (whole cache lines), more than an eighth of a team's work each.
     assert _threads.minibatch_plan(None, 32, [64, 128, 10], 4, units_ok=True) == \
         ("units", 2)
-    # Not with fewer units than rows, nor with more than one hidden layer; nor parts
-    # narrower than a cache line (16 float32 units), nor too little work.
-    assert _threads.minibatch_plan(None, 200, small, 8, units_ok=True) == ("team", 2)
+    # With more hidden layers, while what every thread repeats (the products above the
+    # second layer) is at most an eighth of a part's share of the first two: the
+    # adam-mnist-like shapes repeat 7,680 flops per sample against 999,424 split in 2.
+    assert _threads._units_flops([784, 256, 128, 10]) == (999424, 7680)
+    assert _threads.minibatch_plan(None, 128, [784, 256, 128, 10], 4, units_ok=True) == \
+        ("units", 2)
     assert _threads.minibatch_plan(None, 32, [64, 128, 128, 10], 4, units_ok=True) == \
-        ("team", 2)
+        ("units", 2)   # 7,680 repeated, 131,072 split: 8 x 2 x 7,680 <= 131,072
+    assert _threads.minibatch_plan(None, 32, [64, 128, 128, 128, 10], 4,
+                                   units_ok=True) == ("team", 2)   # 105,984 repeated
+    # Not with fewer units than rows; nor parts narrower than a cache line (16 float32
+    # units), nor too little work.
+    assert _threads.minibatch_plan(None, 200, small, 8, units_ok=True) == ("team", 2)
     assert _threads.minibatch_plan(None, 16, [4096, 16, 10], 4, units_ok=True)[0] != \
         "units"
     assert _threads.minibatch_plan(None, 4, [4, 64, 2], 4, units_ok=True) == ("serial", 1)

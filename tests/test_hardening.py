@@ -452,14 +452,16 @@ for solver in ("adam", "sgd", "lbfgs", "hessian-free"):
                          n_jobs=2).fit(Xf, yf)
 # The units split of a minibatch (forced: the plan keeps it for wider layers): 3 parts
 # of 20 units (16, 4 and an empty one in float32 lines of 16; 8, 8 and 4 in float64
-# lines of 8), a short last minibatch, gelu's kept derivative and sample weights.
+# lines of 8), a short last minibatch, gelu's kept derivative and sample weights; with
+# one hidden layer, and with two more on the threads' copies.
 import fastbp._estimators
 fastbp._estimators.minibatch_plan = lambda *a, **k: ("units", 3)
 for dtype in (np.float32, np.float64):
     for solver, act in (("adam", "gelu"), ("sgd", "relu")):
-        fastbp.MLPClassifier((20,), solver=solver, activation=act, max_iter=2,
-                             batch_size=7, n_jobs=2).fit(
-            Xf.astype(dtype), yf, sample_weight=rng.uniform(0.5, 2, 60))
+        for hidden in ((20,), (20, 9, 5)):
+            fastbp.MLPClassifier(hidden, solver=solver, activation=act, max_iter=2,
+                                 batch_size=7, n_jobs=2, alpha=0.01).fit(
+                Xf.astype(dtype), yf, sample_weight=rng.uniform(0.5, 2, 60))
 print("kernels ok")
 """
 

@@ -250,21 +250,17 @@ cdef double block_pass(const Spec* sp, const Input* inp, const Py_ssize_t* rows,
     gradient to grad (dW, gemm beta = 1 when ``accumulate``, else overwriting) and to dacc
     (the intercept gradients in float64, laid out like theta's intercept part).
     """
-    cdef int L = sp.n_layers, l
+    cdef int L = sp.n_layers
     cdef const Py_ssize_t* s = sp.sizes
-    cdef Py_ssize_t i, j, s0 = s[0], lda0
+    cdef Py_ssize_t s0 = s[0], lda0
     cdef bint trans0 = False
     cdef bint is_sparse = inp.X == NULL
     cdef const floating* X = <const floating*> inp.X
     cdef const floating* A0 = NULL
-    cdef const floating* Aprev
     cdef floating* Z
     cdef floating* D
-    cdef floating* Dnext
-    cdef floating* scratch = work + _scratch_offset(sp)
-    cdef floating* Xg = scratch + 2 * sp.block * sp.max_hidden
+    cdef floating* Xg = work + _scratch_offset(sp) + 2 * sp.block * sp.max_hidden
     cdef double loss
-    cdef Py_ssize_t r
     cdef floating beta = 1 if accumulate else 0
 
     # The input block A_0.
@@ -283,22 +279,9 @@ cdef double block_pass(const Spec* sp, const Input* inp, const Py_ssize_t* rows,
             lda0 = s0
 
     # Forward.
-    for l in range(1, L + 1):
-        Z = work + _act_offset(sp, l)
-        if l == 1:
-            _input_product(sp, inp, rows, start, n, A0, trans0, lda0,
-                           theta + sp.w_off[0], Z)
-        else:
-            gemm(False, False, <int> n, <int> s[l], <int> s[l - 1], <floating> 1.0,
-                 work + _act_offset(sp, l - 1), <int> s[l - 1], theta + sp.w_off[l - 1],
-                 <int> s[l], <floating> 0.0, Z, <int> s[l])
-        if l < L:
-            bias_activate(Z, theta + sp.b_off[l - 1], _z_ptr(sp, work, l), n, s[l],
-                          _act(sp, l), True)
-            if _dropped(sp, l):
-                if not _keeps_z(sp, l):
-                    activation_deriv(_m_ptr(sp, work, l), Z, n, s[l], _act(sp, l))
-                _drop_units(sp, Z, _m_ptr(sp, work, l), rows, start, n, l)
+    _input_product(sp, inp, rows, start, n, A0, trans0, lda0, theta + sp.w_off[0],
+                   work + _act_offset(sp, 1))
+    forward_layers(sp, theta, work, rows, start, n, 1)
 
     Z = work + _act_offset(sp, L)
     if Y == NULL and sp.y_indptr == NULL:
@@ -314,26 +297,69 @@ cdef double block_pass(const Spec* sp, const Input* inp, const Py_ssize_t* rows,
 
     # Backward: D holds Delta_l. (Without grad: only the per-sample outputs, rows given
     # by their index, as the inspection entry points ask; no dW products.)
-    D = Z
-    for l in range(L, 0, -1):
+    D = backward_layers(sp, theta, grad, dacc, work, Z, start, n, 1, accumulate)
+    if sp.deltas != NULL:
+        memcpy(<floating*> sp.deltas + start * s[1], D, n * s[1] * sizeof(floating))
+    if grad == NULL:
+        pass
+    elif is_sparse:
+        sparse_backward(<const floating*> inp.data, inp.indices, inp.indptr, rows,
+                        start, n, D, grad + sp.w_off[0], s0, s[1], accumulate)
+    else:
+        # dW_1 = A_0^T D; an F-ordered A_0 is already A_0^T in row-major terms.
+        gemm(not trans0, False, <int> s0, <int> s[1], <int> n, <floating> 1.0,
+             A0, <int> lda0, D, <int> s[1], beta, grad + sp.w_off[0], <int> s[1])
+    if sp.input_grad != NULL:  # dloss_i/dx_i = Delta_1 W_1^T
+        gemm(False, True, <int> n, <int> s0, <int> s[1], <floating> 1.0,
+             D, <int> s[1], theta + sp.w_off[0], <int> s[1], <floating> 0.0,
+             <floating*> sp.input_grad + start * s0, <int> s0)
+    return loss
+
+
+cdef void forward_layers(const Spec* sp, const floating* theta, floating* work,
+                         const Py_ssize_t* rows, Py_ssize_t start, Py_ssize_t n,
+                         int first) noexcept nogil:
+    """The forward pass on from layer ``first``, whose product Z_first (without its
+    bias) is in the workspace: its bias and activation (and dropout), then every later
+    layer's product, bias and activation; the output layer's product only (its bias
+    and g come with the loss)."""
+    cdef int L = sp.n_layers, l
+    cdef const Py_ssize_t* s = sp.sizes
+    cdef floating* Z
+    for l in range(first, L + 1):
+        Z = work + _act_offset(sp, l)
+        if l > first:
+            gemm(False, False, <int> n, <int> s[l], <int> s[l - 1], <floating> 1.0,
+                 work + _act_offset(sp, l - 1), <int> s[l - 1], theta + sp.w_off[l - 1],
+                 <int> s[l], <floating> 0.0, Z, <int> s[l])
+        if l < L:
+            bias_activate(Z, theta + sp.b_off[l - 1], _z_ptr(sp, work, l), n, s[l],
+                          _act(sp, l), True)
+            if _dropped(sp, l):
+                if not _keeps_z(sp, l):
+                    activation_deriv(_m_ptr(sp, work, l), Z, n, s[l], _act(sp, l))
+                _drop_units(sp, Z, _m_ptr(sp, work, l), rows, start, n, l)
+
+
+cdef floating* backward_layers(const Spec* sp, const floating* theta, floating* grad,
+                               double* dacc, floating* work, floating* D,
+                               Py_ssize_t start, Py_ssize_t n, int last,
+                               bint accumulate) noexcept nogil:
+    """The backward pass from the output's Delta_L in D down to layer ``last``: dW_l
+    (into grad, unless NULL) and Delta_{l-1} for l = L, ..., last + 1, with the
+    intercept sums added to dacc (laid out like theta's intercepts). Returns where
+    Delta_last is (D itself when last is L, else one of the two scratch buffers); the
+    per-sample deltas extra (sp.deltas) gets every layer's above ``last``."""
+    cdef int l
+    cdef const Py_ssize_t* s = sp.sizes
+    cdef const floating* Aprev
+    cdef floating* Dnext
+    cdef floating* scratch = work + _scratch_offset(sp)
+    cdef floating beta = 1 if accumulate else 0
+    for l in range(sp.n_layers, last, -1):
         if sp.deltas != NULL:
             memcpy(<floating*> sp.deltas + sp.n_total * (_act_offset(sp, l) // sp.block)
                    + start * s[l], D, n * s[l] * sizeof(floating))
-        if l == 1:
-            if grad == NULL:
-                pass
-            elif is_sparse:
-                sparse_backward(<const floating*> inp.data, inp.indices, inp.indptr, rows,
-                                start, n, D, grad + sp.w_off[0], s0, s[1], accumulate)
-            else:
-                # dW_1 = A_0^T D; an F-ordered A_0 is already A_0^T in row-major terms.
-                gemm(not trans0, False, <int> s0, <int> s[1], <int> n, <floating> 1.0,
-                     A0, <int> lda0, D, <int> s[1], beta, grad + sp.w_off[0], <int> s[1])
-            if sp.input_grad != NULL:  # dloss_i/dx_i = Delta_1 W_1^T
-                gemm(False, True, <int> n, <int> s0, <int> s[1], <floating> 1.0,
-                     D, <int> s[1], theta + sp.w_off[0], <int> s[1], <floating> 0.0,
-                     <floating*> sp.input_grad + start * s0, <int> s0)
-            break
         Aprev = work + _act_offset(sp, l - 1)
         if grad != NULL:
             gemm(True, False, <int> s[l - 1], <int> s[l], <int> n, <floating> 1.0,
@@ -350,7 +376,7 @@ cdef double block_pass(const Spec* sp, const Input* inp, const Py_ssize_t* rows,
                             else _z_ptr(sp, work, l - 1), n, s[l - 1],
                             _act(sp, l - 1), True, dacc + (sp.b_off[l - 2] - sp.b_off[0]))
         D = Dnext
-    return loss
+    return D
 
 
 cdef double finish_gradient(const Spec* sp, const floating* theta, floating* grad,

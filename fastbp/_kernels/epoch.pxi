@@ -202,10 +202,32 @@ cdef double units_step(const Spec* sp, floating* theta, floating* grads, const d
     reduce_and_step(sp, theta, grads, dacc, 1, sp.b_off[0] + u0, sp.b_off[0] + u1, scale,
                     alpha, solver, lr, momentum, nesterov, beta_1, beta_2, epsilon,
                     state_1, state_2)
-    if c == 0:
+    if c == 0 and sp.n_layers == 2:
         reduce_and_step(sp, theta, grads, dacc, 1, sp.b_off[1], sp.b_off[1] + k, scale,
                         alpha, solver, lr, momentum, nesterov, beta_1, beta_2, epsilon,
                         state_1, state_2)
+    return sq
+
+
+cdef double upper_step(const Spec* sp, const Spec* sp_u, floating* row, int parts,
+                       const double* dacc, double scale, double alpha, int solver,
+                       double lr, double momentum, bint nesterov, double beta_1,
+                       double beta_2, double epsilon) noexcept nogil:
+    """Step a thread's copy of W_3..W_L and b_2..b_L (more than one hidden layer; see
+    unit_split.pxi) from the copy's gradient and the intercept sums in dacc. sp_u
+    indexes the copy. Returns the sum of squares of W_3..W_L after the step."""
+    cdef Py_ssize_t p = _part_width(sp.sizes[1], parts, sizeof(floating))
+    cdef floating* copy = _upper_copy(sp, row, p, 0)
+    cdef floating* grad = _upper_copy(sp, row, p, 1)
+    cdef floating* state_1 = _upper_copy(sp, row, p, 2)
+    cdef floating* state_2 = _upper_copy(sp, row, p, 3)
+    cdef double sq
+    sq = reduce_and_step(sp_u, copy, grad, dacc, 1, 0, sp_u.b_off[0], scale, alpha,
+                         solver, lr, momentum, nesterov, beta_1, beta_2, epsilon, state_1,
+                         state_2, True)
+    reduce_and_step(sp_u, copy, grad, dacc, 1, sp_u.b_off[1], _upper_len(sp), scale, alpha,
+                    solver, lr, momentum, nesterov, beta_1, beta_2, epsilon, state_1,
+                    state_2)
     return sq
 
 
@@ -261,10 +283,10 @@ def run_epoch(floating[::1] theta, floating[:, ::1] grads, const floating[:, :] 
     Targets are ``Y`` (dense), or, with Y None, CSR arrays ``y_data``, ``y_indices``,
     ``y_indptr`` (an autoencoder's sparse X), read one row at a time.
 
-    With ``units`` true (a network with one hidden layer, dense X, no dropout), every
-    minibatch is split by hidden units instead of rows: its ``n_chunks`` parts each own
-    a range of the hidden units and the parameters that go with them (see
-    unit_split.pxi). ``grads`` then needs one row, ``work`` one row per part of
+    With ``units`` true (dense X, no dropout), every minibatch is split by the first
+    hidden layer's units instead of rows: its ``n_chunks`` parts each own a range of
+    those units and the parameters that go with them, and the layers above are
+    replicated per thread (see unit_split.pxi). ``grads`` then needs one row, ``work`` one row per part of
     ``units_workspace_size(sizes, acts, batch_size, n_chunks)`` elements, ``dacc`` one
     row per part; the result again depends on n_chunks only.
 
@@ -279,6 +301,9 @@ def run_epoch(floating[::1] theta, floating[:, ::1] grads, const floating[:, :] 
     cdef Py_ssize_t n_int = dacc.shape[1], ws = work.shape[1]
     cdef Py_ssize_t p_per = (n_params + C - 1) // C if C > 0 else 0
     cdef Py_ssize_t z_at = 0, x_at = 0, width
+    cdef Spec sp_u   # units split, more than one hidden layer: offsets into a copy
+    cdef Py_ssize_t[::1] w_off_u, b_off_u
+    cdef bint deep = False
     cdef const double* sw = NULL
     cdef floating* theta_p = &theta[0]
     cdef floating* grads_p = &grads[0, 0]
@@ -298,8 +323,9 @@ def run_epoch(floating[::1] theta, floating[:, ::1] grads, const floating[:, :] 
     # Thread-private (assigned inside the parallel block):
     cdef int tid, team, k, par, budget, c
     cdef floating* own
+    cdef floating* delta
     cdef Py_ssize_t start, nb, lo, hi, i, rows_per
-    cdef double total, wsum, scale, loss, sq, lr_t, lr_b, n_batches
+    cdef double total, wsum, scale, loss, sq, lr_t, lr_b, n_batches, sq_up
     cdef long long t, s_cos
 
     if n_threads <= 0:
@@ -309,8 +335,8 @@ def run_epoch(floating[::1] theta, floating[:, ::1] grads, const floating[:, :] 
     if n_chunks < 1 or n_threads > n_chunks:
         raise ValueError("need 1 <= n_threads <= n_chunks")
     if units:
-        if sizes.shape[0] != 3 or X is None or (drop is not None and max(drop) > 0):
-            raise ValueError("the 'units' split needs one hidden layer, dense X and no "
+        if sizes.shape[0] < 3 or X is None or (drop is not None and max(drop) > 0):
+            raise ValueError("the 'units' split needs a hidden layer, dense X and no "
                              "dropout")
         if dacc.shape[0] < n_chunks or work.shape[0] < n_chunks or grads.shape[0] < 1:
             raise ValueError("the 'units' split needs one work and dacc row per part")
@@ -332,10 +358,17 @@ def run_epoch(floating[::1] theta, floating[:, ::1] grads, const floating[:, :] 
         raise ValueError("the workspace is too small for ceil(batch_size / n_chunks) rows")
     _fill(&sp, &inp, sizes, w_off, b_off, acts, out, per_chunk, X, data, indices, indptr,
           theta)
-    if units:  # offsets of Z (then Delta) and of the gathered rows in a thread's row
+    if units:  # offsets of `upper` and of the gathered rows in a thread's row
         width = _part_width(sizes[1], C, sizeof(floating))
-        z_at = _units_z_off(batch_size, width, sizes[2], _keeps_z(&sp, 1))
-        x_at = _units_x_off(batch_size, width, sizes[2], _keeps_z(&sp, 1))
+        z_at = _units_z_off(&sp, width)
+        x_at = _units_x_off(&sp, width)
+        deep = sp.n_layers > 2
+        if deep:  # the layers above the first index the threads' copies of them
+            w_off_u = np.asarray(w_off) - w_off[2]
+            b_off_u = np.asarray(b_off) - w_off[2]
+            sp_u = sp
+            sp_u.w_off = &w_off_u[0]
+            sp_u.b_off = &b_off_u[0]
     _fill_targets(&sp, Y, y_data, y_indices, y_indptr, &Y_p)
     n_rows = _n_rows(Y, y_indptr)
     for i in range(n):  # every row index the epoch will follow must exist
@@ -376,6 +409,8 @@ def run_epoch(floating[::1] theta, floating[:, ::1] grads, const floating[:, :] 
                 parts_p[C + c] = units_sq(&sp, theta_p, work_p + c * ws, c, C) \
                     if alpha != 0.0 else 0.0
                 c = c + team
+            if deep:
+                upper_move(&sp, theta_p, s1, s2, own, C, True, solver == SOLVER_ADAM_)
         total = 0.0
         n_batches = 0
         t = t0
@@ -411,21 +446,28 @@ def run_epoch(floating[::1] theta, floating[:, ::1] grads, const floating[:, :] 
                     units_forward(&sp, theta_p, own + x_at, nb, work_p + c * ws, c, C, par)
                     c = c + team
                 barrier_wait(bar_p, team, &budget)
-                loss = units_output(&sp, work_p, ws, C, par, own, order_p, start, nb, Y_p,
-                                    sw, scale, dacc_p + tid * n_int)
+                delta = NULL   # (assigned here, so that each thread has its own)
+                loss = units_output(&sp, &sp_u, work_p, ws, C, par, own, order_p, start,
+                                    nb, Y_p, sw, scale, dacc_p + tid * n_int, &delta)
                 sq = 0.0
                 for k in range(C):
                     sq = sq + parts_p[par * 2 * C + C + k]
                 c = tid
                 while c < C:
                     units_backward(&sp, theta_p, grads_p, dacc_p + c * n_int, own + x_at,
-                                   own + z_at, nb, work_p + c * ws, c, C)
+                                   delta, nb, work_p + c * ws, c, C)
                     # (0 without a penalty: reduce_and_step sums no squares then)
                     parts_p[(1 - par) * 2 * C + C + c] = units_step(
                         &sp, theta_p, grads_p, dacc_p + c * n_int, work_p + c * ws, c, C,
                         scale, alpha, solver, lr_t, momentum, nesterov, beta_1, beta_2,
                         epsilon, s1, s2)
                     c = c + team
+                if deep:  # every thread steps its copy alike; part 0 counts its squares
+                    sq_up = upper_step(&sp, &sp_u, own, C, dacc_p + tid * n_int, scale,
+                                       alpha, solver, lr_t, momentum, nesterov, beta_1,
+                                       beta_2, epsilon)
+                    if tid == 0:
+                        parts_p[(1 - par) * 2 * C + C] += sq_up
             else:
                 # Phase 1: this thread's chunks of the batch, each into its own buffers.
                 rows_per = (nb + C - 1) // C
@@ -473,6 +515,8 @@ def run_epoch(floating[::1] theta, floating[:, ::1] grads, const floating[:, :] 
             units_move(&sp, theta_p, s1, s2, work_p + c * ws, c, C, False,
                        solver == SOLVER_ADAM_)
             c = c + team
+        if deep and tid == 0:
+            upper_move(&sp, theta_p, s1, s2, own, C, False, solver == SOLVER_ADAM_)
         if tid == 0:
             result_p[0] = total
             result_p[1] = n_batches
