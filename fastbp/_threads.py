@@ -239,8 +239,8 @@ def minibatch_plan(n_jobs, batch_size, layer_sizes, itemsize, units_ok=False):
         parts = min(threads, h * itemsize // CACHE_LINE,
                     int(work * 8 // MIN_TEAM_WORK))
         split, repeated = _units_flops(layer_sizes)
-        if repeated * 8 * parts > split:
-            parts = 1
+        if repeated:   # what every part repeats, at most an eighth of its share
+            parts = min(parts, split // (8 * repeated))
         if parts > 1:
             # The kernel rounds each part up to whole lines (see _part_width): as many
             # parts as that width needs, so that none is left empty.

@@ -125,6 +125,10 @@ def test_plan_team_for_small_networks_blas_for_large_ones(monkeypatch):
     monkeypatch.setattr(_threads, "effective_n_jobs", lambda n_jobs: 4)
     assert _threads.minibatch_plan(None, 32, [64, 128, 10], 4, units_ok=True) == \
         ("units", 4)   # 4 parts of 32 units, the work allows 9
+    # More threads than the repeated layers allow parts: as many parts as they do
+    # (131,072 // (8 x 7,680) = 2), not none.
+    assert _threads.minibatch_plan(None, 32, [64, 128, 128, 10], 4, units_ok=True) == \
+        ("units", 2)
     assert _threads.minibatch_plan(None, 32, [64, 128, 10], 8, units_ok=True) == \
         ("units", 4)   # 4 parts of 32 float64 units (4 lines each)
     # No part left empty: 100 float32 units in parts of whole lines (16 units) for 6

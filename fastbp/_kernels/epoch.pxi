@@ -398,10 +398,11 @@ def run_epoch(floating[::1] theta, floating[:, ::1] grads, const floating[:, :] 
         team = omp_get_num_threads()   # OpenMP may give fewer threads than asked
         budget = SPIN_MAX if spin else 0
         own = work_p + tid * ws   # this thread's first chunk or part
-        if units:  # the zero bias of units_output; the parts' blocks of W_1 and state,
-            # and the first minibatch's penalty
-            memset(own + z_at + batch_size * sizes[2], 0,
-                   _yrow_len(sizes[2]) * sizeof(floating))
+        if units:  # the zero bias of units_output (one hidden layer); the parts' blocks
+            # of W_1 and state, and the first minibatch's penalty
+            if not deep:
+                memset(own + z_at + batch_size * sizes[2], 0,
+                       _yrow_len(sizes[2]) * sizeof(floating))
             c = tid
             while c < C:
                 units_move(&sp, theta_p, s1, s2, work_p + c * ws, c, C, True,

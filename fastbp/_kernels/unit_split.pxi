@@ -230,7 +230,7 @@ cdef double units_output(const Spec* sp, const Spec* sp_u, const floating* work,
     cdef floating* up = row + _units_z_off(sp, p)
     cdef floating* Z = up if L == 2 else up + _act_offset(sp, 2)
     cdef floating* zeros = up + sp.block * k
-    cdef floating* copy = _upper_copy(sp, row, p, 0)
+    cdef floating* copy
     cdef const floating* P
     cdef double loss
     memcpy(Z, work + p_off, nk * sizeof(floating))
@@ -242,6 +242,7 @@ cdef double units_output(const Spec* sp, const Spec* sp_u, const floating* work,
         delta[0] = Z
         return output_loss_backward(Z, zeros, Y, sp, zeros + _yrow_len(k), sw, rows, start,
                                     n, k, sp.out, scale, dacc + h)
+    copy = _upper_copy(sp, row, p, 0)
     forward_layers(sp_u, copy, up, rows, start, n, 2)
     Z = up + _act_offset(sp, L)
     loss = output_loss_backward(Z, copy + sp_u.b_off[L - 1], Y, sp, up + _yrow_offset(sp),
