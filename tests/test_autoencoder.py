@@ -176,11 +176,11 @@ def test_dask_input_is_refused(digits):
 # ---------------------------------------------------------------------------------------
 # Sparse targets: the kernels read an autoencoder's sparse X as its targets row by row.
 
-def _sparse_problem(dtype, fmt="csr"):
+def _sparse_problem(dtype, fmt="csr", output="identity"):
     rng = np.random.default_rng(3)
     X = sp.random(150, 12, density=0.25, random_state=3, format=fmt, dtype=np.float64)
     X.data = rng.normal(size=X.nnz)  # signed, so no stored value is confused with zero
-    net = fastbp.Network([12, 7, 5, 12], activation=["gelu", "tanh"], output="identity",
+    net = fastbp.Network([12, 7, 5, 12], activation=["gelu", "tanh"], output=output,
                          dtype=dtype, block_size=32)
     return net, net.init_params(random_state=1), X.astype(dtype), rng.random(150)
 
@@ -266,6 +266,23 @@ def test_fit_never_densifies_a_sparse_x(digits, solver, monkeypatch):
         ae = MLPAutoencoder((16, 4, 16), solver=solver, max_iter=5, random_state=0,
                             batch_size=64).fit(X)
     np.testing.assert_array_equal(ae._theta, expected)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("output", ["softmax", "logistic", "exp"])
+def test_every_output_reads_sparse_targets_as_dense_ones(dtype, output):
+    # The softmax output takes dense targets 8 rows at a time and sparse ones (which
+    # share one scattered row) one at a time: each row's sums run in the same order
+    # either way, so the two agree bit for bit (150 rows in blocks of 32: groups of 8
+    # and a last one of 6). Signed targets are fine for the kernels' losses.
+    net, theta, X, w = _sparse_problem(dtype, output=output)
+    if output == "exp":
+        X = abs(X)   # Poisson targets are non-negative
+    D = X.toarray()
+    for args in ((), (w,)):
+        ld, gd = net.loss_grad(theta, X, D, *args, alpha=1e-3)
+        ls, gs = net.loss_grad(theta, X, X, *args, alpha=1e-3)
+        assert np.isfinite(ld) and ld == ls and np.array_equal(gd, gs)
 
 
 def test_the_kernels_refuse_corrupt_sparse_targets():

@@ -261,6 +261,79 @@ cdef void output_activate(floating* Z, const floating* b, Py_ssize_t n, Py_ssize
                 z[j] = _exp(z[j])
 
 
+cdef enum:
+    SOFTMAX_ROWS = 8   # rows whose softmax sums _softmax_loss_backward interleaves
+
+
+cdef double _softmax_loss_backward(floating* Z, const floating* b, const floating* Y,
+                                   const Spec* sp, floating* yrow, const double* sw,
+                                   const Py_ssize_t* rows, Py_ssize_t start, Py_ssize_t n,
+                                   Py_ssize_t m, double scale, double* db) noexcept nogil:
+    """output_loss_backward for the softmax output, SOFTMAX_ROWS rows at a time (one
+    with sparse targets, which share one yrow): every row's sums run in index order
+    (float64, never reassociated) and its exponentials (_vmath.h's) in a loop of their
+    own, which vectorizes; taking a group of rows through each step in turn lets their
+    sums' chains of dependent additions overlap, where one row's waited on each
+    addition's latency. The results are those of one row at a time, bit for bit, and
+    db and the loss take the rows in order."""
+    cdef Py_ssize_t i0, i, j, r, q, g, G = 1 if sp.y_indptr != NULL else SOFTMAX_ROWS
+    cdef floating* zq[SOFTMAX_ROWS]
+    cdef const floating* yq[SOFTMAX_ROWS]
+    cdef floating mx[SOFTMAX_ROWS]
+    cdef double wq[SOFTMAX_ROWS]
+    cdef double yz[SOFTMAX_ROWS]
+    cdef double ysum[SOFTMAX_ROWS]
+    cdef double s[SOFTMAX_ROWS]
+    cdef floating* z
+    cdef const floating* y
+    cdef floating p, c
+    cdef double lse, total = 0.0
+    i0 = 0
+    while i0 < n:
+        g = min(G, n - i0)
+        for q in range(g):
+            i = i0 + q
+            r = rows[start + i] if rows != NULL else start + i
+            yq[q] = _target_row(sp, Y, r, m, yrow)
+            wq[q] = sw[r] if sw != NULL else 1.0
+            z = Z + i * m
+            zq[q] = z
+            for j in range(m):
+                z[j] = z[j] + b[j]
+            mx[q] = z[0]
+            yz[q] = 0.0
+            ysum[q] = 0.0
+            s[q] = 0.0
+        for j in range(1, m):
+            for q in range(g):
+                if zq[q][j] > mx[q]:
+                    mx[q] = zq[q][j]
+        for j in range(m):
+            for q in range(g):
+                yz[q] += <double> yq[q][j] * zq[q][j]
+                ysum[q] += yq[q][j]
+        for q in range(g):
+            z = zq[q]
+            for j in range(m):
+                z[j] = _exp(z[j] - mx[q])
+        for j in range(m):
+            for q in range(g):
+                s[q] += zq[q][j]
+        for q in range(g):
+            z = zq[q]
+            y = yq[q]
+            c = <floating> (wq[q] * scale)
+            lse = mx[q] + log(s[q])
+            for j in range(m):
+                # d/dz of sum(y) lse(z) - y.z: exact also when a row of Y is not one-hot.
+                p = <floating> (ysum[q] * z[j] / s[q])
+                z[j] = (p - y[j]) * c
+                db[j] += z[j]
+            total += wq[q] * (ysum[q] * lse - yz[q])
+        i0 += g
+    return total
+
+
 cdef double output_loss_backward(floating* Z, const floating* b, const floating* Y,
                                  const Spec* sp, floating* yrow,
                                  const double* sw, const Py_ssize_t* rows, Py_ssize_t start,
@@ -281,8 +354,10 @@ cdef double output_loss_backward(floating* Z, const floating* b, const floating*
     cdef Py_ssize_t i, j, r
     cdef floating* z
     cdef const floating* y
-    cdef floating p, mx, c, one = 1
-    cdef double w, li, s, yz, ysum, lse, zj, total = 0.0
+    cdef floating p, c, one = 1
+    cdef double w, li, zj, total = 0.0
+    if out == OUT_SOFTMAX:
+        return _softmax_loss_backward(Z, b, Y, sp, yrow, sw, rows, start, n, m, scale, db)
     for i in range(n):
         r = rows[start + i] if rows != NULL else start + i
         y = _target_row(sp, Y, r, m, yrow)
@@ -292,31 +367,7 @@ cdef double output_loss_backward(floating* Z, const floating* b, const floating*
         for j in range(m):
             z[j] = z[j] + b[j]
         li = 0.0
-        if out == OUT_SOFTMAX:
-            mx = z[0]
-            for j in range(1, m):
-                if z[j] > mx:
-                    mx = z[j]
-            # Three loops rather than one: the sums run in index order (float64, never
-            # reassociated) while the exponentials (_vmath.h's), elementwise, vectorize.
-            yz = 0.0
-            ysum = 0.0
-            for j in range(m):
-                yz += <double> y[j] * z[j]
-                ysum += y[j]
-            for j in range(m):
-                z[j] = _exp(z[j] - mx)
-            s = 0.0
-            for j in range(m):
-                s += z[j]
-            lse = mx + log(s)
-            li = ysum * lse - yz
-            for j in range(m):
-                # d/dz of sum(y) lse(z) - y.z: exact also when a row of Y is not one-hot.
-                p = <floating> (ysum * z[j] / s)
-                z[j] = (p - y[j]) * c
-                db[j] += z[j]
-        elif out == OUT_LOGISTIC:
+        if out == OUT_LOGISTIC:
             for j in range(m):
                 zj = z[j]
                 li += (zj if zj > 0 else 0.0) + log1p(exp(-fabs(zj))) - y[j] * zj
