@@ -447,6 +447,14 @@ def run_epoch(floating[::1] theta, floating[:, ::1] grads, const floating[:, :] 
                     units_forward(&sp, theta_p, own + x_at, nb, work_p + c * ws, c, C, par)
                     c = c + team
                 barrier_wait(bar_p, team, &budget)
+                # Every thread stops on thread 0's loss of the minibatch before (0 before
+                # the first), here, where all have crossed the same barriers; that
+                # minibatch's step was the last (the forward passes since change no
+                # parameter).
+                if not isfinite(parts_p[(1 - par) * 2 * C]):
+                    if solver == SOLVER_ADAM_:   # (this minibatch took no step)
+                        t = t - 1
+                    break
                 delta = NULL   # (assigned here, so that each thread has its own)
                 loss = units_output(&sp, &sp_u, work_p, ws, C, par, own, order_p, start,
                                     nb, Y_p, sw, scale, dacc_p + tid * n_int, &delta)
@@ -507,7 +515,10 @@ def run_epoch(floating[::1] theta, floating[:, ::1] grads, const floating[:, :] 
             loss = loss * scale + 0.5 * alpha * scale * sq
             total = total + loss * nb
             n_batches = n_batches + 1
-            if not isfinite(loss):
+            if units:   # (the stop comes after the next barrier, above)
+                if tid == 0:
+                    parts_p[par * 2 * C] = loss
+            elif not isfinite(loss):
                 break
             start = start + nb
             par = 1 - par

@@ -33,7 +33,11 @@
 # thread that has reached the next minibatch never overwrites what a slower one still
 # reads; the squares summed after a step are the next minibatch's penalty, written
 # before its barrier (the first minibatch's by units_sq). Every thread then forms the
-# same loss, in the same order, and stops at the same minibatch.
+# same loss, in the same order. They stop together on thread 0's: it publishes each
+# minibatch's loss, and every thread checks it after the next barrier (a thread's copy
+# of the layers above is its own, and with a BLAS whose results depended on the calling
+# thread the copies, and so the losses, could drift apart: a thread that stopped on its
+# own loss would leave the others waiting at the barrier).
 #
 # A part reads and writes only the parameters it owns, and the gradient it writes is
 # complete (no per-thread copies, no reduction), so the threads exchange only the P_c
