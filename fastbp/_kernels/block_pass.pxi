@@ -18,6 +18,9 @@
 # multiplies the sparse rows directly. A row-index array lets a minibatch address rows
 # without copying Y or the weights; dense minibatch rows are gathered into a workspace.
 #
+# block_pass's loops over the layers are forward_layers and backward_layers, which the
+# units split (unit_split.pxi) also runs on the layers above its first.
+#
 # finish_gradient writes the intercept gradients from their float64 sums and adds the L2
 # term: grad_W += alpha * scale * W. noexcept nogil, allocation-free, one fixed order of
 # operations per block. Callers: loss_grad and forward (exact_sums.pxi), run_epoch

@@ -286,9 +286,9 @@ def run_epoch(floating[::1] theta, floating[:, ::1] grads, const floating[:, :] 
     With ``units`` true (dense X, no dropout), every minibatch is split by the first
     hidden layer's units instead of rows: its ``n_chunks`` parts each own a range of
     those units and the parameters that go with them, and the layers above are
-    replicated per thread (see unit_split.pxi). ``grads`` then needs one row, ``work`` one row per part of
-    ``units_workspace_size(sizes, acts, batch_size, n_chunks)`` elements, ``dacc`` one
-    row per part; the result again depends on n_chunks only.
+    replicated per thread (see unit_split.pxi). ``grads`` then needs one row, ``work``
+    one row per part of ``units_workspace_size(sizes, acts, batch_size, n_chunks)``
+    elements, ``dacc`` one row per part; the result again depends on n_chunks only.
 
     Returns (sum over batches of batch loss x batch rows, number of batches run); the
     epoch stops at the first non-finite batch loss, which the caller detects from the sum.
