@@ -222,9 +222,8 @@ def minibatch_plan(n_jobs, batch_size, layer_sizes, itemsize, units_ok=False):
     ``mode`` is 'serial', 'team', 'units' or 'blas' (see above); ``threads`` the team
     size (the number of chunks or parts of each minibatch) or the BLAS thread count.
     ``units_ok``: the data and settings allow the units split (dense inputs, no
-    dropout). The choice depends on the
-    shapes and the thread budget only (never on timings), so a given machine and thread
-    count always make the same choice.
+    dropout). The choice depends on the shapes and the thread budget only (never on
+    timings), so a given machine and thread count always make the same choice.
     """
     threads = effective_n_jobs(n_jobs)
     if threads == 1:
