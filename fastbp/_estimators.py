@@ -25,8 +25,9 @@ from ._objective import LocalObjective
 from ._solvers import fit_full_batch
 from ._stochastic import StochasticOptimizer, TrainingRecord, fit_stochastic
 from ._threads import effective_n_jobs, minibatch_plan
-from ._validation import (STOCHASTIC, decode_targets, dropout_rates, hidden_sizes,
-                          start_classes, validate_fit, validate_val)
+from ._validation import (STOCHASTIC, NonFiniteInput, check_finite_top, decode_targets,
+                          defers_finite_check, dropout_rates, hidden_sizes, start_classes,
+                          validate_fit, validate_val)
 
 try:  # scikit-learn >= 1.9: its callback protocol (set_callbacks, sklearn.callback)
     from sklearn.callback import CallbackSupportMixin as _CallbackSupport
@@ -197,13 +198,28 @@ class _BaseMLP(_CallbackSupport, BaseEstimator):
             self.best_loss_ = np.inf
 
     def _fit(self, X, y, sample_weight=None, incremental=False, client=None, val=None):
+        # A never fitted estimator's minibatch fit leaves the check of X for NaN and
+        # infinity to its first epoch; finding one there, it forgets all it learnt and
+        # set, so that it is as unfitted as when the check comes first.
+        defer = defers_finite_check(self, X, client, not hasattr(self, "coefs_"))
+        if not defer:
+            return self._fit_checked(X, y, sample_weight, incremental, client, val)
+        before = set(vars(self))
+        try:
+            return self._fit_checked(X, y, sample_weight, incremental, client, val, True)
+        except NonFiniteInput:
+            for name in set(vars(self)) - before:
+                delattr(self, name)
+            raise
+
+    def _fit_checked(self, X, y, sample_weight, incremental, client, val, defer=False):
         raw = (X, y, sample_weight)  # as given, for callbacks
         hidden = hidden_sizes(self.hidden_layer_sizes)
         dropout = dropout_rates(self.dropout, len(hidden), self.solver)
         _, per_layer = check_activation(self.activation, len(hidden))
         first_pass = not hasattr(self, "coefs_") or (not self.warm_start and not incremental)
         X, Y, sample_weight, data, x_max = validate_fit(self, X, y, sample_weight, client,
-                                                 incremental, first_pass)
+                                                        incremental, first_pass, defer)
         n_features, n_outputs = ((data.n_features, data.n_outputs) if data is not None
                                  else (X.shape[1], Y.shape[1]))
         dtype = data.dtype if data is not None else X.dtype
@@ -242,7 +258,7 @@ class _BaseMLP(_CallbackSupport, BaseEstimator):
                 objective.close()
         elif self.solver in STOCHASTIC:
             self._fit_stochastic(X, Y, sample_weight, incremental, val, watch, dropout,
-                                 x_max)
+                                 x_max, defer)
         else:
             self._fit_full_batch(LocalObjective(
                 self._net, self._net.prepare(X, Y, sample_weight, x_max=x_max),
@@ -315,7 +331,7 @@ class _BaseMLP(_CallbackSupport, BaseEstimator):
             self.beta_1, self.beta_2, self.epsilon)
 
     def _fit_stochastic(self, X, Y, sample_weight, incremental, val=None, watch=None,
-                        dropout=None, x_max=None):
+                        dropout=None, x_max=None, defer=False):
         net, theta = self._net, self._theta
         if self.early_stopping and incremental:
             raise ValueError("partial_fit does not support early_stopping=True")
@@ -354,8 +370,10 @@ class _BaseMLP(_CallbackSupport, BaseEstimator):
         elif self.best_loss_ is None:
             self.best_loss_ = np.inf
 
-        objective = LocalObjective(net, net.prepare(X, Y, sample_weight, x_max=x_max),
-                                   self.alpha)
+        x_check = (functools.partial(check_finite_top, self, dtype=X.dtype) if defer
+                   else None)
+        objective = LocalObjective(
+            net, net.prepare(X, Y, sample_weight, x_max=x_max, x_check=x_check), self.alpha)
         batch_size = self._batch_size(objective.n_samples)
         plan = minibatch_plan(self.n_jobs, batch_size, net.layer_sizes, net.dtype.itemsize,
                               units_ok=objective.data.X is not None and dropout is None)

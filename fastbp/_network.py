@@ -115,7 +115,7 @@ class _Data:
 
     __slots__ = ("X", "data", "indices", "indptr", "Y", "sample_weight", "n_samples",
                  "weight_sum", "acts", "acts_theta", "block", "x_max", "y_max",
-                 "y_data", "y_indices", "y_indptr")
+                 "y_data", "y_indices", "y_indptr", "x_check")
 
     def targets(self):
         """The sparse-target keyword arguments of the kernel entry points."""
@@ -411,7 +411,7 @@ class Network:
                              f"{np.dtype(self.dtype).name})")
         return theta
 
-    def prepare(self, X, Y=None, sample_weight=None, x_max=None):
+    def prepare(self, X, Y=None, sample_weight=None, x_max=None, x_check=None):
         """Convert data once into the form the kernels take (internal, for solvers).
 
         Copies only when it must: a C- or F-contiguous array of the network's dtype is
@@ -419,8 +419,12 @@ class Network:
         ``x_max``: max |X| when the caller has just found it on this very (dense) X, as
         the estimators' input checks do; it spares a pass over X, and is not used when
         X must be converted.
+        ``x_check``: with x_max None and dense X whose targets are not X itself, leaves
+        max |X| to be found later (``x_max`` None): a minibatch fit's first epoch finds
+        it and calls ``x_check(top)``, which raises for NaN or infinity.
         """
         d = _Data()
+        d.x_check = None
         n_features = self.layer_sizes[0]
         # An autoencoder's targets are its inputs: Y then reuses X's checked arrays.
         targets_are_inputs = Y is not None and Y is X
@@ -440,8 +444,11 @@ class Network:
                 X = np.ascontiguousarray(X, dtype=self.dtype)
                 x_max = None
             # Finite, and the largest |x| for the bound of loss_is_surely_finite.
-            d.x_max = _max_abs(X) if x_max is None else float(x_max)
-            if not math.isfinite(d.x_max):
+            if x_max is None and x_check is not None and not targets_are_inputs:
+                d.x_max, d.x_check = None, x_check   # found by the first epoch
+            else:
+                d.x_max = _max_abs(X) if x_max is None else float(x_max)
+            if d.x_max is not None and not math.isfinite(d.x_max):
                 raise ValueError("X contains NaN or infinity (or values too large for "
                                  f"{np.dtype(self.dtype).name})")
             d.X = X

@@ -20,7 +20,7 @@ from sklearn.exceptions import ConvergenceWarning
 
 from . import _core
 from ._divergence import DivergenceError, diverged
-from ._network import aligned_empty, aligned_zeros
+from ._network import _max_abs, aligned_empty, aligned_zeros
 from ._threads import blas_threads, team_for_now, whole_lines
 
 __all__ = ["StochasticOptimizer", "TrainingRecord", "fit_stochastic", "dropout_seed"]
@@ -105,7 +105,7 @@ class StochasticOptimizer:
         return self._grads, self._work, self._dacc
 
     def epoch(self, net, theta, data, order, shuffle, seed, batch_size, alpha, n_chunks=1,
-              dropout=None, keys=None, units=False):
+              dropout=None, keys=None, units=False, x_tops=None):
         """One pass over ``order``'s rows; returns the sum of batch loss x batch size.
 
         ``dropout``: None, or one rate in [0, 1) per hidden layer (float64 array) for
@@ -118,6 +118,9 @@ class StochasticOptimizer:
         ``_threads.minibatch_plan``). With ``units`` (dense X, no dropout) the minibatch is
         split by the first hidden layer's units into n_chunks parts instead, the layers
         above replicated per thread (see ``_core.run_epoch``).
+
+        ``x_tops`` (dense X; float64 zeros, one per chunk): receives max |x| of the rows
+        as they are gathered (see ``_core.run_epoch``).
         """
         grads, work, dacc = self._buffers(net, n_chunks, batch_size, data.X is None,
                                           dropout, units)
@@ -133,7 +136,7 @@ class StochasticOptimizer:
             self.beta_1, self.beta_2, self.epsilon, self.state_1, self.state_2, self.step,
             n_chunks, n_threads, spin, self.cosine_steps if cosine else 0,
             self.cosine_step if cosine else 0, dropout, drop_seed, keys, **data.targets(),
-            units=units)
+            units=units, x_tops=x_tops)
         if cosine:
             self.cosine_step += n_batches
             done = min(self.cosine_step, self.cosine_steps) / max(self.cosine_steps, 1)
@@ -316,6 +319,8 @@ def fit_stochastic(objective, optimizer, theta, record, *, max_iter, batch_size,
         _run_epochs(objective, optimizer, theta, record, max_iter, batch_size, shuffle,
                     rng, team, tol, n_iter_no_change, early_stopping, validation,
                     on_epoch, incremental, verbose, snaps, dropout, mode == "units")
+        if objective.data.x_max is None:   # (interrupted before the first epoch ended)
+            _settle_x_max(objective.data, None, snaps)
         # Each epoch's loss is measured on the way, before each update. The final
         # parameters are certified from a bound (O(n_params)); only when the bound
         # cannot tell is the loss measured once more on the training rows.
@@ -337,6 +342,9 @@ def _run_epochs(objective, opt, theta, record, max_iter, batch_size, shuffle, rn
     keys = None if dropout is None else row_keys(data, net.layer_sizes[0])
     best_train_loss = math.inf
     interrupted = False
+    # max |X| left to the first epoch (see Network.prepare's x_check): found as it
+    # gathers the rows.
+    tops = np.zeros(max(n_threads, 1)) if data.x_max is None else None
     try:
         record.n_iter = 0
         for _ in range(max_iter):
@@ -344,7 +352,10 @@ def _run_epochs(objective, opt, theta, record, max_iter, batch_size, shuffle, rn
                 int(rng.randint(0, 2**32, dtype=np.uint64))
             snaps.before_epoch()
             total = opt.epoch(net, theta, data, order, shuffle, seed, batch_size,
-                              objective.alpha, n_threads, dropout, keys, units)
+                              objective.alpha, n_threads, dropout, keys, units, tops)
+            if tops is not None:  # every row was gathered unless the epoch stopped early
+                _settle_x_max(data, tops if math.isfinite(total) else None, snaps)
+                tops = None
             if not (math.isfinite(total) and math.isfinite(_core.max_abs(theta))):
                 snaps.restore("last_good")
                 raise diverged(f"in epoch {record.n_iter + 1} of {opt.solver}")
@@ -380,6 +391,18 @@ def _run_epochs(objective, opt, theta, record, max_iter, batch_size, shuffle, rn
                       "parameters found so far.", UserWarning)
     if early_stopping or (interrupted and math.isfinite(best_train_loss)):
         snaps.restore("best")
+
+
+def _settle_x_max(data, tops, snaps):
+    """Set max |X| from a complete first epoch's ``tops`` (or, with None, from a pass
+    over X) and check it: X with NaN or infinity restores the parameters the fit
+    started from and raises the caller's error (``data.x_check``)."""
+    data.x_max = float(np.max(tops)) if tops is not None else _max_abs(data.X)
+    try:
+        data.x_check(data.x_max)
+    except Exception:
+        snaps.restore("start")
+        raise
 
 
 def _count_no_improvement(record, snaps, tol, early_stopping, validation, verbose):

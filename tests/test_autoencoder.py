@@ -249,9 +249,9 @@ def test_fit_never_densifies_a_sparse_x(digits, solver, monkeypatch):
         # The same kernels with the targets densified first: the model fit must match.
         dense_targets = fastbp.Network.prepare
 
-        def prepare(self, X_, Y=None, sample_weight=None, x_max=None):
+        def prepare(self, X_, Y=None, sample_weight=None, **kwargs):
             return dense_targets(self, X_, Y.toarray() if sp.issparse(Y) else Y,
-                                 sample_weight, x_max=x_max)
+                                 sample_weight, **kwargs)
 
         monkeypatch.setattr(fastbp.Network, "prepare", prepare)
         expected = reference.fit(X)._theta.copy()

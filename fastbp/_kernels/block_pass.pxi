@@ -95,6 +95,11 @@ cdef inline Py_ssize_t _scratch_offset(const Spec* sp) noexcept nogil:
     return _yrow_offset(sp) + _yrow_len(sp.sizes[sp.n_layers])
 
 
+cdef inline Py_ssize_t _xg_offset(const Spec* sp) noexcept nogil:
+    """Offset of the gathered dense input rows Xg (the last part of the workspace)."""
+    return _scratch_offset(sp) + 2 * sp.block * sp.max_hidden
+
+
 cdef inline uint64_t _row_hash(uint64_t seed, uint64_t key, int l) noexcept nogil:
     """Dropout's per-(row, layer) hash in the epoch of ``seed`` (splitmix64's mixing)."""
     cdef uint64_t z = seed ^ (key * <uint64_t> 0x9E3779B97F4A7C15)
@@ -262,7 +267,7 @@ cdef double block_pass(const Spec* sp, const Input* inp, const Py_ssize_t* rows,
     cdef const floating* A0 = NULL
     cdef floating* Z
     cdef floating* D
-    cdef floating* Xg = work + _scratch_offset(sp) + 2 * sp.block * sp.max_hidden
+    cdef floating* Xg = work + _xg_offset(sp)
     cdef double loss
     cdef floating beta = 1 if accumulate else 0
 

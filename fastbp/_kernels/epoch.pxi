@@ -231,6 +231,17 @@ cdef double upper_step(const Spec* sp, const Spec* sp_u, floating* row, int part
     return sq
 
 
+cdef inline void _note_top(const floating* a, Py_ssize_t n, double* top) noexcept nogil:
+    """top <- max(top, max |a[:n]|); NaN stays once either is NaN."""
+    cdef double v
+    if floating is float:
+        v = fastbp_max_abs_f(a, n)
+    else:
+        v = fastbp_max_abs_d(a, n)
+    if v != v or v > top[0]:   # (v > NaN is false: a NaN top stays)
+        top[0] = v
+
+
 def run_epoch(floating[::1] theta, floating[:, ::1] grads, const floating[:, :] X,
               const floating[::1] data, const int[::1] indices,
               const Py_ssize_t[::1] indptr, const floating[:, ::1] Y,
@@ -246,7 +257,8 @@ def run_epoch(floating[::1] theta, floating[:, ::1] grads, const floating[:, :] 
               const double[::1] drop=None, unsigned long long drop_seed=0,
               const uint64_t[::1] row_keys=None,
               const floating[::1] y_data=None, const int[::1] y_indices=None,
-              const Py_ssize_t[::1] y_indptr=None, bint units=False):
+              const Py_ssize_t[::1] y_indptr=None, bint units=False,
+              double[::1] x_tops=None):
     """One epoch of minibatch SGD or Adam, entirely without the GIL.
 
     ``order`` (n_samples,) holds the row order and is shuffled in place first when
@@ -290,6 +302,13 @@ def run_epoch(floating[::1] theta, floating[:, ::1] grads, const floating[:, :] 
     one row per part of ``units_workspace_size(sizes, acts, batch_size, n_chunks)``
     elements, ``dacc`` one row per part; the result again depends on n_chunks only.
 
+    ``x_tops`` (dense X only; one float64 per chunk or part, zeros or earlier results)
+    takes max |x| of the rows the epoch gathers, as they are gathered (in cache, instead
+    of a pass of its own over X): slot c gets that of chunk c's rows (a units split
+    notes every row in slot 0), NaN once a NaN was seen. A complete epoch over a
+    permutation of X's rows so finds max |X|, the check the estimators' input validation
+    leaves to the first epoch.
+
     Returns (sum over batches of batch loss x batch rows, number of batches run); the
     epoch stops at the first non-finite batch loss, which the caller detects from the sum.
     """
@@ -318,6 +337,7 @@ def run_epoch(floating[::1] theta, floating[:, ::1] grads, const floating[:, :] 
     cdef double* parts_p = &parts[0]
     cdef double[::1] result = np.zeros(3)
     cdef double* result_p = &result[0]
+    cdef double* tops_p = NULL
     cdef barrier_t bar
     cdef barrier_t* bar_p = &bar
     # Thread-private (assigned inside the parallel block):
@@ -386,6 +406,10 @@ def run_epoch(floating[::1] theta, floating[:, ::1] grads, const floating[:, :] 
                 sp.row_keys = &row_keys[0]
     if sample_weight is not None:
         sw = &sample_weight[0]
+    if x_tops is not None:
+        if X is None or x_tops.shape[0] < n_chunks:
+            raise ValueError("x_tops needs dense X and one slot per chunk")
+        tops_p = &x_tops[0]
     if n == 0:
         return 0.0, 0
     if shuffle:
@@ -442,6 +466,8 @@ def run_epoch(floating[::1] theta, floating[:, ::1] grads, const floating[:, :] 
                 # The units split (unit_split.pxi): the parts' forward passes, one
                 # barrier, then the output, the parts' gradients and steps.
                 _gather_rows(&inp, order_p, start, nb, sizes[0], own + x_at)
+                if tops_p != NULL and tid == 0:
+                    _note_top(own + x_at, nb * sizes[0], tops_p)
                 while c < C:
                     memset(dacc_p + c * n_int, 0, n_int * sizeof(double))
                     units_forward(&sp, theta_p, own + x_at, nb, work_p + c * ws, c, C, par)
@@ -490,6 +516,9 @@ def run_epoch(floating[::1] theta, floating[:, ::1] grads, const floating[:, :] 
                                           sw, scale, theta_p, grads_p + c * n_params,
                                           dacc_p + c * n_int, work_p + tid * ws, False,
                                           NULL)
+                        if tops_p != NULL:   # the chunk's rows, still in block_pass's Xg
+                            _note_top(work_p + tid * ws + _xg_offset(&sp),
+                                      (hi - lo) * sizes[0], tops_p + c)
                     else:
                         memset(grads_p + c * n_params, 0, b_off[0] * sizeof(floating))
                     parts_p[par * 2 * C + c] = loss

@@ -91,7 +91,7 @@ cdef inline Py_ssize_t _upper_len(const Spec* sp) noexcept nogil:
 
 cdef inline Py_ssize_t _upper_work_len(const Spec* sp) noexcept nogil:
     """block_pass's workspace for sp.block rows, without the gathered rows."""
-    return _lines(_scratch_offset(sp) + 2 * sp.block * sp.max_hidden)
+    return _lines(_xg_offset(sp))
 
 
 cdef inline Py_ssize_t _units_p_off(Py_ssize_t B, Py_ssize_t p, bint keeps) noexcept nogil:
