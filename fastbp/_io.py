@@ -33,12 +33,12 @@ import zlib
 
 import numpy as np
 from sklearn.pipeline import Pipeline
-from sklearn.preprocessing import LabelBinarizer, StandardScaler
+from sklearn.preprocessing import StandardScaler
 
 from ._autoencoder import MLPAutoencoder
 from ._estimators import MLPClassifier, MLPRegressor
 from ._network import Network, check_activation
-from ._validation import hidden_sizes
+from ._validation import fitted_label_binarizer, hidden_sizes
 
 __all__ = ["save", "load", "FORMAT_VERSION"]
 
@@ -380,11 +380,7 @@ def _build(meta, arrays):
                              f"{n_out} outputs")
         if (lbm["neg_label"], lbm["pos_label"], lbm["sparse_input_"]) != (0, 1, False):
             raise ValueError("the label binarizer is not the one fastbp's classifier uses")
-        lb = LabelBinarizer()
-        lb.classes_ = classes
-        lb.y_type_ = y_type
-        lb.sparse_input_ = False
-        est._label_binarizer = lb
+        est._label_binarizer = fitted_label_binarizer(classes, y_type)
         est.classes_ = classes
     if not meta.get("scaler"):
         return est

@@ -1162,10 +1162,34 @@ def test_counted_integer_labels_match_label_binarizer(y):
     lb = est._label_binarizer
     np.testing.assert_array_equal(lb.classes_, reference.classes_)
     assert lb.classes_.dtype == reference.classes_.dtype
-    assert (lb.y_type_, lb.sparse_input_) == (reference.y_type_, reference.sparse_input_)
+    assert vars(lb).keys() == vars(reference).keys()   # the whole fitted state
+    for name, value in vars(reference).items():
+        if name != "classes_":
+            assert getattr(lb, name) == value, name
     np.testing.assert_array_equal(est.classes_, reference.classes_)
     assert Y.dtype == np.float32
     np.testing.assert_array_equal(Y, reference.transform(y))
+
+
+def test_label_binarizer_is_fitted_when_its_state_is_not_the_known_one(monkeypatch):
+    # Should a scikit-learn release keep more fitted state than classes_, y_type_ and
+    # sparse_input_, the classes go through LabelBinarizer.fit instead.
+    from fastbp import _validation
+    from sklearn.preprocessing import LabelBinarizer
+    assert _validation._label_binarizer_state_is_known()
+    fitted = []
+    original = LabelBinarizer.fit
+
+    def fit(self, y):
+        fitted.append(list(y))
+        return original(self, y)
+    monkeypatch.setattr(LabelBinarizer, "fit", fit)
+    lb = _validation.fitted_label_binarizer(np.array([2, 5, 9]), "multiclass")
+    assert fitted == [] and lb.y_type_ == "multiclass"
+    monkeypatch.setattr(_validation, "_label_binarizer_state_is_known", lambda: False)
+    lb = _validation.fitted_label_binarizer(np.array([2, 5, 9]), "multiclass")
+    assert fitted == [[2, 5, 9]]
+    np.testing.assert_array_equal(lb.transform([9, 2]), [[0, 0, 1], [1, 0, 0]])
 
 
 def test_counted_labels_never_count_a_range_wider_than_the_sample():
