@@ -199,17 +199,20 @@ class _BaseMLP(_CallbackSupport, BaseEstimator):
 
     def _fit(self, X, y, sample_weight=None, incremental=False, client=None, val=None):
         # A never fitted estimator's minibatch fit leaves the check of X for NaN and
-        # infinity to its first epoch; finding one there, it forgets all it learnt and
-        # set, so that it is as unfitted as when the check comes first.
+        # infinity to its first epoch; finding one there, it puts back its attributes
+        # and its random state's draws, so that it is as it was before the call.
         defer = defers_finite_check(self, X, client, not hasattr(self, "coefs_"))
         if not defer:
             return self._fit_checked(X, y, sample_weight, incremental, client, val)
-        before = set(vars(self))
+        before = dict(vars(self))
+        # (the global RandomState for None, the instance itself, or a throwaway)
+        draws = check_random_state(self.random_state).get_state()
         try:
             return self._fit_checked(X, y, sample_weight, incremental, client, val, True)
         except NonFiniteInput:
-            for name in set(vars(self)) - before:
-                delattr(self, name)
+            vars(self).clear()
+            vars(self).update(before)
+            check_random_state(self.random_state).set_state(draws)
             raise
 
     def _fit_checked(self, X, y, sample_weight, incremental, client, val, defer=False):

@@ -397,12 +397,13 @@ def _settle_x_max(data, tops, snaps):
     """Set max |X| from a complete first epoch's ``tops`` (or, with None, from a pass
     over X) and check it: X with NaN or infinity restores the parameters the fit
     started from and raises the caller's error (``data.x_check``)."""
-    data.x_max = float(np.max(tops)) if tops is not None else _max_abs(data.X)
+    top = float(np.max(tops)) if tops is not None else _max_abs(data.X)
     try:
-        data.x_check(data.x_max)
-    except Exception:
+        data.x_check(top)
+    except BaseException:  # (Ctrl-C too: the fit then checks X again, by a pass)
         snaps.restore("start")
         raise
+    data.x_max = top   # (only once checked)
 
 
 def _count_no_improvement(record, snaps, tol, early_stopping, validation, verbose):

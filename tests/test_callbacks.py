@@ -160,3 +160,18 @@ def test_estimators_work_without_the_callback_module(tmp_path):
                          cwd=str(tmp_path), env=env)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["False", "True"]
+
+
+@pytest.mark.parametrize("solver", ["adam", "lbfgs"])
+def test_x_with_nan_is_refused_before_any_callback_hook(iris, solver):
+    # A minibatch fit may leave the check of X to its first epoch (see test_max_abs),
+    # but not with callbacks: they must not see a fit begin that X ends.
+    X, y = iris
+    X = X.copy()
+    X[7, 1] = np.nan
+    rec = Recorder()
+    est = _est(solver).set_callbacks(rec)
+    with pytest.raises(ValueError, match="Input X contains NaN"):
+        est.fit(X, y)
+    assert rec.events == []
+    assert not hasattr(est, "coefs_")

@@ -297,3 +297,82 @@ def test_an_interrupted_first_epoch_checks_X_by_a_pass(monkeypatch):
     with pytest.warns(UserWarning, match="interrupted"):
         with pytest.raises(ValueError, match="Input X contains infinity"):
             MLPClassifier(hidden_layer_sizes=(8,), max_iter=3, random_state=0).fit(X, y)
+
+
+def _refused(fit):
+    with pytest.raises(ValueError, match="Input X contains NaN"):
+        fit()
+
+
+@pytest.mark.parametrize("seed", ["instance", "global"])
+def test_a_refused_fit_puts_back_the_draws_of_its_random_state(seed):
+    from fastbp import MLPClassifier
+    X, y = _rows()
+    X[123, 4] = np.nan
+    rs = np.random.RandomState(5) if seed == "instance" else None
+    watched = rs if rs is not None else np.random.mtrand._rand
+    before = watched.get_state()
+    clf = MLPClassifier(hidden_layer_sizes=(8,), max_iter=2, random_state=rs)
+    _refused(lambda: clf.fit(X, y))
+    after = watched.get_state()
+    np.testing.assert_array_equal(after[1], before[1])   # the key, and where it is at
+    assert after[2:] == before[2:]
+
+
+def test_a_refused_fit_puts_back_attributes_it_reassigned():
+    # partial_fit's classes stay after it refuses X (as when X is checked first); a fit
+    # refusing X then must not leave the classes of its own y in their place.
+    from fastbp import MLPClassifier
+    X, y = _rows()
+    X[0, 0] = np.nan
+    clf = MLPClassifier(hidden_layer_sizes=(8,), max_iter=2, random_state=0)
+    _refused(lambda: clf.partial_fit(X, y, classes=[0, 1, 2, 3]))
+    kept = dict(vars(clf))
+    _refused(lambda: clf.fit(X, y + 5))
+    assert vars(clf).keys() == kept.keys()
+    np.testing.assert_array_equal(clf.classes_, [0, 1, 2, 3])
+
+
+@pytest.mark.parametrize("n_jobs, hidden", [(1, (16,)), (2, (32,)), (2, (192,))])
+def test_a_first_epoch_stopped_early_checks_X_by_a_pass(n_jobs, hidden, monkeypatch):
+    # Unshuffled, the first rows overflow the loss, and the epoch stops before it reaches
+    # the last row's NaN: the fit must find it by a pass over X, not report divergence.
+    from fastbp import MLPRegressor, _stochastic
+    passes = []
+    original = _stochastic._max_abs
+
+    def counted(a):
+        passes.append(a.shape)
+        return original(a)
+    monkeypatch.setattr(_stochastic, "_max_abs", counted)
+    X, _ = _rows()
+    y = X[:, 0].astype(np.float64)
+    X[:50] = 3e38
+    X[999, 0] = np.nan
+    reg = MLPRegressor(hidden_layer_sizes=hidden, batch_size=256, n_jobs=n_jobs,
+                       max_iter=3, shuffle=False, random_state=0)
+    _refused(lambda: reg.fit(X, y))
+    assert passes == [X.shape]
+    assert not hasattr(reg, "coefs_")
+
+
+def test_ctrl_c_during_the_check_still_refuses_X(monkeypatch):
+    # Ctrl-C while the first epoch's max |X| is checked: the fit checks X again by a
+    # pass, so a NaN is still refused (never a divergence report or a fitted model).
+    import fastbp._estimators as est_module
+    from fastbp import MLPClassifier
+    original = est_module.check_finite_top
+    calls = []
+
+    def interrupted_once(est, top, dtype):
+        calls.append(top)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return original(est, top, dtype)
+    monkeypatch.setattr(est_module, "check_finite_top", interrupted_once)
+    X, y = _rows()
+    X[3, 3] = np.nan
+    clf = MLPClassifier(hidden_layer_sizes=(8,), max_iter=2, random_state=0)
+    with pytest.warns(UserWarning, match="interrupted"):
+        _refused(lambda: clf.fit(X, y))
+    assert len(calls) == 2 and not hasattr(clf, "coefs_")
