@@ -79,6 +79,19 @@ def test_fit_refuses_non_finite_X_with_scikit_learns_messages(make, bad, sparse)
         assert f"{type(est).__name__} does not accept missing values" in str(info.value)
 
 
+def _recorded(monkeypatch, owner, name, what):
+    """Replace ``owner.name`` (a max |a| function) by one that also records ``what(a)``
+    of each array it is called on; returns the list of records."""
+    records = []
+    original = getattr(owner, name)
+
+    def recording(a):
+        records.append(what(a))
+        return original(a)
+    monkeypatch.setattr(owner, name, recording)
+    return records
+
+
 @pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
 @pytest.mark.parametrize("make", ["classifier", "regressor", "autoencoder"])
 @pytest.mark.parametrize("solver", ["adam", "lbfgs"])
@@ -93,14 +106,7 @@ def test_a_fit_passes_over_X_once(make, solver, monkeypatch):
     rng = np.random.default_rng(3)
     X = rng.random((60, 5)).astype(np.float32)
     y = np.arange(60) % 2 if make == "classifier" else rng.random(60)
-    passes = []
-    original = _core.max_abs
-
-    def counted(a):
-        passes.append(a.size)
-        return original(a)
-
-    monkeypatch.setattr(_core, "max_abs", counted)
+    passes = _recorded(monkeypatch, _core, "max_abs", lambda a: a.size)
     fit = (lambda X: est.fit(X)) if make == "autoencoder" else (lambda X: est.fit(X, y))
     fit(X)
     deferred = solver == "adam" and make != "autoencoder"
@@ -338,13 +344,7 @@ def test_a_first_epoch_stopped_early_checks_X_by_a_pass(n_jobs, hidden, monkeypa
     # Unshuffled, the first rows overflow the loss, and the epoch stops before it reaches
     # the last row's NaN: the fit must find it by a pass over X, not report divergence.
     from fastbp import MLPRegressor, _stochastic
-    passes = []
-    original = _stochastic._max_abs
-
-    def counted(a):
-        passes.append(a.shape)
-        return original(a)
-    monkeypatch.setattr(_stochastic, "_max_abs", counted)
+    passes = _recorded(monkeypatch, _stochastic, "_max_abs", lambda a: a.shape)
     X, _ = _rows()
     y = X[:, 0].astype(np.float64)
     X[:50] = 3e38
