@@ -89,23 +89,15 @@ def _own_runnable():
     return max(count, 1)
 
 
-def _others_runnable(room=None):
+def _others_runnable():
     """Threads of other work ready to run right now on the machine (Linux's
     ``procs_running``, less this process's runnable threads), or None where no such
-    instantaneous count exists (a load average would count fastbp's own past threads).
-
-    With ``room``, a count of at most ``room`` may be an upper bound: when even every
-    runnable thread but the caller, taken as other work, is within it, that count is
-    returned without listing this process's threads (the listing takes tens of
-    microseconds, on every epoch; on a quiet machine it is never needed)."""
+    instantaneous count exists (a load average would count fastbp's own past threads)."""
     try:
         with open("/proc/stat", "rb") as fh:
             for line in fh:
                 if line.startswith(b"procs_running"):
-                    running = int(line.split()[1])
-                    if room is not None and running - 1 <= room:
-                        return max(0, running - 1)
-                    return max(0, running - _own_runnable())
+                    return max(0, int(line.split()[1]) - _own_runnable())
     except (OSError, ValueError):
         pass
     return None
@@ -124,14 +116,11 @@ def team_for_now(chunks):
     threads (outside Linux) every chunk gets its thread."""
     if chunks <= 1:
         return 1, True
-    whole = min(chunks, cpu_count())
-    # An upper bound on the others that still leaves the whole team spinning gives the
-    # same answer as the exact count.
-    others = _others_runnable(room=_machine_cpus() - whole)
+    others = _others_runnable()
     if others is None:
-        return whole, True
+        return min(chunks, cpu_count()), True
     free = _machine_cpus() - others
-    threads = int(max(1, min(whole, free)))
+    threads = int(max(1, min(chunks, cpu_count(), free)))
     return threads, threads + others <= _machine_cpus()
 
 

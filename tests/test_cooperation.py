@@ -280,44 +280,26 @@ def test_run_epoch_refuses_row_indices_outside_the_data(bad_row):
 def test_busy_machine_runs_fewer_threads_and_never_spins(monkeypatch):
     monkeypatch.setattr(_threads, "cpu_count", lambda: 2)
     monkeypatch.setattr(_threads, "_machine_cpus", lambda: 2)
-    monkeypatch.setattr(_threads, "_others_runnable", lambda room=None: 0)
+    monkeypatch.setattr(_threads, "_others_runnable", lambda: 0)
     assert _threads.team_for_now(2) == (2, True)
     # One core taken by other work: one thread runs both chunks.
-    monkeypatch.setattr(_threads, "_others_runnable", lambda room=None: 1)
+    monkeypatch.setattr(_threads, "_others_runnable", lambda: 1)
     assert _threads.team_for_now(2)[0] == 1
     # More runnable threads than cores even for one thread: waiters must not spin.
-    monkeypatch.setattr(_threads, "_others_runnable", lambda room=None: 5)
+    monkeypatch.setattr(_threads, "_others_runnable", lambda: 5)
     assert _threads.team_for_now(4) == (1, False)
     # A process allowed 4 of a machine's 8 CPUs, 3 of them busy elsewhere: the machine
     # still has free CPUs, and the process's own 4 bound the team.
     monkeypatch.setattr(_threads, "cpu_count", lambda: 4)
     monkeypatch.setattr(_threads, "_machine_cpus", lambda: 8)
-    monkeypatch.setattr(_threads, "_others_runnable", lambda room=None: 3)
+    monkeypatch.setattr(_threads, "_others_runnable", lambda: 3)
     assert _threads.team_for_now(4) == (4, True)
-    monkeypatch.setattr(_threads, "_others_runnable", lambda room=None: 6)
+    monkeypatch.setattr(_threads, "_others_runnable", lambda: 6)
     assert _threads.team_for_now(4) == (2, True)
     # No instantaneous count (not Linux): every chunk gets its thread.
-    monkeypatch.setattr(_threads, "_others_runnable", lambda room=None: None)
+    monkeypatch.setattr(_threads, "_others_runnable", lambda: None)
     assert _threads.team_for_now(4) == (4, True)
     assert _threads.team_for_now(1) == (1, True)
-
-
-def test_runnable_count_skips_listing_threads_when_the_bound_leaves_room(monkeypatch):
-    if not os.path.exists("/proc/stat"):
-        pytest.skip("no /proc/stat: no instantaneous count of runnable threads")
-
-    def listing():
-        raise AssertionError("listed this process's threads")
-    monkeypatch.setattr(_threads, "_own_runnable", listing)
-    # Every runnable thread but the caller, as an upper bound, fits in a huge room.
-    bound = _threads._others_runnable(room=10**6)
-    assert isinstance(bound, int) and bound >= 0
-    with pytest.raises(AssertionError, match="listed"):
-        _threads._others_runnable(room=-1)
-    # Without a room the exact count subtracts this process's runnable threads.
-    monkeypatch.setattr(_threads, "_own_runnable", lambda: 10**6)
-    assert _threads._others_runnable() == 0
-    assert _threads._others_runnable(room=-1) == 0
 
 
 def test_last_level_cache_is_read_from_the_os():
@@ -361,7 +343,7 @@ def test_fit_on_a_busy_machine_gives_the_same_model(monkeypatch, hidden, batch, 
     kw = dict(hidden_layer_sizes=hidden, batch_size=batch, max_iter=3, n_jobs=2,
               random_state=0)
     quiet = MLPClassifier(**kw).fit(X, y)
-    monkeypatch.setattr(_threads, "_others_runnable", lambda room=None: 10**6)
+    monkeypatch.setattr(_threads, "_others_runnable", lambda: 10**6)
     busy = MLPClassifier(**kw).fit(X, y)
     assert busy.parallelism_ == quiet.parallelism_ == {"mode": mode, "threads": 2}
     for a, b in zip(quiet.coefs_ + quiet.intercepts_, busy.coefs_ + busy.intercepts_):
