@@ -205,14 +205,18 @@ class _BaseMLP(_CallbackSupport, BaseEstimator):
         if not defer:
             return self._fit_checked(X, y, sample_weight, incremental, client, val)
         before = dict(vars(self))
-        # (the global RandomState for None, the instance itself, or a throwaway)
-        draws = check_random_state(self.random_state).get_state()
+        # A shared generator (NumPy's global one for None, or the instance given) has
+        # its draws put back; an integer seed's is the fit's own.
+        shared = (None if isinstance(self.random_state, Integral)
+                  else check_random_state(self.random_state))
+        draws = None if shared is None else shared.get_state()
         try:
             return self._fit_checked(X, y, sample_weight, incremental, client, val, True)
         except NonFiniteInput:
             vars(self).clear()
             vars(self).update(before)
-            check_random_state(self.random_state).set_state(draws)
+            if shared is not None:
+                shared.set_state(draws)
             raise
 
     def _fit_checked(self, X, y, sample_weight, incremental, client, val, defer=False):
